@@ -1,0 +1,1 @@
+"""In-process fakes of remote services, so tests talk only to 127.0.0.1."""
