@@ -1,0 +1,621 @@
+"""Vertex AI provider: Gemini supervised tuning through google-genai, data staged in Cloud Storage, curves read
+from the tuning job's Vertex AI TensorBoard.
+
+Resolution (config first, then environment):
+
+- project: `vertex.project`, else `GOOGLE_CLOUD_PROJECT`, else the Application Default Credentials project.
+- location: `vertex.location`, else `GOOGLE_CLOUD_LOCATION`, else `us-central1`.
+- staging bucket: `vertex.staging_bucket`, else `FINETUNE_VERTEX_STAGING_BUCKET` (needed only to start a job).
+- credentials: `FINETUNE_VERTEX_ACCESS_TOKEN`, when set, is used as a static OAuth bearer token (no refresh: for tests,
+  CI with a short-lived `gcloud auth print-access-token`, or a token broker); otherwise Application Default
+  Credentials (`google.auth.default()`, e.g. `gcloud auth application-default login` or a service account).
+  The token is never logged nor put into an exception message.
+- endpoints: `vertex.api_endpoint` (default `https://{location}-aiplatform.googleapis.com`) serves tuning jobs,
+  prediction and the Experiment/TensorBoard reads; `vertex.storage_endpoint` redirects Cloud Storage.
+
+Training curves. A Gemini tuning job reports an `experiment`: the resource name of a Vertex AI Experiment, i.e. a
+Vertex ML Metadata context `projects/P/locations/L/metadataStores/default/contexts/EXPERIMENT`. What we rely on,
+all of it documented REST:
+
+1. the Experiment context's `metadata.backing_tensorboard_resource` names its TensorBoard
+   (`projects/P/locations/L/tensorboards/T`) -- overridable with `vertex.tensorboard`;
+2. Vertex AI Experiments back an experiment with the TensorBoard experiment of the same id (the aiplatform SDK
+   creates `tensorboards/T/experiments/EXPERIMENT`), whose runs are listed with `.../experiments/EXPERIMENT/runs`;
+3. each run's time series are listed with `.../runs/R/timeSeries`; we match them by `displayName`
+   (`/train_total_loss`, ...) and read them with `GET {timeSeries}:read?maxDataPoints=10000` (the documented max;
+   the default of 1000 would randomly sample longer curves).
+
+Until the job has an experiment, or while any of those resources is missing (404), `read_metrics` returns no points.
+The cursor is JSON `{metric key: last step returned}`; only later steps are returned, so nothing is read twice.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from finetune_mlflow import gemini_data
+from finetune_mlflow.config import Config
+from finetune_mlflow.errors import ConfigError, DataError, ProviderError
+from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, user_prompt
+from finetune_mlflow.providers.base import (
+    JobState,
+    MetricPoint,
+    MetricsPage,
+    Prediction,
+    PreflightReport,
+    TuningJob,
+    TuningRequest,
+)
+from finetune_mlflow.providers.retry import RetryPolicy, call_with_retries
+
+T = TypeVar("T")
+
+TOKEN_ENV = "FINETUNE_VERTEX_ACCESS_TOKEN"
+BUCKET_ENV = "FINETUNE_VERTEX_STAGING_BUCKET"
+DEFAULT_LOCATION = "us-central1"
+_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
+
+# TensorBoard time-series display name -> the shared metric key the steps log.
+SERIES_KEYS: dict[str, str] = {
+    "/train_total_loss": "train_loss",
+    "/eval_total_loss": "val_loss",
+    "/train_fraction_of_correct_next_step_preds": "train_token_accuracy",
+    "/eval_fraction_of_correct_next_step_preds": "val_token_accuracy",
+}
+
+_ADAPTER_SIZES = {1: "ONE", 2: "TWO", 4: "FOUR", 8: "EIGHT", 16: "SIXTEEN", 32: "THIRTY_TWO"}
+
+_STATES = {
+    "JOB_STATE_QUEUED": JobState.PENDING,
+    "JOB_STATE_PENDING": JobState.PENDING,
+    "JOB_STATE_UNSPECIFIED": JobState.PENDING,
+    "JOB_STATE_RUNNING": JobState.RUNNING,
+    "JOB_STATE_UPDATING": JobState.RUNNING,
+    "JOB_STATE_PAUSED": JobState.RUNNING,
+    "JOB_STATE_CANCELLING": JobState.RUNNING,
+    "JOB_STATE_SUCCEEDED": JobState.SUCCEEDED,
+    "JOB_STATE_PARTIALLY_SUCCEEDED": JobState.FAILED,
+    "JOB_STATE_FAILED": JobState.FAILED,
+    "JOB_STATE_EXPIRED": JobState.FAILED,
+    "JOB_STATE_CANCELLED": JobState.CANCELLED,
+}
+
+_RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_MAX_DATA_POINTS = 10000
+
+
+class _HttpStatus(Exception):
+    """A non-2xx answer from one of our own REST reads (Experiment/TensorBoard)."""
+
+    def __init__(self, status: int, message: str, headers: Any):
+        self.status = status
+        self.headers = headers
+        super().__init__(message)
+
+
+def sanitize_label(value: str) -> str:
+    """A GCP label value: lowercase letters, digits, `_` and `-`, at most 63 characters."""
+    cleaned = "".join(c if c.isalnum() or c in "_-" else "-" for c in value.lower())
+    return cleaned[:63]
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _wall_time_ms(value: Any) -> int:
+    if not value:
+        return 0
+    text = str(value)
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    # RFC 3339 may carry nanoseconds; datetime takes at most microseconds.
+    if "." in text:
+        head, _, tail = text.partition(".")
+        digits = "".join(c for c in tail if c.isdigit())
+        zone = tail[len(digits):]
+        text = f"{head}.{digits[:6].ljust(6, '0')}{zone}"
+    try:
+        return int(datetime.fromisoformat(text).timestamp() * 1000)
+    except ValueError:
+        return 0
+
+
+class VertexProvider:
+    """Gemini supervised tuning on Vertex AI (see the module docstring for configuration and assumptions)."""
+
+    name = "vertex"
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        retry_policy: RetryPolicy | None = None,
+    ):
+        self.config = config
+        vertex = config.vertex
+        if config.tune.batch_size != 0:
+            raise ConfigError(
+                f"tune.batch_size is {config.tune.batch_size}, but Vertex AI Gemini tuning has no batch size "
+                "setting (Vertex picks it); set tune.batch_size: 0 in the experiment or pass -P batch_size=0"
+            )
+        if vertex.adapter_size != 0 and vertex.adapter_size not in _ADAPTER_SIZES:
+            raise ConfigError(
+                f"vertex.adapter_size is {vertex.adapter_size}; expected 0 (Vertex default) or one of "
+                f"{', '.join(map(str, _ADAPTER_SIZES))}"
+            )
+        self.max_concurrency = config.evaluate.max_concurrency
+        self._sleep = sleep
+        self._policy = retry_policy or RetryPolicy(max_attempts=max(1, config.evaluate.request_retries + 1))
+        self._timeout_s = vertex.request_timeout_seconds
+
+        self.credentials, adc_project = self._credentials()
+        self.project = vertex.project or os.environ.get("GOOGLE_CLOUD_PROJECT", "") or (adc_project or "")
+        if not self.project:
+            raise ConfigError(
+                "no Google Cloud project: set vertex.project in the experiment or GOOGLE_CLOUD_PROJECT"
+            )
+        self.location = vertex.location or os.environ.get("GOOGLE_CLOUD_LOCATION", "") or DEFAULT_LOCATION
+        bucket = vertex.staging_bucket or os.environ.get(BUCKET_ENV, "")
+        self.bucket = bucket.removeprefix("gs://").strip("/")
+        self.api_endpoint = (vertex.api_endpoint or f"https://{self.location}-aiplatform.googleapis.com").rstrip("/")
+
+        from google import genai
+        from google.genai import types
+
+        self._types = types
+        self.client = genai.Client(
+            vertexai=True,
+            project=self.project,
+            location=self.location,
+            credentials=self.credentials,
+            http_options=types.HttpOptions(
+                base_url=self.api_endpoint + "/",
+                timeout=int(self._timeout_s * 1000),
+                # One attempt per call: our call_with_retries owns retries, so waits stay out of latency.
+                retry_options=types.HttpRetryOptions(attempts=1),
+            ),
+        )
+        self._storage_client: Any = None
+        self._session: Any = None
+        # job name -> (tensorboard experiment resource, {display name: time series resource}) once found.
+        self._series: dict[str, tuple[str, dict[str, str]]] = {}
+        self._experiments: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    def _credentials(self) -> tuple[Any, str | None]:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        if token:
+            from google.oauth2.credentials import Credentials
+
+            return Credentials(token=token), None
+        import google.auth
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            credentials, project = google.auth.default(scopes=list(_SCOPES))
+        except DefaultCredentialsError:
+            raise ConfigError(
+                "no Google Cloud credentials: run `gcloud auth application-default login`, set "
+                f"GOOGLE_APPLICATION_CREDENTIALS to a service account key, or set {TOKEN_ENV} to an access token"
+            ) from None
+        return credentials, project
+
+    def _storage(self) -> Any:
+        if self._storage_client is None:
+            from google.cloud import storage
+
+            options = {"api_endpoint": self.config.vertex.storage_endpoint} if self.config.vertex.storage_endpoint else None
+            self._storage_client = storage.Client(
+                project=self.project, credentials=self.credentials, client_options=options
+            )
+        return self._storage_client
+
+    def _authorized_session(self) -> Any:
+        if self._session is None:
+            from google.auth.transport.requests import AuthorizedSession
+
+            self._session = AuthorizedSession(self.credentials)
+        return self._session
+
+    def _classify(self, error: BaseException) -> ProviderError | None:
+        from google.api_core import exceptions as core_exceptions
+        from google.auth import exceptions as auth_exceptions
+        from google.genai import errors as genai_errors
+
+        status: int | None = None
+        message: str
+        retryable: bool
+        if isinstance(error, genai_errors.APIError):
+            status = error.code
+            message = error.message or error.status or type(error).__name__
+            retryable = status in _RETRYABLE_STATUS
+        elif isinstance(error, _HttpStatus):
+            status = error.status
+            message = str(error)
+            retryable = status in _RETRYABLE_STATUS
+        elif isinstance(error, core_exceptions.GoogleAPICallError):
+            status = error.code
+            message = error.message
+            retryable = status in _RETRYABLE_STATUS
+        elif isinstance(error, auth_exceptions.GoogleAuthError):
+            # Never echo the error text: a refresh error can quote the credentials' request.
+            return ProviderError(
+                self.name,
+                f"Google Cloud authentication failed ({type(error).__name__}); refresh the credentials "
+                f"(gcloud auth application-default login, or a new {TOKEN_ENV})",
+            )
+        else:
+            import httpx
+            import requests
+
+            if isinstance(error, (httpx.TransportError, requests.ConnectionError, requests.Timeout, ConnectionError)):
+                return ProviderError(self.name, f"network error: {type(error).__name__}: {error}", retryable=True)
+            return None
+        return ProviderError(self.name, message, status=status, retryable=retryable)
+
+    @staticmethod
+    def _retry_after(error: BaseException) -> float | None:
+        headers = getattr(error, "headers", None)
+        if headers is None:
+            response = getattr(error, "response", None)
+            headers = getattr(response, "headers", None)
+        if headers is None:
+            return None
+        try:
+            return _parse_retry_after(headers.get("retry-after") or headers.get("Retry-After"))
+        except AttributeError:
+            return None
+
+    def _call(self, call: Callable[[], T], what: str) -> Any:
+        return call_with_retries(
+            call,
+            classify=self._classify,
+            what=what,
+            policy=self._policy,
+            retry_after=self._retry_after,
+            sleep=self._sleep,
+        )
+
+    def _rest_get(self, resource: str, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """GET `{api_endpoint}/v1/{resource}` with retries; None on 404."""
+        url = f"{self.api_endpoint}/v1/{resource}"
+
+        def call() -> dict[str, Any] | None:
+            response = self._authorized_session().get(url, params=params or None, timeout=self._timeout_s)
+            if response.status_code == 404:
+                return None
+            if response.status_code >= 400:
+                try:
+                    detail = response.json().get("error", {}).get("message", "")
+                except ValueError:
+                    detail = ""
+                raise _HttpStatus(response.status_code, f"GET {resource}: {detail or response.reason}", response.headers)
+            return response.json()
+
+        return self._call(call, f"reading {resource}").value
+
+    def _rest_list(self, resource: str, field: str) -> list[dict[str, Any]] | None:
+        """Every item of a paginated list; None when the parent does not exist (404)."""
+        items: list[dict[str, Any]] = []
+        token = None
+        while True:
+            page = self._rest_get(resource, {"pageToken": token} if token else None)
+            if page is None:
+                return None
+            items.extend(page.get(field, []))
+            token = page.get("nextPageToken")
+            if not token:
+                return items
+
+    # ------------------------------------------------------------------ data
+    def _data_paths(self, request: TuningRequest) -> tuple[Path, Path]:
+        base = Path(request.prepared_dir) / "gemini"
+        return base / "train.jsonl", base / "validation.jsonl"
+
+    def preflight(self, request: TuningRequest) -> PreflightReport:
+        if request.batch_size != 0:
+            raise ConfigError(
+                f"batch size {request.batch_size} requested, but Vertex AI Gemini tuning has no batch size setting; "
+                "set tune.batch_size: 0 (or -P batch_size=0)"
+            )
+        vertex = self.config.vertex
+        train_path, validation_path = self._data_paths(request)
+        train = gemini_data.read_dataset(train_path, max_example_tokens=vertex.max_example_tokens)
+        warnings: list[str] = []
+        n_validation = 0
+        if validation_path.exists():
+            validation = gemini_data.read_dataset(validation_path, max_example_tokens=vertex.max_example_tokens)
+            gemini_data.check_validation_size(validation, vertex.max_validation_examples)
+            n_validation = validation.n_examples
+        else:
+            warnings.append(f"{validation_path} does not exist; the job will run without validation (no val_loss)")
+        billed = gemini_data.billable_tokens(train.total_tokens, request.epochs)
+        cost = gemini_data.estimate_cost_usd(billed, request.base_model, vertex.training_price_per_million_tokens)
+        limit = self.config.tune.max_cost_usd
+        if cost is None:
+            warnings.append(
+                f"no training price known for {request.base_model}; add it to vertex.training_price_per_million_tokens"
+            )
+            if limit > 0:
+                raise ConfigError(
+                    f"tune.max_cost_usd is {limit} but the cost of tuning {request.base_model} cannot be estimated; "
+                    "add its USD price per 1M training tokens to vertex.training_price_per_million_tokens, "
+                    "or set tune.max_cost_usd: 0 to launch without the guard"
+                )
+        elif limit > 0 and cost > limit:
+            raise ConfigError(
+                f"estimated cost ${cost:.2f} ({billed} billable tokens = ~{train.total_tokens} tokens x "
+                f"{request.epochs} epochs) is above tune.max_cost_usd = ${limit:.2f}; lower data.max_examples or "
+                "tune.epochs, or raise tune.max_cost_usd"
+            )
+        return PreflightReport(
+            n_train=train.n_examples,
+            n_validation=n_validation,
+            estimated_train_tokens=train.total_tokens,
+            estimated_billed_tokens=billed,
+            estimated_cost_usd=cost,
+            warnings=warnings,
+        )
+
+    # ------------------------------------------------------------------ jobs
+    def _find_job_for_run(self, label: str) -> Any:
+        """A job already created for this run (labelled mlflow_run_id), so a retried create never makes two."""
+        config = self._types.ListTuningJobsConfig(filter=f'labels.mlflow_run_id="{label}"')
+        pager = self._call(lambda: self.client.tunings.list(config=config), "listing tuning jobs").value
+        for job in pager:
+            if (job.labels or {}).get("mlflow_run_id") == label:
+                return job
+        return None
+
+    def start_job(self, request: TuningRequest) -> TuningJob:
+        types = self._types
+        if request.batch_size != 0:
+            raise ConfigError("Vertex AI Gemini tuning has no batch size setting; set tune.batch_size: 0")
+        if not self.bucket:
+            raise ConfigError(
+                f"no staging bucket for the tuning data: set vertex.staging_bucket or {BUCKET_ENV} to a Cloud Storage "
+                f"bucket in {self.location} the Vertex AI service agent can read"
+            )
+        label = sanitize_label(request.run_id)
+        existing = self._find_job_for_run(label)
+        if existing is not None:
+            return self._normalize(existing)
+
+        train_path, validation_path = self._data_paths(request)
+        prefix = "/".join(p for p in (self.config.vertex.staging_prefix.strip("/"), request.run_id) if p)
+        uris = {}
+        for path in (train_path, validation_path):
+            if not path.exists():
+                if path == train_path:
+                    raise DataError(str(path), None, "file does not exist; run the prepare step first")
+                continue
+            object_name = f"{prefix}/{path.name}"
+            blob = self._storage().bucket(self.bucket).blob(object_name)
+            self._call(
+                lambda blob=blob, path=path: blob.upload_from_filename(
+                    str(path), content_type="application/jsonl", retry=None, timeout=self._timeout_s
+                ),
+                f"uploading {path.name} to gs://{self.bucket}/{object_name}",
+            )
+            uris[path.name] = f"gs://{self.bucket}/{object_name}"
+
+        adapter = self.config.vertex.adapter_size
+        job_config = types.CreateTuningJobConfig(
+            epoch_count=request.epochs,
+            learning_rate_multiplier=request.learning_rate,
+            adapter_size=types.AdapterSize(f"ADAPTER_SIZE_{_ADAPTER_SIZES[adapter]}") if adapter else None,
+            tuned_model_display_name=f"{request.suffix}-{request.run_id}"[:128],
+            validation_dataset=(
+                types.TuningValidationDataset(gcs_uri=uris[validation_path.name])
+                if validation_path.name in uris
+                else None
+            ),
+            labels={"mlflow_run_id": label},
+        )
+        training = types.TuningDataset(gcs_uri=uris[train_path.name])
+        created: list[Any] = []
+
+        def create() -> Any:
+            # After a failed attempt the job may exist anyway (the error was on the way back): look before retrying.
+            if created:
+                found = self._find_job_for_run(label)
+                if found is not None:
+                    return found
+            created.append(True)
+            with warnings.catch_warnings():
+                # google-genai flags tuning as "experimental" on every call; that is not news to our users.
+                warnings.filterwarnings("ignore", message=".*tuning implementation is experimental.*")
+                return self.client.tunings.tune(
+                    base_model=request.base_model, training_dataset=training, config=job_config
+                )
+
+        job = self._call(create, f"creating a tuning job for {request.base_model}").value
+        return self._normalize(job)
+
+    def _normalize(self, job: Any) -> TuningJob:
+        state_word = getattr(job.state, "value", job.state) or "JOB_STATE_UNSPECIFIED"
+        state = _STATES.get(str(state_word), JobState.PENDING)
+        tags: dict[str, str] = {}
+        metrics: dict[str, float] = {}
+        tuned_model = None
+        if job.tuned_model is not None:
+            tuned_model = job.tuned_model.endpoint
+            if job.tuned_model.model:
+                tags["vertex_model"] = job.tuned_model.model
+            if job.tuned_model.endpoint:
+                tags["vertex_endpoint"] = job.tuned_model.endpoint
+        if job.experiment:
+            tags["vertex_experiment"] = job.experiment
+            self._experiments[job.name] = job.experiment
+        if job.base_model:
+            tags["vertex_base_model"] = job.base_model
+        stats = job.tuning_data_stats.supervised_tuning_data_stats if job.tuning_data_stats else None
+        if stats is not None:
+            for key, value in (
+                ("tuning_dataset_example_count", stats.tuning_dataset_example_count),
+                ("total_billable_token_count", stats.total_billable_token_count),
+                ("total_tuning_character_count", stats.total_tuning_character_count),
+                ("tuning_step_count", stats.tuning_step_count),
+                ("total_truncated_example_count", stats.total_truncated_example_count),
+            ):
+                if value is not None:
+                    metrics[key] = float(value)
+            if stats.dropped_example_reasons:
+                metrics["dropped_example_count"] = float(len(stats.dropped_example_reasons))
+        meta = getattr(job, "tuning_job_metadata", None)
+        if meta is not None:
+            if meta.completed_step_count is not None:
+                metrics["completed_step_count"] = float(meta.completed_step_count)
+            if meta.completed_epoch_count is not None:
+                metrics["completed_epoch_count"] = float(meta.completed_epoch_count)
+        error_code = error_message = None
+        if job.error is not None:
+            code = getattr(job.error, "code", None)
+            error_code = str(code) if code is not None else None
+            error_message = getattr(job.error, "message", None)
+        return TuningJob(
+            job_id=job.name,
+            state=state,
+            provider_status=str(state_word),
+            tuned_model=tuned_model,
+            error_code=error_code,
+            error_message=error_message,
+            tags=tags,
+            metrics=metrics,
+        )
+
+    def get_job(self, job_id: str) -> TuningJob:
+        job = self._call(lambda: self.client.tunings.get(name=job_id), f"reading tuning job {job_id}").value
+        return self._normalize(job)
+
+    def list_jobs(self) -> Iterator[str]:
+        pager = self._call(lambda: self.client.tunings.list(), "listing tuning jobs").value
+        for job in pager:
+            if job.name:
+                yield job.name
+
+    # ------------------------------------------------------------------ metrics
+    def _find_series(self, job_id: str) -> tuple[str, dict[str, str]] | None:
+        cached = self._series.get(job_id)
+        if cached is not None and len(cached[1]) == len(SERIES_KEYS):
+            return cached
+        experiment = self._experiments.get(job_id)
+        if experiment is None:
+            experiment = self._normalize(
+                self._call(lambda: self.client.tunings.get(name=job_id), f"reading tuning job {job_id}").value
+            ).tags.get("vertex_experiment")
+        if not experiment:
+            return None  # the job has not created its experiment yet
+        experiment_id = experiment.rsplit("/", 1)[-1]
+        if cached is not None:
+            tb_experiment = cached[0]
+        else:
+            tensorboard = self.config.vertex.tensorboard
+            if not tensorboard:
+                context = self._rest_get(experiment)
+                if context is None:
+                    return None
+                tensorboard = (context.get("metadata") or {}).get("backing_tensorboard_resource") or ""
+                if not tensorboard:
+                    return None  # no TensorBoard yet (or none: set vertex.tensorboard)
+            tb_experiment = f"{tensorboard.strip('/')}/experiments/{experiment_id}"
+        runs = self._rest_list(f"{tb_experiment}/runs", "tensorboardRuns")
+        if runs is None:
+            return None
+        found: dict[str, str] = {}
+        for run in runs:
+            series = self._rest_list(f"{run['name']}/timeSeries", "tensorboardTimeSeries") or []
+            for item in series:
+                display = item.get("displayName", "")
+                if not display.startswith("/"):
+                    display = "/" + display
+                if display in SERIES_KEYS and display not in found:
+                    found[display] = item["name"]
+        self._series[job_id] = (tb_experiment, found)
+        return self._series[job_id]
+
+    def read_metrics(self, job_id: str, cursor: str | None) -> MetricsPage:
+        last: dict[str, int] = {}
+        if cursor:
+            try:
+                last = {str(k): int(v) for k, v in json.loads(cursor).items()}
+            except (ValueError, AttributeError, TypeError):
+                raise ProviderError(self.name, f"unreadable metrics cursor {cursor!r}") from None
+        found = self._find_series(job_id)
+        if found is None:
+            return MetricsPage([], cursor)
+        points: list[MetricPoint] = []
+        for display, series_name in found[1].items():
+            key = SERIES_KEYS[display]
+            data = self._rest_get(f"{series_name}:read", {"maxDataPoints": _MAX_DATA_POINTS})
+            if data is None:
+                continue
+            after = last.get(key, -1)
+            seen: set[int] = set()
+            for value in (data.get("timeSeriesData") or {}).get("values", []):
+                step = _int(value.get("step"))
+                scalar = (value.get("scalar") or {}).get("value")
+                if step is None or scalar is None or step <= after or step in seen:
+                    continue
+                seen.add(step)
+                points.append(MetricPoint(key, float(scalar), step, _wall_time_ms(value.get("wallTime"))))
+        points.sort(key=lambda p: (p.step, p.key))
+        for point in points:
+            last[point.key] = max(last.get(point.key, -1), point.step)
+        next_cursor = json.dumps(last, sort_keys=True) if last else cursor
+        return MetricsPage(points, next_cursor)
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, model: str, question: str, context: str) -> Prediction:
+        types = self._types
+        config = types.GenerateContentConfig(
+            system_instruction=SYSTEM_INSTRUCTION,
+            temperature=0.0,
+            max_output_tokens=self.config.evaluate.max_output_tokens,
+        )
+        prompt = user_prompt(question, context)
+        attempted = self._call(
+            lambda: self.client.models.generate_content(model=model, contents=prompt, config=config),
+            f"generateContent on {model}",
+        )
+        response = attempted.value
+        text = ""
+        if response.candidates:
+            content = response.candidates[0].content
+            if content is not None and content.parts:
+                text = "".join(part.text or "" for part in content.parts if not getattr(part, "thought", False))
+        usage = response.usage_metadata
+        return Prediction(
+            text=text,
+            latency_ms=attempted.latency_ms,
+            input_tokens=getattr(usage, "prompt_token_count", None) if usage else None,
+            output_tokens=getattr(usage, "candidates_token_count", None) if usage else None,
+            retry_wait_ms=attempted.retry_wait_ms,
+            attempts=attempted.attempts,
+        )
