@@ -1,0 +1,69 @@
+"""One exception family, so the CLI can turn any expected failure into a one-paragraph message and exit 2."""
+
+from __future__ import annotations
+
+
+class FinetuneError(Exception):
+    """Base of every error the tool expects and explains; anything else is a bug and gets a traceback."""
+
+
+class ConfigError(FinetuneError):
+    """A config file or entry-point parameter is wrong; the message names the key, the value and the fix."""
+
+
+class DataError(FinetuneError):
+    """A data file cannot be used; carries the file, the 1-based line (or record) and the reason."""
+
+    def __init__(self, path: str, line: int | None, reason: str):
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {reason}")
+
+
+class ProviderError(FinetuneError):
+    """A provider call failed; says which provider, the HTTP status and request id when known, and if retrying helps."""
+
+    def __init__(
+        self,
+        provider: str,
+        message: str,
+        *,
+        status: int | None = None,
+        request_id: str | None = None,
+        retryable: bool = False,
+    ):
+        self.provider = provider
+        self.status = status
+        self.request_id = request_id
+        self.retryable = retryable
+        details = ", ".join(
+            part
+            for part in (
+                f"status {status}" if status is not None else "",
+                f"request id {request_id}" if request_id else "",
+                "retryable" if retryable else "",
+            )
+            if part
+        )
+        super().__init__(f"[{provider}] {message}" + (f" ({details})" if details else ""))
+
+
+class TuningJobFailed(FinetuneError):
+    """The provider reports the job failed or was cancelled; carries the provider's own code and message."""
+
+    def __init__(self, job_id: str, state: str, code: str | None, message: str | None):
+        self.job_id = job_id
+        self.state = state
+        self.code = code
+        self.provider_message = message
+        super().__init__(
+            f"tuning job {job_id} ended {state}"
+            + (f" with error {code}" if code else "")
+            + (f": {message}" if message else "")
+        )
+
+
+class TuningTimeout(FinetuneError):
+    """The job did not finish before the configured deadline; it keeps running and a rerun reattaches to it."""

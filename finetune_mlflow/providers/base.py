@@ -1,0 +1,120 @@
+"""The provider protocol: the few methods every backend implements, and the normalized types they return.
+
+The step modules (tune, evaluate, sync) talk only to this protocol, so the local, OpenAI and Vertex backends
+are driven by one code path: start or reattach to a job, poll its state, page new metric points with a cursor,
+and predict with a model id.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol, runtime_checkable
+
+
+class JobState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One point of a training curve under a shared key (`train_loss`, `val_loss`, ...)."""
+
+    key: str
+    value: float
+    step: int
+    timestamp_ms: int
+
+
+@dataclass(frozen=True)
+class MetricsPage:
+    """New points since `cursor`; pass `next_cursor` next time so nothing is read twice."""
+
+    points: list[MetricPoint]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class TuningJob:
+    job_id: str
+    state: JobState
+    # The provider's own status word (e.g. OpenAI "validating_files"), logged as a tag on transitions.
+    provider_status: str
+    # What `predict` takes for the tuned model: an `ft:` id, a Vertex endpoint, a local weights path.
+    tuned_model: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    # Job-level facts worth a tag (model resource, experiment, checkpoints summary); no secrets.
+    tags: dict[str, str] = field(default_factory=dict)
+    # Job-level numbers (trained_tokens, completed_step_count, full_valid_loss) logged as metrics.
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TuningRequest:
+    run_id: str
+    base_model: str
+    # The `prepared/` directory: canonical JSONL plus each provider's format under its own subdirectory.
+    prepared_dir: Path
+    epochs: int
+    learning_rate: float
+    # 0 means the provider's default ("auto").
+    batch_size: int
+    seed: int
+    suffix: str
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    """What a job will cost before it is launched; tune refuses to launch above `max_cost_usd`."""
+
+    n_train: int
+    n_validation: int
+    estimated_train_tokens: int
+    estimated_billed_tokens: int
+    estimated_cost_usd: float | None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    text: str
+    # Around the successful provider call only; retry waits are reported separately.
+    latency_ms: float
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    retry_wait_ms: float = 0.0
+    attempts: int = 1
+
+
+@runtime_checkable
+class Provider(Protocol):
+    name: str
+    # How many requests evaluate may have in flight at once (1 for in-process models).
+    max_concurrency: int
+
+    def preflight(self, request: TuningRequest) -> PreflightReport:
+        """Validate the provider-format data and estimate cost, before any upload. Raises DataError/ConfigError."""
+
+    def start_job(self, request: TuningRequest) -> TuningJob:
+        """Upload data and create the job; called once per run, the job id is stored on the run right after."""
+
+    def get_job(self, job_id: str) -> TuningJob:
+        """Current state of a job, normalized."""
+
+    def read_metrics(self, job_id: str, cursor: str | None) -> MetricsPage:
+        """Metric points after `cursor` (None: from the start), in step order, following provider pagination."""
+
+    def predict(self, model: str, question: str, context: str) -> Prediction:
+        """Answer one question with `model` (base model name or tuned model id) using the shared prompt."""
+
+    def list_jobs(self) -> Iterator[str]:
+        """Every tuning job id the credentials can see (for `sync -P job_id=all`)."""
