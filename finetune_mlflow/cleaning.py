@@ -1,0 +1,160 @@
+"""Pure data steps of `prepare`: normalize, dedupe, validate, split, truncate. No I/O, no MLflow.
+
+Each returns new lists plus what it dropped, so the step module can log every count; nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_mlflow.errors import DataError
+from finetune_mlflow.records import Example
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def normalize_text(text: str) -> str:
+    """Unicode NFC plus whitespace collapsed to single spaces: the same answer always has the same bytes."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def normalize_example(example: Example) -> Example:
+    return {
+        **example,
+        "title": normalize_text(example["title"]),
+        "question": normalize_text(example["question"]),
+        "context": normalize_text(example["context"]),
+        "answers": [normalize_text(answer) for answer in example["answers"]],
+    }
+
+
+def _content_key(example: Example) -> str:
+    return json.dumps([example["question"], example["context"], example["answers"]], ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Deduplicated:
+    examples: list[Example]
+    n_exact_duplicates: int
+    n_question_context_duplicates: int
+
+    @property
+    def n_dropped(self) -> int:
+        return self.n_exact_duplicates + self.n_question_context_duplicates
+
+
+def deduplicate(examples: list[Example], path: str) -> Deduplicated:
+    """Drop exact duplicates, then repeated (question, context) pairs (first wins).
+
+    The same id with different content is not a duplicate but a conflict: it is refused, since either answer
+    could be the wrong one.
+    """
+    seen_content: set[str] = set()
+    seen_pairs: set[tuple[str, str]] = set()
+    content_by_id: dict[str, tuple[str, Any]] = {}
+    kept: list[Example] = []
+    exact = pairs = 0
+    for example in examples:
+        content = _content_key(example)
+        previous = content_by_id.get(example["id"])
+        if previous is not None and previous[0] != content:
+            raise DataError(path, example.get("source_line"),
+                            f"id {example['id']!r} appears again with different content (first at line "
+                            f"{previous[1]}); give each example a unique id")
+        content_by_id.setdefault(example["id"], (content, example.get("source_line")))
+        if content in seen_content:
+            exact += 1
+            continue
+        pair = (example["question"], example["context"])
+        if pair in seen_pairs:
+            pairs += 1
+            continue
+        seen_content.add(content)
+        seen_pairs.add(pair)
+        kept.append(example)
+    return Deduplicated(kept, exact, pairs)
+
+
+def example_problem(example: Example, *, extractive: bool, max_chars: int) -> str | None:
+    """Why an example cannot be used, or None when it can."""
+    for key in ("question", "context"):
+        if not example[key]:
+            return f"empty {key}"
+    if not example["answers"] or any(not answer for answer in example["answers"]):
+        return "empty answer"
+    size = len(example["question"]) + len(example["context"]) + max(len(a) for a in example["answers"])
+    if size > max_chars:
+        return f"example is {size} characters, over data.max_example_chars={max_chars}"
+    if extractive:
+        for answer in example["answers"]:
+            if answer not in example["context"]:
+                return f"answer {answer!r:.60} does not occur in the context (extractive data needs it to)"
+    return None
+
+
+@dataclass(frozen=True)
+class Validated:
+    examples: list[Example]
+    # (line, reason) of every dropped example, for the log and the `dropped.jsonl` artifact.
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+
+
+def validate_examples(examples: list[Example], path: str, *, extractive: bool, max_chars: int,
+                      on_invalid: str) -> Validated:
+    kept, dropped = [], []
+    for example in examples:
+        problem = example_problem(example, extractive=extractive, max_chars=max_chars)
+        if problem is None:
+            kept.append(example)
+        elif on_invalid == "fail":
+            raise DataError(path, example.get("source_line"),
+                            f"{problem} (id {example['id']!r}); fix the row or set data.on_invalid: drop")
+        else:
+            dropped.append({"file": path, "line": example.get("source_line"), "id": example["id"],
+                            "reason": problem})
+    return Validated(kept, dropped)
+
+
+def _title_rank(title: str) -> str:
+    return hashlib.sha256(title.encode("utf-8")).hexdigest()
+
+
+def split_by_article(examples: list[Example], validation_fraction: float) -> tuple[list[Example], list[Example]]:
+    """Deterministic split on whole articles (title, or context when untitled), ordered by hash, so no article
+    is on both sides and the split does not depend on input order."""
+    def article(example: Example) -> str:
+        return example["title"] or example["context"]
+
+    sizes: dict[str, int] = {}
+    for example in examples:
+        sizes[article(example)] = sizes.get(article(example), 0) + 1
+    target = validation_fraction * len(examples)
+    validation_articles: set[str] = set()
+    taken = 0
+    for name in sorted(sizes, key=_title_rank):
+        if taken >= target or len(validation_articles) == len(sizes) - 1:
+            break
+        validation_articles.add(name)
+        taken += sizes[name]
+    train = [e for e in examples if article(e) not in validation_articles]
+    validation = [e for e in examples if article(e) in validation_articles]
+    return train, validation
+
+
+def take_first(examples: list[Example], limit: int) -> list[Example]:
+    """The first `limit` examples (0: all), deterministic so reruns see the same data."""
+    return examples[:limit] if limit else examples
+
+
+def approx_tokens(text: str) -> int:
+    """About four characters per token for English; good enough to budget and warn, never to bill."""
+    return max(1, round(len(text) / 4))
+
+
+def canonical_row(example: Example) -> dict[str, Any]:
+    return {key: example[key] for key in ("id", "title", "question", "context", "answers")}

@@ -1,0 +1,126 @@
+"""Scoring a model on examples: bounded-concurrency requests, per-example rows, and the shared metric keys.
+
+No MLflow here: the evaluate and tune steps log what these functions return. Every example yields a row; a
+failed request is a row with its error and scores 0 (as the official scorer scores a missing prediction).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+from finetune_mlflow.errors import FinetuneError
+from finetune_mlflow.providers.base import Prediction
+from finetune_mlflow.squad_metrics import best_over_golds
+from finetune_mlflow.stats import bootstrap_interval, latency_summary, paired_bootstrap_delta
+
+logger = logging.getLogger(__name__)
+
+Predict = Callable[[str, str], Prediction]
+
+
+@dataclass(frozen=True)
+class ExampleResult:
+    id: str
+    question: str
+    prediction: str
+    gold_answers: list[str]
+    em: float
+    f1: float
+    latency_ms: float | None
+    error: str | None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    retry_wait_ms: float = 0.0
+
+
+def _score_one(predict: Predict, example: dict[str, Any]) -> ExampleResult:
+    try:
+        prediction = predict(example["question"], example["context"])
+    except Exception as e:  # noqa: BLE001 - a failed request is a result to count, not a crash
+        logger.warning("request for %s failed: %s", example["id"], e)
+        return ExampleResult(example["id"], example["question"], "", list(example["answers"]), 0.0, 0.0, None,
+                             f"{type(e).__name__}: {e}")
+    em, f1 = best_over_golds(prediction.text, example["answers"])
+    return ExampleResult(
+        example["id"], example["question"], prediction.text, list(example["answers"]), em, f1,
+        prediction.latency_ms, None, prediction.input_tokens, prediction.output_tokens, prediction.retry_wait_ms,
+    )
+
+
+@dataclass(frozen=True)
+class EvaluationRun:
+    results: list[ExampleResult]
+    wall_seconds: float
+
+
+def run_predictions(predict: Predict, examples: Sequence[dict[str, Any]], max_concurrency: int) -> EvaluationRun:
+    """Predict every example, at most `max_concurrency` requests in flight, results in input order."""
+    started = time.monotonic()
+    if max_concurrency <= 1:
+        results = [_score_one(predict, example) for example in examples]
+    else:
+        with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
+            results = list(pool.map(lambda example: _score_one(predict, example), examples))
+    return EvaluationRun(results, time.monotonic() - started)
+
+
+def summarize(run: EvaluationRun, *, bootstrap_samples: int, seed: int, prefix: str = "eval_") -> dict[str, float]:
+    """The shared metric keys: EM/F1 (0-100) with 95% bootstrap intervals, counts, latency, tokens."""
+    results = run.results
+    metrics: dict[str, float] = {f"{prefix}n": float(len(results))}
+    errors = sum(1 for r in results if r.error)
+    metrics[f"{prefix}error_count"] = float(errors)
+    for name in ("exact_match", "f1"):
+        values = [100.0 * (r.em if name == "exact_match" else r.f1) for r in results]
+        interval = bootstrap_interval(values, samples=bootstrap_samples, seed=seed)
+        metrics[f"{prefix}{name}"] = interval.estimate
+        metrics[f"{prefix}{name}_ci_low"] = interval.low
+        metrics[f"{prefix}{name}_ci_high"] = interval.high
+    if run.wall_seconds > 0:
+        metrics[f"{prefix}throughput_rps"] = len(results) / run.wall_seconds
+    ok = [r for r in results if r.error is None]
+    metrics.update(latency_summary([r.latency_ms for r in ok]))
+    metrics[f"{prefix}retry_wait_ms_total"] = float(sum(r.retry_wait_ms for r in ok))
+    for key in ("input_tokens", "output_tokens"):
+        counted = [getattr(r, key) for r in ok if getattr(r, key) is not None]
+        if counted:
+            metrics[f"{prefix}{key}"] = float(sum(counted))
+    return metrics
+
+
+def check_error_rate(run: EvaluationRun, max_error_rate: float) -> None:
+    errors = [r for r in run.results if r.error]
+    if run.results and len(errors) / len(run.results) > max_error_rate:
+        raise FinetuneError(
+            f"{len(errors)} of {len(run.results)} evaluation requests failed ({len(errors) / len(run.results):.1%}, "
+            f"over evaluate.max_error_rate={max_error_rate}); first error: {errors[0].error}"
+        )
+
+
+def delta_against(candidate: Sequence[ExampleResult], baseline: Sequence[dict[str, Any]], *,
+                  bootstrap_samples: int, seed: int) -> dict[str, float]:
+    """`eval_f1_delta` and its paired-bootstrap 95% interval, over questions both evaluations answered."""
+    base_f1 = {row["id"]: float(row["f1"]) for row in baseline}
+    base_em = {row["id"]: float(row["em"]) for row in baseline}
+    shared = [r for r in candidate if r.id in base_f1]
+    if not shared:
+        return {}
+    metrics = {"eval_delta_n": float(len(shared))}
+    for name, base in (("f1", base_f1), ("exact_match", base_em)):
+        values = [100.0 * (r.f1 if name == "f1" else r.em) for r in shared]
+        interval = paired_bootstrap_delta(values, [100.0 * base[r.id] for r in shared],
+                                          samples=bootstrap_samples, seed=seed)
+        metrics[f"eval_{name}_delta"] = interval.estimate
+        metrics[f"eval_{name}_delta_ci_low"] = interval.low
+        metrics[f"eval_{name}_delta_ci_high"] = interval.high
+    return metrics
+
+
+def result_rows(results: Sequence[ExampleResult]) -> dict[str, list[Any]]:
+    """Column-oriented rows for `mlflow.log_table`."""
+    rows = [asdict(r) for r in results]
+    return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}

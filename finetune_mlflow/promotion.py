@@ -1,0 +1,54 @@
+"""Pure promotion gates: given the evidence, decide whether a candidate replaces the champion, and say why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from finetune_mlflow.config import PromotionConfig
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the candidate's evaluation shows, relative to the champion when there is one."""
+
+    candidate_f1: float
+    candidate_error_rate: float
+    candidate_latency_ms_p95: float | None
+    champion_f1: float | None = None
+    # Paired-bootstrap 95% interval of mean F1(candidate) - F1(champion) over the same questions.
+    f1_delta: float | None = None
+    f1_delta_ci_low: float | None = None
+    f1_delta_ci_high: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    checks: dict[str, bool] = field(default_factory=dict)
+
+
+def decide(evidence: Evidence, gates: PromotionConfig) -> Decision:
+    checks: dict[str, bool] = {}
+    reasons: list[str] = []
+    checks["error_rate"] = evidence.candidate_error_rate <= gates.max_error_rate
+    if not checks["error_rate"]:
+        reasons.append(f"error rate {evidence.candidate_error_rate:.1%} is over max_error_rate "
+                       f"{gates.max_error_rate:.1%}")
+    if gates.max_latency_ms_p95:
+        latency = evidence.candidate_latency_ms_p95
+        checks["latency"] = latency is not None and latency <= gates.max_latency_ms_p95
+        if not checks["latency"]:
+            reasons.append(f"latency p95 {latency} ms is over max_latency_ms_p95 {gates.max_latency_ms_p95} ms")
+    if evidence.champion_f1 is not None:
+        low = evidence.f1_delta_ci_low
+        checks["f1_gain"] = low is not None and low > gates.min_f1_gain
+        if not checks["f1_gain"]:
+            reasons.append(f"F1 gain {evidence.f1_delta:+.2f} (95% CI {low:+.2f} to {evidence.f1_delta_ci_high:+.2f}) "
+                           f"does not clear min_f1_gain {gates.min_f1_gain:+.2f} at the lower bound")
+    if reasons:
+        return Decision(False, "; ".join(reasons), checks)
+    if evidence.champion_f1 is None:
+        return Decision(True, f"no champion yet and the absolute gates pass (F1 {evidence.candidate_f1:.2f})", checks)
+    return Decision(True, f"F1 gain {evidence.f1_delta:+.2f} (95% CI {evidence.f1_delta_ci_low:+.2f} to "
+                          f"{evidence.f1_delta_ci_high:+.2f}) clears min_f1_gain {gates.min_f1_gain:+.2f}", checks)

@@ -1,0 +1,38 @@
+"""The registered model: a pyfunc that answers `question` + `context` through the provider that tuned it.
+
+Logged "from code" (`serving.py`), never pickled: the version stores the provider name, the tuned model id and
+the provider's non-secret settings; credentials come from the serving environment, as they do for `tune`.
+For the local provider the version carries the trained weights as an artifact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+from finetune_mlflow.config import load_config
+from finetune_mlflow.providers import get_provider
+
+WEIGHTS_ARTIFACT = "weights"
+
+
+class QAModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: Any) -> None:
+        settings = dict(context.model_config or {})
+        self.provider_name: str = settings["provider"]
+        self.model_id: str = context.artifacts.get(WEIGHTS_ARTIFACT) or settings["model_id"]
+        config = load_config(None, {**settings.get("provider_settings", {}), "provider": self.provider_name})
+        self.provider = get_provider(self.provider_name, config)
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        missing = {"question", "context"} - set(model_input.columns)
+        if missing:
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                f"input needs columns question and context; missing {', '.join(sorted(missing))}")
+        answers = [
+            self.provider.predict(self.model_id, str(question), str(passage)).text
+            for question, passage in zip(model_input["question"], model_input["context"])
+        ]
+        return pd.DataFrame({"answer": answers})

@@ -1,0 +1,1 @@
+"""One module per MLproject entry point; each opens its run first (so `mlflow run` owns it), then nests."""

@@ -1,0 +1,129 @@
+"""evaluate: score a model reference on the prepared validation split with SQuAD v1.1 EM/F1.
+
+Parameters in: `config`, `model` (`base`; `models:/<name>/<version>` or `models:/<name>@<alias>`; or
+`runs:/<run_id>` for the model a tune run logged), `train_data`/`validation_data` (which prepared data to use).
+Metrics: `eval_exact_match`, `eval_f1` (0-100) with `_ci_low`/`_ci_high` (95% bootstrap), `eval_n`,
+`eval_error_count`, `eval_throughput_rps`, `latency_ms_{mean,p50,p90,p95,p99,max}`, `eval_retry_wait_ms_total`,
+`eval_input_tokens`/`eval_output_tokens` where the provider reports usage, and, when a base evaluation of the same
+data exists, `eval_f1_delta` (and exact match) with a paired-bootstrap interval. Artifacts: `eval_results.json`
+(per-example table: id, question, prediction, gold answers, em, f1, latency_ms, error). Tags:
+`finetune.step=evaluate`, `finetune.model_ref`, `finetune.provider`, `finetune.base_model`, `finetune.data_sha256`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from finetune_mlflow.config import Config
+from finetune_mlflow.errors import ConfigError
+from finetune_mlflow.evaluation import (
+    EvaluationRun,
+    check_error_rate,
+    delta_against,
+    result_rows,
+    run_predictions,
+    summarize,
+)
+from finetune_mlflow.providers import get_provider
+from finetune_mlflow.providers.base import Provider
+from finetune_mlflow.steps.prepare import Prepared, data_fingerprint, ensure_prepared
+from finetune_mlflow.tracking import find_finished_run, log_values, step_run
+
+logger = logging.getLogger(__name__)
+
+RESULTS_TABLE = "eval_results.json"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    run_id: str
+    metrics: dict[str, float]
+    rows: list[dict[str, Any]]
+
+
+def evaluate_and_log(provider: Provider, model_id: str, examples: list[dict], config: Config,
+                     baseline_rows: list[dict] | None = None) -> Evaluation:
+    """Evaluate in the active run: metrics, per-example table, and the delta against a baseline if given."""
+    run: EvaluationRun = run_predictions(
+        lambda question, context: provider.predict(model_id, question, context), examples,
+        min(config.evaluate.max_concurrency, provider.max_concurrency),
+    )
+    metrics = summarize(run, bootstrap_samples=config.evaluate.bootstrap_samples, seed=config.evaluate.bootstrap_seed)
+    if baseline_rows:
+        metrics.update(delta_against(run.results, baseline_rows, bootstrap_samples=config.evaluate.bootstrap_samples,
+                                     seed=config.evaluate.bootstrap_seed))
+    active = mlflow.active_run()
+    log_values(MlflowClient(), active.info.run_id, metrics=metrics)
+    columns = result_rows(run.results)
+    if columns:
+        mlflow.log_table(columns, RESULTS_TABLE)
+    check_error_rate(run, config.evaluate.max_error_rate)
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())] if columns else []
+    return Evaluation(active.info.run_id, metrics, rows)
+
+
+def load_rows(run_id: str) -> list[dict[str, Any]]:
+    frame = mlflow.load_table(RESULTS_TABLE, run_ids=[run_id])
+    return frame.to_dict(orient="records")
+
+
+def base_evaluation(config: Config, prepared: Prepared, provider: Provider) -> Evaluation:
+    """The provider's base model on this data, computed once per (provider, base model, data) and reused."""
+    keys = {"model_ref": "base", "provider": provider.name, "base_model": config.tune.base_model,
+            "data_sha256": prepared.data_sha256}
+    experiment_id = mlflow.active_run().info.experiment_id if mlflow.active_run() else \
+        mlflow.tracking.fluent._get_experiment_id()
+    previous = find_finished_run(experiment_id, step="evaluate", **keys)
+    if previous is not None:
+        logger.info("reusing base evaluation run %s", previous.info.run_id)
+        return Evaluation(previous.info.run_id, dict(previous.data.metrics), load_rows(previous.info.run_id))
+    with step_run("evaluate", run_name=f"evaluate-base-{provider.name}",
+                  tags={f"finetune.{k}": v for k, v in keys.items()}):
+        return evaluate_and_log(provider, config.tune.base_model, prepared.split("validation"), config)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    provider: Provider
+    model_id: str
+    base_model: str
+
+
+def resolve_model(reference: str, config: Config) -> ResolvedModel:
+    """`base`, `models:/...` or `runs:/<id>` -> the provider and model id to call."""
+    if reference == "base":
+        return ResolvedModel(get_provider(config.tune.provider, config), config.tune.base_model,
+                             config.tune.base_model)
+    if reference.startswith("runs:/"):
+        run_id = reference[len("runs:/"):].split("/")[0]
+        reference = f"runs:/{run_id}/model"
+        tags = MlflowClient().get_run(run_id).data.tags
+        base_model = tags.get("finetune.base_model", "")
+    elif reference.startswith("models:/"):
+        base_model = ""
+    else:
+        raise ConfigError(f"model {reference!r} is not a model reference; expected base, models:/<name>/<version>, "
+                          "models:/<name>@<alias> or runs:/<run_id>")
+    loaded = mlflow.pyfunc.load_model(reference).unwrap_python_model()
+    return ResolvedModel(loaded.provider, loaded.model_id, base_model)
+
+
+def run_evaluate(config: Config, model: str) -> Evaluation:
+    """The `evaluate` entry point: this run is the evaluation; prepare runs nested under it if needed."""
+    resolved = resolve_model(model, config)
+    fingerprint = data_fingerprint(config)
+    tags = {"finetune.model_ref": model, "finetune.provider": resolved.provider.name,
+            "finetune.base_model": resolved.base_model, "finetune.data_sha256": fingerprint}
+    with step_run("evaluate", run_name=f"evaluate-{model}", tags=tags) as run:
+        prepared = ensure_prepared(config)
+        baseline = None
+        if model != "base":
+            base_run = find_finished_run(run.info.experiment_id, step="evaluate", model_ref="base",
+                                         provider=resolved.provider.name, data_sha256=fingerprint)
+            baseline = load_rows(base_run.info.run_id) if base_run else None
+        return evaluate_and_log(resolved.provider, resolved.model_id, prepared.split("validation"), config, baseline)

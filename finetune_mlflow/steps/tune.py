@@ -1,0 +1,164 @@
+"""tune: launch (or reattach to) a supervised tuning job, stream its losses, evaluate and register the result.
+
+Parameters in: `config`, `provider`, `base_model`, `epochs`, `learning_rate`, `batch_size`,
+`registered_model_name`, `poll_interval`, `max_examples`, `train_data`, `validation_data`.
+Params logged: `provider`, `base_model`, `epochs`, `learning_rate`, `batch_size`, `n_train`, `n_val`,
+`config_sha256`, plus the flattened config; `config.yaml` artifact.
+Step metrics: `train_loss`, `val_loss` (and provider extras such as token accuracy), step = training step, written
+with `log_batch` and never twice. Summary metrics: `eval_exact_match`, `eval_f1`, `latency_ms_*` and the rest of
+the evaluate set for the tuned model, `base_eval_*` for the base model on the same split, `eval_f1_delta` with its
+paired-bootstrap interval, preflight estimates (`estimated_billed_tokens`, `estimated_cost_usd`).
+Tags: `finetune.job_id` (written as soon as the job exists: a rerun with `--run-id` reattaches instead of paying
+for a second job), `finetune.job_state`, `finetune.provider_status`, `finetune.metrics_cursor`,
+`finetune.tuned_model`, `finetune.registered_version`. The tuned model is registered as a pyfunc version of
+`registered_model_name`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from finetune_mlflow.config import Config, dump_yaml
+from finetune_mlflow.errors import ConfigError, TuningJobFailed, TuningTimeout
+from finetune_mlflow.providers import get_provider
+from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningJob, TuningRequest
+from finetune_mlflow.registry import RegisteredVersion, register_tuned_model
+from finetune_mlflow.steps.evaluate import base_evaluation, evaluate_and_log
+from finetune_mlflow.steps.prepare import Prepared, ensure_prepared
+from finetune_mlflow.tracking import MetricSink, log_values, step_run
+
+logger = logging.getLogger(__name__)
+
+JOB_ID_TAG = "finetune.job_id"
+CURSOR_TAG = "finetune.metrics_cursor"
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    run_id: str
+    job: TuningJob
+    metrics: dict[str, float]
+    version: RegisteredVersion
+
+
+def _request(config: Config, run_id: str, prepared: Prepared) -> TuningRequest:
+    return TuningRequest(
+        run_id=run_id, base_model=config.tune.base_model, prepared_dir=prepared.directory,
+        epochs=config.tune.epochs, learning_rate=config.tune.learning_rate, batch_size=config.tune.batch_size,
+        seed=config.tune.seed, suffix=config.tune.suffix,
+    )
+
+
+def _launch(provider: Provider, request: TuningRequest, config: Config, client: MlflowClient) -> str:
+    report = provider.preflight(request)
+    for warning in report.warnings:
+        logger.warning("preflight: %s", warning)
+    estimates = {"estimated_train_tokens": report.estimated_train_tokens,
+                 "estimated_billed_tokens": report.estimated_billed_tokens}
+    if report.estimated_cost_usd is not None:
+        estimates["estimated_cost_usd"] = report.estimated_cost_usd
+    log_values(client, request.run_id, metrics=estimates)
+    limit = config.tune.max_cost_usd
+    if limit and report.estimated_cost_usd is not None and report.estimated_cost_usd > limit:
+        raise ConfigError(f"estimated cost ${report.estimated_cost_usd:.2f} is over tune.max_cost_usd=${limit:.2f}; "
+                          "lower epochs or max_examples, or raise max_cost_usd")
+    job = provider.start_job(request)
+    # First write after creation: everything after this point can crash and a rerun will reattach.
+    client.set_tag(request.run_id, JOB_ID_TAG, job.job_id)
+    logger.info("started %s job %s", provider.name, job.job_id)
+    return job.job_id
+
+
+def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
+               sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> TuningJob:
+    """Poll until the job ends, logging new metric points and state transitions as they appear."""
+    client = MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    cursor = tags.get(CURSOR_TAG)
+    last_status = tags.get("finetune.provider_status")
+    sink = MetricSink(client, run_id)
+    deadline = clock() + config.tune.timeout_seconds
+    interval = config.tune.poll_interval
+    while True:
+        job = provider.get_job(job_id)
+        # Read metrics after the state: once the job is terminal, this read holds every point it will ever have.
+        page = provider.read_metrics(job_id, cursor)
+        logged = sink.log(page.points)
+        changed = job.provider_status != last_status
+        if page.next_cursor != cursor or changed:
+            cursor, last_status = page.next_cursor, job.provider_status
+            log_values(client, run_id, tags={CURSOR_TAG: cursor or "", "finetune.job_state": job.state.value,
+                                             "finetune.provider_status": job.provider_status})
+        if changed:
+            logger.info("job %s is %s", job_id, job.provider_status)
+        if job.state in TERMINAL_STATES:
+            return job
+        if clock() > deadline:
+            raise TuningTimeout(f"job {job_id} still {job.provider_status} after {config.tune.timeout_seconds:.0f}s; "
+                                f"it keeps running: rerun with --run-id {run_id} to reattach")
+        interval = config.tune.poll_interval if (logged or changed) else min(interval * 1.5,
+                                                                               config.tune.poll_interval * 8)
+        sleep(interval)
+
+
+def _finish_failed(client: MlflowClient, run_id: str, job: TuningJob) -> None:
+    log_values(client, run_id, tags={"finetune.error_code": job.error_code or "",
+                                     "finetune.error_message": (job.error_message or "")[:5000]})
+    raise TuningJobFailed(job.job_id, job.state.value, job.error_code, job.error_message)
+
+
+def run_tune(config: Config, *, sleep: Callable[[float], None] = time.sleep,
+             clock: Callable[[], float] = time.monotonic) -> TuneResult:
+    provider_name = config.tune.provider
+    with step_run("tune", run_name=f"tune-{provider_name}",
+                  tags={"finetune.provider": provider_name, "finetune.base_model": config.tune.base_model}) as run:
+        run_id = run.info.run_id
+        client = MlflowClient()
+        provider = get_provider(provider_name, config)
+        prepared = ensure_prepared(config)
+        n_train, n_val = len(prepared.split("train")), len(prepared.split("validation"))
+        params = {"provider": provider_name, "base_model": config.tune.base_model, "epochs": config.tune.epochs,
+                  "learning_rate": config.tune.learning_rate, "batch_size": config.tune.batch_size,
+                  "n_train": n_train, "n_val": n_val, "config_sha256": config.sha256(), **config.flat_params()}
+        log_values(client, run_id, params=params, tags={"finetune.data_sha256": prepared.data_sha256,
+                                                       "finetune.prepare_run_id": prepared.run_id})
+        mlflow.log_text(dump_yaml(config), "config.yaml")
+
+        job_id = client.get_run(run_id).data.tags.get(JOB_ID_TAG)
+        if job_id:
+            logger.info("run %s already has job %s: reattaching instead of launching another", run_id, job_id)
+        else:
+            job_id = _launch(provider, _request(config, run_id, prepared), config, client)
+        job = stream_job(provider, job_id, run_id, config, sleep=sleep, clock=clock)
+        if job.state is not JobState.SUCCEEDED:
+            _finish_failed(client, run_id, job)
+        log_values(client, run_id, metrics=job.metrics,
+                   tags={**job.tags, "finetune.tuned_model": job.tuned_model or ""})
+
+        base = base_evaluation(config, prepared, provider)
+        tuned = evaluate_and_log(provider, job.tuned_model, prepared.split("validation"), config, base.rows)
+        base_metrics = {f"base_{k}": v for k, v in base.metrics.items()
+                        if k.startswith(("eval_", "latency_ms_"))}
+        log_values(client, run_id, metrics=base_metrics, tags={"finetune.base_eval_run_id": base.run_id})
+        metrics = {**tuned.metrics, **base_metrics}
+
+        version = register_tuned_model(
+            run_id=run_id, config=config, provider=provider_name, model_id=job.tuned_model,
+            tags={"provider": provider_name, "base_model": config.tune.base_model, "job_id": job_id,
+                  "tuned_model": job.tuned_model, "source_run": run_id, "data_sha256": prepared.data_sha256,
+                  "eval_f1": f"{metrics['eval_f1']:.4f}", "eval_exact_match": f"{metrics['eval_exact_match']:.4f}",
+                  "latency_ms_p95": f"{metrics.get('latency_ms_p95', float('nan')):.3f}"},
+            description=(f"{provider_name} tuning job {job_id} of {config.tune.base_model}: validation F1 "
+                         f"{metrics['eval_f1']:.2f}, EM {metrics['eval_exact_match']:.2f} (base F1 "
+                         f"{base.metrics.get('eval_f1', float('nan')):.2f}); source run {run_id}"),
+        )
+        client.set_tag(run_id, "finetune.registered_version", f"{version.name}/{version.version}")
+        logger.info("tuned %s: F1 %.2f (base %.2f), registered %s", job.tuned_model, metrics["eval_f1"],
+                    base.metrics.get("eval_f1", float("nan")), version.model_uri)
+        return TuneResult(run_id, job, metrics, version)
