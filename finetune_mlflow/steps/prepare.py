@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +118,10 @@ def _log_dataset(examples: list[dict], source: str, name: str, context: str) -> 
     if frame.empty:
         return
     frame["answers"] = frame["answers"].map(json.dumps)
-    dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+    with warnings.catch_warnings():
+        # MLflow warns that a local path matches two equivalent source classes; it picks the right one.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name)
     mlflow.log_input(dataset, context=context)
 
 

@@ -99,8 +99,13 @@ def _rows(version: ModelVersion, name: str, data_sha256: str, examples: list[dic
     return rows, metrics
 
 
+def _failed(row: dict[str, Any]) -> bool:
+    """A row's error as read back from a logged table is NaN when there was none."""
+    return isinstance(row.get("error"), str) and bool(row["error"])
+
+
 def _error_rate(rows: list[dict[str, Any]]) -> float:
-    return sum(1 for r in rows if r.get("error")) / len(rows) if rows else 1.0
+    return sum(1 for r in rows if _failed(r)) / len(rows) if rows else 1.0
 
 
 def _report(name: str, candidate: str, champion: str | None, evidence: Evidence, decision: Decision,
