@@ -1,0 +1,55 @@
+"""Shared fixtures: every test gets its own tracking store and local-jobs home, and may not leak an active run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SQUAD_TRAIN = ROOT / "data" / "squad" / "train.json"
+SQUAD_VALIDATION = ROOT / "data" / "squad" / "validation.json"
+
+
+@pytest.fixture(autouse=True)
+def isolated_tracking(tmp_path, monkeypatch):
+    """A per-test SQLite store (created lazily, on first MLflow call) and jobs directory."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("FINETUNE_MLFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    yield
+    leaked = mlflow.active_run()
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    assert leaked is None, f"test leaked active run {leaked.info.run_id}"
+
+
+def squad_subset(source: Path, articles: int, questions_per_article: int) -> dict:
+    """The first few articles of a shipped SQuAD file, a few questions each: real data, test-sized."""
+    document = json.loads(source.read_text(encoding="utf-8"))
+    data = []
+    for article in document["data"][:articles]:
+        paragraphs, left = [], questions_per_article
+        for paragraph in article["paragraphs"]:
+            if left <= 0:
+                break
+            qas = paragraph["qas"][:left]
+            left -= len(qas)
+            paragraphs.append({"context": paragraph["context"], "qas": qas})
+        data.append({"title": article["title"], "paragraphs": paragraphs})
+    return {"version": "1.1", "data": data}
+
+
+@pytest.fixture(scope="session")
+def small_squad(tmp_path_factory) -> tuple[Path, Path]:
+    """(train, validation) SQuAD v1.1 files: ~600 train and ~120 validation questions from the shipped data."""
+    folder = tmp_path_factory.mktemp("squad")
+    train, validation = folder / "train.json", folder / "validation.json"
+    train.write_text(json.dumps(squad_subset(SQUAD_TRAIN, 12, 50)), encoding="utf-8")
+    validation.write_text(json.dumps(squad_subset(SQUAD_VALIDATION, 4, 30)), encoding="utf-8")
+    return train, validation
