@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -169,8 +169,36 @@ FLAT_OVERRIDES: dict[str, str] = {
 }
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
+# Where a dotted key's value came from, for error messages: "file.yaml:7", "parameter epochs" or "<defaults>".
+Origin = Callable[[str], str]
+
+
+def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    """1-based line of every (nested) mapping key in a composed YAML document, as `section.key` -> line."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            dotted = f"{prefix}{key_node.value}"
+            lines.setdefault(dotted, key_node.start_mark.line + 1)
+            lines.update({k: v for k, v in _key_lines(value_node, dotted + ".").items() if k not in lines})
+    return lines
+
+
+def _origin(source: str, lines: dict[str, int], parameters: dict[str, str]) -> Origin:
+    def origin(key: str) -> str:
+        for dotted, name in parameters.items():
+            if key == dotted or key.startswith(dotted + "."):
+                return f"parameter {name}"
+        for candidate in (key, key.rsplit(".", 1)[0]):  # the key's own line, else its section's
+            if candidate in lines:
+                return f"{source}:{lines[candidate]}"
+        return source
+    return origin
+
+
+def _coerce(value: Any, annotation: Any, key: str, origin: Origin) -> Any:
     """Check (and gently coerce, e.g. "3" -> 3 from the command line) one value against its declared type."""
+    where = f"{origin(key)}: {key}"
     origin = typing.get_origin(annotation)
     if origin is Literal:
         allowed = typing.get_args(annotation)
@@ -181,7 +209,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
         _, value_type = typing.get_args(annotation)
-        return {str(k): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(v, value_type, f"{key}.{k}", origin) for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{where}: unsupported union type")  # pragma: no cover - no such field today
     if annotation is bool:
@@ -211,26 +239,27 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {annotation}")  # pragma: no cover
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def _build(cls: type, values: dict[str, Any], key: str, origin: Origin) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r}; expected one of: {', '.join(sorted(known))}"
-        )
+        section = f"{key}: " if key else ""
+        raise ConfigError(f"{origin(f'{key}.{unknown[0]}' if key else unknown[0])}: {section}unknown key "
+                          f"{unknown[0]!r}; expected one of: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in values.items():
+        dotted = f"{key}.{name}" if key else name
         if dataclasses.is_dataclass(hints[name]):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}.{name}: expected a mapping, got {value!r}")
-            kwargs[name] = _build(hints[name], value, f"{where}.{name}")
+                raise ConfigError(f"{origin(dotted)}: {dotted}: expected a mapping, got {value!r}")
+            kwargs[name] = _build(hints[name], value, dotted, origin)
         else:
-            kwargs[name] = _coerce(value, hints[name], f"{where}.{name}")
+            kwargs[name] = _coerce(value, hints[name], dotted, origin)
     return cls(**kwargs)
 
 
-def _validate(config: Config, source: str) -> None:
+def _validate(config: Config, origin: Origin) -> None:
     checks = [
         (config.tune.epochs >= 1, "tune.epochs", config.tune.epochs, "an integer >= 1"),
         (config.tune.learning_rate > 0, "tune.learning_rate", config.tune.learning_rate, "a number > 0"),
@@ -248,13 +277,14 @@ def _validate(config: Config, source: str) -> None:
     ]
     for ok, key, value, expected in checks:
         if not ok:
-            raise ConfigError(f"{source}: {key} is {value!r}; expected {expected}")
+            raise ConfigError(f"{origin(key)}: {key} is {value!r}; expected {expected}")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Load a YAML experiment, apply entry-point overrides (flat names or `section.key`), validate."""
     source = str(path) if path else "<defaults>"
     raw: dict[str, Any] = {}
+    lines: dict[str, int] = {}
     if path:
         try:
             text = Path(path).read_text(encoding="utf-8")
@@ -271,7 +301,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
         raw = loaded
+        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
     merged = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    parameters: dict[str, str] = {}  # dotted key -> the entry-point parameter that set it
     for name, value in (overrides or {}).items():
         if value is None or value == "":
             continue  # an entry-point parameter left empty means "keep the config's value"
@@ -285,8 +317,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(merged[section], dict):
             raise ConfigError(f"{source}: section {section!r} must be a mapping")
         merged[section][key] = value
-    config = _build(Config, merged, source)
-    _validate(config, source)
+        parameters[dotted] = name
+    origin = _origin(source, lines, parameters)
+    config = _build(Config, merged, "", origin)
+    _validate(config, origin)
     return config
 
 
