@@ -199,18 +199,18 @@ def _origin(source: str, lines: dict[str, int], parameters: dict[str, str]) -> O
 def _coerce(value: Any, annotation: Any, key: str, origin: Origin) -> Any:
     """Check (and gently coerce, e.g. "3" -> 3 from the command line) one value against its declared type."""
     where = f"{origin(key)}: {key}"
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
+    kind = typing.get_origin(annotation)
+    if kind is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
         return value
-    if origin is dict:
+    if kind is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
         _, value_type = typing.get_args(annotation)
         return {str(k): _coerce(v, value_type, f"{key}.{k}", origin) for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
+    if kind in (typing.Union, types.UnionType):
         raise ConfigError(f"{where}: unsupported union type")  # pragma: no cover - no such field today
     if annotation is bool:
         if isinstance(value, bool):
