@@ -59,7 +59,12 @@ def log_values(client: MlflowClient, run_id: str, *, metrics: dict[str, float] |
     """One round trip for a step's summary values (params already on the run with the same value are skipped)."""
     now = int(time.time() * 1000)
     existing = client.get_run(run_id).data.params if params else {}
-    fresh_params = [Param(k, str(v)) for k, v in (params or {}).items() if existing.get(k) != str(v)]
+    for key in sorted(set(params or {}) & set(existing)):
+        if existing[key] != str(params[key]):
+            # `mlflow run -P key=value` logged the user's own spelling (e.g. 1e-2 for 0.01); a rerun with
+            # --run-id and different values reattaches to the job the first values launched.
+            logger.info("param %s stays %r as logged (resolved value %r)", key, existing[key], params[key])
+    fresh_params = [Param(k, str(v)) for k, v in (params or {}).items() if k not in existing]
     metric_list = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
     tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     for begin in range(0, max(len(metric_list), 1), MAX_METRICS_PER_BATCH):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import mlflow
@@ -18,6 +20,8 @@ def isolated_tracking(tmp_path, monkeypatch):
     """A per-test SQLite store (created lazily, on first MLflow call) and jobs directory."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("FINETUNE_MLFLOW_HOME", str(tmp_path / "home"))
+    # `mlflow run` executes `python -m finetune_mlflow ...`: make that the interpreter running the tests.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -128,14 +128,14 @@ def _report(name: str, candidate: str, champion: str | None, evidence: Evidence,
 def _move_aliases(client: MlflowClient, name: str, alias: str, candidate: str, expected_champion: str | None) -> None:
     """Re-check the champion just before moving it, so two concurrent promotions cannot interleave silently."""
     current = _alias_version(client, name, alias)
-    if (current.version if current else None) != expected_champion:
+    if (str(current.version) if current else None) != expected_champion:
         raise FinetuneError(f"{name}@{alias} changed to {current.version if current else None} during this "
                             f"promotion (expected {expected_champion}); rerun promote to decide again")
     if expected_champion:
         client.set_registered_model_alias(name, PREVIOUS, expected_champion)
     client.set_registered_model_alias(name, alias, candidate)
     challenger = _alias_version(client, name, CHALLENGER)
-    if challenger is not None and challenger.version == candidate:
+    if challenger is not None and str(challenger.version) == candidate:
         client.delete_registered_model_alias(name, CHALLENGER)
 
 
@@ -148,14 +148,14 @@ def run_rollback(config: Config, model_name: str) -> PromoteResult:
         current = _alias_version(client, name, alias)
         if previous is None:
             raise FinetuneError(f"{name} has no {PREVIOUS} alias: nothing to roll back to")
-        client.set_registered_model_alias(name, alias, previous.version)
-        if current is not None:
-            client.set_registered_model_alias(name, PREVIOUS, current.version)
-        reason = f"rollback: {alias} {current.version if current else None} -> {previous.version}"
+        before, after = (str(current.version) if current else None), str(previous.version)
+        client.set_registered_model_alias(name, alias, after)
+        if before is not None:
+            client.set_registered_model_alias(name, PREVIOUS, before)
+        reason = f"rollback: {alias} {before} -> {after}"
         log_values(client, run.info.run_id, tags={"promotion.decision": "rollback", "promotion.reason": reason})
         print(f"{name}: {reason}")
-        return PromoteResult(run.info.run_id, Decision(True, reason), previous.version,
-                             current.version if current else None, previous.version)
+        return PromoteResult(run.info.run_id, Decision(True, reason), after, before, after)
 
 
 def run_promote(config: Config, *, model_name: str = "", version: str = "", force: bool = False,
@@ -166,11 +166,13 @@ def run_promote(config: Config, *, model_name: str = "", version: str = "", forc
     alias = config.promotion.alias
     client = MlflowClient()
     candidate = _candidate(client, name, version)
-    with step_run("promote", run_name=f"promote-{name}-v{candidate.version}",
-                  tags={"promotion.model": name, "promotion.candidate": candidate.version}) as run:
+    candidate_version = str(candidate.version)
+    with step_run("promote", run_name=f"promote-{name}-v{candidate_version}",
+                  tags={"promotion.model": name, "promotion.candidate": candidate_version}) as run:
         champion = _alias_version(client, name, alias)
-        if champion is not None and champion.version == candidate.version:
-            decision = Decision(False, f"version {candidate.version} is already {alias}")
+        champion_version = str(champion.version) if champion else None
+        if champion_version == candidate_version:
+            decision = Decision(False, f"version {candidate_version} is already {alias}")
         else:
             data_sha256, examples = _validation_examples(candidate.run_id)
             candidate_rows, candidate_metrics = _rows(candidate, name, data_sha256, examples, config)
@@ -203,20 +205,20 @@ def run_promote(config: Config, *, model_name: str = "", version: str = "", forc
             log_values(client, run.info.run_id, metrics=metrics, params={
                 "min_f1_gain": config.promotion.min_f1_gain,
                 "max_latency_ms_p95": config.promotion.max_latency_ms_p95,
-                "max_error_rate": config.promotion.max_error_rate, "candidate_version": candidate.version,
-                "champion_version": champion.version if champion else "none", "forced": force})
-            mlflow.log_text(_report(name, candidate.version, champion.version if champion else None, evidence,
+                "max_error_rate": config.promotion.max_error_rate, "candidate_version": candidate_version,
+                "champion_version": champion_version or "none", "forced": force})
+            mlflow.log_text(_report(name, candidate_version, champion_version, evidence,
                                     decision, config, reason if force else ""), "promotion_report.md")
             if decision.promote:
-                _move_aliases(client, name, alias, candidate.version, champion.version if champion else None)
+                _move_aliases(client, name, alias, candidate_version, champion_version)
             else:
-                client.set_registered_model_alias(name, CHALLENGER, candidate.version)
-            client.set_model_version_tag(name, candidate.version, "promotion.decision",
+                client.set_registered_model_alias(name, CHALLENGER, candidate_version)
+            client.set_model_version_tag(name, candidate_version, "promotion.decision",
                                          "promoted" if decision.promote else "rejected")
         log_values(client, run.info.run_id, tags={"promotion.decision": "promote" if decision.promote else "keep",
                                                   "promotion.reason": decision.reason[:5000]})
         after = _alias_version(client, name, alias)
-        print(f"{name} v{candidate.version}: {'promoted to' if decision.promote else 'not promoted to'} {alias} "
+        print(f"{name} v{candidate_version}: {'promoted to' if decision.promote else 'not promoted to'} {alias} "
               f"- {decision.reason}")
-        return PromoteResult(run.info.run_id, decision, candidate.version, champion.version if champion else None,
-                             after.version if after else None)
+        return PromoteResult(run.info.run_id, decision, candidate_version, champion_version,
+                             str(after.version) if after else None)
