@@ -106,32 +106,46 @@ class LocalProvider:
                 tokens = sum(approx_tokens(r["question"] + r["context"] + r["answers"][0]) for r in rows)
         return PreflightReport(counts["train"], counts["validation"], tokens, tokens * request.epochs, 0.0)
 
+    def _job_for_run(self, run_id: str) -> str | None:
+        """A job this run already started (a crash between creating it and tagging the run leaves one behind)."""
+        if not self.jobs_dir.exists():
+            return None
+        for spec_path in sorted(self.jobs_dir.glob("*/spec.json")):
+            if json.loads(spec_path.read_text(encoding="utf-8")).get("run_id") == run_id:
+                return spec_path.parent.name
+        return None
+
     def start_job(self, request: TuningRequest) -> TuningJob:
-        job_id = f"localjob-{uuid.uuid4().hex[:12]}"
+        """Create the job directory and launch its trainer; a job this run already created is resumed instead."""
+        job_id = self._job_for_run(request.run_id)
+        if job_id:
+            logger.info("run %s already created local job %s: adopting it", request.run_id, job_id)
+        else:
+            job_id = f"localjob-{uuid.uuid4().hex[:12]}"
+            (self._job_dir(job_id)).mkdir(parents=True)
+            write_json_atomic(self._job_dir(job_id) / "spec.json", {
+                "job_id": job_id,
+                "run_id": request.run_id,
+                "train": str((request.prepared_dir / "train.jsonl").resolve()),
+                "validation": str((request.prepared_dir / "validation.jsonl").resolve()),
+                "epochs": request.epochs,
+                "learning_rate": request.learning_rate,
+                "batch_size": request.batch_size or 32,
+                "seed": request.seed,
+                "max_span_tokens": self.config.local.max_span_tokens,
+                "eval_every_steps": self.config.local.eval_every_steps,
+                "validation_loss_examples": self.config.local.validation_loss_examples,
+            })
         job_dir = self._job_dir(job_id)
-        job_dir.mkdir(parents=True)
-        spec = {
-            "job_id": job_id,
-            "run_id": request.run_id,
-            "train": str((request.prepared_dir / "train.jsonl").resolve()),
-            "validation": str((request.prepared_dir / "validation.jsonl").resolve()),
-            "epochs": request.epochs,
-            "learning_rate": request.learning_rate,
-            "batch_size": request.batch_size or 32,
-            "seed": request.seed,
-            "max_span_tokens": self.config.local.max_span_tokens,
-            "eval_every_steps": self.config.local.eval_every_steps,
-            "validation_loss_examples": self.config.local.validation_loss_examples,
-        }
-        write_json_atomic(job_dir / "spec.json", spec)
-        write_json_atomic(job_dir / "status.json", {"state": "pending", "updated": time.time()})
-        with open(job_dir / "trainer.log", "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "finetune_mlflow.local_trainer", str(job_dir)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        write_json_atomic(job_dir / "pid.json", {"pid": process.pid})
-        logger.info("local job %s started (pid %d, dir %s)", job_id, process.pid, job_dir)
+        if not (job_dir / "pid.json").exists():
+            write_json_atomic(job_dir / "status.json", {"state": "pending", "updated": time.time()})
+            with open(job_dir / "trainer.log", "ab") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "finetune_mlflow.local_trainer", str(job_dir)],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                )
+            write_json_atomic(job_dir / "pid.json", {"pid": process.pid})
+            logger.info("local job %s started (pid %d, dir %s)", job_id, process.pid, job_dir)
         return self.get_job(job_id)
 
     def get_job(self, job_id: str) -> TuningJob:
