@@ -42,16 +42,19 @@ class MetricSink:
         return self._seen[key]
 
     def log(self, points: Iterable[MetricPoint]) -> int:
-        fresh: list[Metric] = []
+        """Log what is new; a step counts as logged only once its batch was accepted, so a failed call
+        (tracking server briefly down) can simply be repeated with the same points."""
+        fresh: dict[tuple[str, int], Metric] = {}
         for point in points:
-            steps = self._steps(point.key)
-            if point.step in steps:
-                continue
-            steps.add(point.step)
-            fresh.append(Metric(point.key, point.value, point.timestamp_ms, point.step))
-        for begin in range(0, len(fresh), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=fresh[begin: begin + MAX_METRICS_PER_BATCH])
-        return len(fresh)
+            if point.step not in self._steps(point.key):
+                fresh[(point.key, point.step)] = Metric(point.key, point.value, point.timestamp_ms, point.step)
+        metrics = list(fresh.values())
+        for begin in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            batch = metrics[begin: begin + MAX_METRICS_PER_BATCH]
+            self.client.log_batch(self.run_id, metrics=batch)
+            for metric in batch:
+                self._seen[metric.key].add(metric.step)
+        return len(metrics)
 
 
 def log_values(client: MlflowClient, run_id: str, *, metrics: dict[str, float] | None = None,
