@@ -290,6 +290,16 @@ class OpenAIProvider:
         train_path, validation_path = self._data_paths(request)
         if not train_path.exists():
             raise DataError(train_path, None, "file not found; run the prepare step first")
+        # A crash after creating the job but before the run recorded its id leaves a job tagged with this run in
+        # its metadata: adopt it instead of paying for a second one.
+        earlier = self._value(
+            f"fine_tuning.jobs.list(metadata.mlflow_run_id={request.run_id})",
+            lambda: self._client.fine_tuning.jobs.list(metadata={"mlflow_run_id": request.run_id}, limit=10),
+        )
+        for job in earlier.data:
+            if (job.metadata or {}).get("mlflow_run_id") == request.run_id:
+                log.warning("run %s already created job %s; adopting it", request.run_id, job.id)
+                return self._to_tuning_job(job, final_details=False)
         training_file = self._upload(train_path)
         validation_file = self._upload(validation_path) if validation_path else None
         hyperparameters: dict[str, Any] = {
