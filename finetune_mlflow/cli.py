@@ -20,6 +20,7 @@ DEFAULT_CONFIG = "experiments/squad_local.yaml"
 DATA_OPTIONS = ("train_data", "validation_data", "max_examples", "on_invalid")
 TUNE_OPTIONS = DATA_OPTIONS + ("provider", "base_model", "epochs", "learning_rate", "batch_size",
                                "registered_model_name", "poll_interval", "max_cost_usd", "max_concurrency")
+SYNC_OPTIONS = ("provider", "registered_model_name", "train_data", "validation_data", "max_examples")
 
 
 def _config(args: argparse.Namespace, names: tuple[str, ...]) -> Config:
@@ -43,6 +44,17 @@ def _tune(args: argparse.Namespace) -> None:
     result = run_tune(_config(args, TUNE_OPTIONS))
     print(f"run {result.run_id}: job {result.job.job_id} -> eval_f1 {result.metrics['eval_f1']:.2f} "
           f"(base {result.metrics.get('base_eval_f1', float('nan')):.2f}), registered {result.version.model_uri}")
+
+
+def _sync(args: argparse.Namespace) -> None:
+    from finetune_mlflow.steps.sync import run_sync
+
+    result = run_sync(_config(args, SYNC_OPTIONS), args.job_id)
+    for job in result.jobs:
+        outcome = job.registered_version or job.error or f"still {job.state.value}, nothing registered"
+        print(f"{job.job_id}: {job.state.value} -> run {job.run_id} ({'new' if job.created_run else 'updated'}); "
+              f"{outcome}")
+    print(f"sync run {result.run_id}: {len(result.jobs)} job(s)")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -111,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--force", default="false")
     promote.add_argument("--reason", default="")
     promote.add_argument("--rollback", default="false")
+    sync = command("sync", _sync, SYNC_OPTIONS, "import existing tuning jobs into runs, evaluate and register them")
+    sync.add_argument("--job_id", default="", help="a job id or Vertex job name, or `all` for every listed job")
     command("main", _main, TUNE_OPTIONS, "prepare -> evaluate base -> tune -> promote as child runs")
     score = commands.add_parser("score", help="SQuAD v1.1 EM/F1 of a predictions file, like evaluate-v1.1.py")
     score.add_argument("dataset")

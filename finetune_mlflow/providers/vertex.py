@@ -475,6 +475,16 @@ class VertexProvider:
             self._experiments[job.name] = job.experiment
         if job.base_model:
             tags["vertex_base_model"] = job.base_model
+        spec = getattr(job, "supervised_tuning_spec", None)
+        if spec is not None:
+            # What the job was trained with (sync logs these as params) and on which staged files.
+            hp = spec.hyper_parameters.model_dump(exclude_none=True, mode="json") if spec.hyper_parameters else {}
+            if hp:
+                tags["vertex_hyperparameters"] = json.dumps(hp, sort_keys=True)
+            if spec.training_dataset_uri:
+                tags["vertex_training_dataset"] = spec.training_dataset_uri
+            if spec.validation_dataset_uri:
+                tags["vertex_validation_dataset"] = spec.validation_dataset_uri
         stats = job.tuning_data_stats.supervised_tuning_data_stats if job.tuning_data_stats else None
         if stats is not None:
             for key, value in (

@@ -76,8 +76,11 @@ def _launch(provider: Provider, request: TuningRequest, config: Config, client: 
 
 
 def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
-               sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> TuningJob:
-    """Poll until the job ends, logging new metric points and state transitions as they appear."""
+               sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+               wait: bool = True) -> TuningJob:
+    """Poll until the job ends, logging new metric points and state transitions as they appear.
+
+    `wait=False` (sync) polls once: whatever the job has now is logged and the job is returned in any state."""
     client = MlflowClient()
     tags = client.get_run(run_id).data.tags
     cursor = tags.get(CURSOR_TAG)
@@ -97,7 +100,7 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
                                              "finetune.provider_status": job.provider_status})
         if changed:
             logger.info("job %s is %s", job_id, job.provider_status)
-        if job.state in TERMINAL_STATES:
+        if job.state in TERMINAL_STATES or not wait:
             return job
         if clock() > deadline:
             raise TuningTimeout(f"job {job_id} still {job.provider_status} after {config.tune.timeout_seconds:.0f}s; "
@@ -111,6 +114,48 @@ def _finish_failed(client: MlflowClient, run_id: str, job: TuningJob) -> None:
     log_values(client, run_id, tags={"finetune.error_code": job.error_code or "",
                                      "finetune.error_message": (job.error_message or "")[:5000]})
     raise TuningJobFailed(job.job_id, job.state.value, job.error_code, job.error_message)
+
+
+def _changed_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> dict[str, float]:
+    """Job-level numbers not already on the run with that value (a rerun or re-sync adds no history entries, and
+    `full_valid_loss`, already a step metric, is not written again at step 0)."""
+    latest = client.get_run(run_id).data.metrics
+    return {k: v for k, v in metrics.items() if latest.get(k) != float(v)}
+
+
+def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, prepared: Prepared,
+               ) -> tuple[dict[str, float], RegisteredVersion]:
+    """The post-job part shared by tune and sync, in the active run `run_id`: record a failure (tags, then raise
+    TuningJobFailed), or log the job's facts, evaluate the tuned model against the base model on the prepared
+    validation split, and register it (once per run). `config.tune.base_model` is the job's base model."""
+    client = MlflowClient()
+    provider_name = provider.name
+    if job.state is not JobState.SUCCEEDED:
+        _finish_failed(client, run_id, job)
+    log_values(client, run_id, metrics=_changed_metrics(client, run_id, job.metrics),
+               tags={**job.tags, "finetune.tuned_model": job.tuned_model or ""})
+
+    base = base_evaluation(config, prepared, provider)
+    tuned = evaluate_and_log(provider, job.tuned_model, prepared.split("validation"), config, base.rows)
+    base_metrics = {f"base_{k}": v for k, v in base.metrics.items()
+                    if k.startswith(("eval_", "latency_ms_"))}
+    log_values(client, run_id, metrics=base_metrics, tags={"finetune.base_eval_run_id": base.run_id})
+    metrics = {**tuned.metrics, **base_metrics}
+
+    version = register_tuned_model(
+        run_id=run_id, config=config, provider=provider_name, model_id=job.tuned_model,
+        tags={"provider": provider_name, "base_model": config.tune.base_model, "job_id": job.job_id,
+              "tuned_model": job.tuned_model, "source_run": run_id, "data_sha256": prepared.data_sha256,
+              "eval_f1": f"{metrics['eval_f1']:.4f}", "eval_exact_match": f"{metrics['eval_exact_match']:.4f}",
+              "latency_ms_p95": f"{metrics.get('latency_ms_p95', float('nan')):.3f}"},
+        description=(f"{provider_name} tuning job {job.job_id} of {config.tune.base_model}: validation F1 "
+                     f"{metrics['eval_f1']:.2f}, EM {metrics['eval_exact_match']:.2f} (base F1 "
+                     f"{base.metrics.get('eval_f1', float('nan')):.2f}); source run {run_id}"),
+    )
+    client.set_tag(run_id, "finetune.registered_version", f"{version.name}/{version.version}")
+    logger.info("tuned %s: F1 %.2f (base %.2f), registered %s", job.tuned_model, metrics["eval_f1"],
+                base.metrics.get("eval_f1", float("nan")), version.model_uri)
+    return metrics, version
 
 
 def run_tune(config: Config, *, sleep: Callable[[float], None] = time.sleep,
@@ -136,29 +181,5 @@ def run_tune(config: Config, *, sleep: Callable[[float], None] = time.sleep,
         else:
             job_id = _launch(provider, _request(config, run_id, prepared), config, client)
         job = stream_job(provider, job_id, run_id, config, sleep=sleep, clock=clock)
-        if job.state is not JobState.SUCCEEDED:
-            _finish_failed(client, run_id, job)
-        log_values(client, run_id, metrics=job.metrics,
-                   tags={**job.tags, "finetune.tuned_model": job.tuned_model or ""})
-
-        base = base_evaluation(config, prepared, provider)
-        tuned = evaluate_and_log(provider, job.tuned_model, prepared.split("validation"), config, base.rows)
-        base_metrics = {f"base_{k}": v for k, v in base.metrics.items()
-                        if k.startswith(("eval_", "latency_ms_"))}
-        log_values(client, run_id, metrics=base_metrics, tags={"finetune.base_eval_run_id": base.run_id})
-        metrics = {**tuned.metrics, **base_metrics}
-
-        version = register_tuned_model(
-            run_id=run_id, config=config, provider=provider_name, model_id=job.tuned_model,
-            tags={"provider": provider_name, "base_model": config.tune.base_model, "job_id": job_id,
-                  "tuned_model": job.tuned_model, "source_run": run_id, "data_sha256": prepared.data_sha256,
-                  "eval_f1": f"{metrics['eval_f1']:.4f}", "eval_exact_match": f"{metrics['eval_exact_match']:.4f}",
-                  "latency_ms_p95": f"{metrics.get('latency_ms_p95', float('nan')):.3f}"},
-            description=(f"{provider_name} tuning job {job_id} of {config.tune.base_model}: validation F1 "
-                         f"{metrics['eval_f1']:.2f}, EM {metrics['eval_exact_match']:.2f} (base F1 "
-                         f"{base.metrics.get('eval_f1', float('nan')):.2f}); source run {run_id}"),
-        )
-        client.set_tag(run_id, "finetune.registered_version", f"{version.name}/{version.version}")
-        logger.info("tuned %s: F1 %.2f (base %.2f), registered %s", job.tuned_model, metrics["eval_f1"],
-                    base.metrics.get("eval_f1", float("nan")), version.model_uri)
+        metrics, version = finish_job(provider, job, run_id, config, prepared)
         return TuneResult(run_id, job, metrics, version)
