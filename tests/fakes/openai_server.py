@@ -152,6 +152,8 @@ class FakeOpenAI:
         self.handler_errors: list[BaseException] = []
         self._scripts: list[JobScript] = []
         self.default_script = JobScript()
+        # Caps the `limit` of job listings, so a test can make clients follow pagination with a few jobs.
+        self.jobs_page_limit: int | None = None
         # Reply text for chat completions; default echoes a fixed answer.
         self.chat_responder: Callable[[dict[str, Any]], str] = lambda body: "fake answer"
         self._httpd: ThreadingHTTPServer | None = None
@@ -532,6 +534,9 @@ class FakeOpenAI:
         return jobs
 
     def _list_jobs(self, query, headers, body):
+        if self.jobs_page_limit:
+            limit = min(int((query.get("limit") or [20])[0]), self.jobs_page_limit)
+            query = {**query, "limit": [str(limit)]}
         return self._page(self._listed_jobs(query), query)
 
     def _job_or_404(self, job_id):
