@@ -112,6 +112,15 @@ def _id_lines(text: str) -> dict[str, int]:
     return lines
 
 
+def _first_id_line(paragraph: Any, id_lines: dict[str, int]) -> int | None:
+    """Line of the first question id inside a malformed paragraph or question, when it has one."""
+    qas = paragraph.get("qas") if isinstance(paragraph, dict) else None
+    for qa in qas if isinstance(qas, list) else []:
+        if isinstance(qa, dict) and isinstance(qa.get("id"), str) and qa["id"] in id_lines:
+            return id_lines[qa["id"]]
+    return None
+
+
 def _read_squad_json(path: Path, text: str) -> list[Example]:
     try:
         document = json.loads(text)
@@ -129,11 +138,13 @@ def _read_squad_json(path: Path, text: str) -> list[Example]:
             where = f"data[{a}].paragraphs[{p}]"
             if not isinstance(paragraph, dict) or not isinstance(paragraph.get("context"), str) \
                     or not isinstance(paragraph.get("qas"), list):
-                raise DataError(str(path), None, f"{where} must have a 'context' string and a 'qas' list")
+                raise DataError(str(path), _first_id_line(paragraph, id_lines),
+                                f"{where} must have a 'context' string and a 'qas' list")
             for q, qa in enumerate(paragraph["qas"]):
                 qa_where = f"{where}.qas[{q}]"
                 if not isinstance(qa, dict) or not isinstance(qa.get("question"), str) or "id" not in qa:
-                    raise DataError(str(path), None, f"{qa_where} must have 'id' and a 'question' string")
+                    raise DataError(str(path), _first_id_line({"qas": [qa]}, id_lines),
+                                    f"{qa_where} must have 'id' and a 'question' string")
                 line = id_lines.get(str(qa["id"]))
                 examples.append({
                     "id": str(qa["id"]),

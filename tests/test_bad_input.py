@@ -71,6 +71,7 @@ DATA_CASES = [
     ("array_line.jsonl", 3, r"expected a JSON object per line, got list"),
     ("broken_line.jsonl", 3, r"malformed JSON \(Unterminated string"),
     ("wrong_types.jsonl", 2, r"field 'question' must be a string, got int"),
+    ("wrong_types.json", 21, r"data\[0\]\.paragraphs\[0\]\.qas\[1\] must have 'id' and a 'question' string"),
     ("wrong_answer_type.jsonl", 3, r"answers must be a non-empty list .* got 7"),
     ("missing_answers.jsonl", 2, r"missing field 'answers'"),
     ("missing_answers.json", 21, r"qas\[1\]: answers must be a non-empty list .* got None"),
