@@ -143,9 +143,9 @@ def start_cli(args: list[str], log_path: Path) -> subprocess.Popen:
     """`python -m finetune_mlflow ...` in its own process group (so a kill takes any child with it)."""
     # Create the SQLite store's tables here first: two processes migrating a fresh database at once collide.
     MlflowClient().search_experiments()
-    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it; closed when this process exits the test
-    return subprocess.Popen([sys.executable, "-m", "finetune_mlflow", *args], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "finetune_mlflow", *args], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
 
 
 def kill_group(proc: subprocess.Popen) -> None:
