@@ -27,11 +27,11 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the SQLite store's default artifact root is ./mlruns
 
 
-def tune_command(small_squad) -> list[str]:
+def tune_command(small_squad, *extra: str) -> list[str]:
     train, validation = small_squad
-    # ~600 train examples x 3 epochs at batch 32: ~57 steps, long enough to be caught mid-training.
+    # ~600 train examples x 3 epochs at batch 32: ~57 steps (well under a second of training).
     return [sys.executable, "-m", "finetune_mlflow", "tune", "--config", str(CONFIG), "--train_data", str(train),
-            "--validation_data", str(validation), "--epochs", "3", "--poll_interval", "0.2"]
+            "--validation_data", str(validation), "--epochs", "3", "--poll_interval", "0.2", *extra]
 
 
 def start(command: list[str], run_id: str, log: Path) -> subprocess.Popen:
@@ -51,10 +51,11 @@ def wait_for(condition, process: subprocess.Popen, log: Path, timeout: float = 1
         time.sleep(0.05)
 
 
-def kill_then_rerun(small_squad, tmp_path, condition) -> tuple[MlflowClient, str]:
+def kill_then_rerun(small_squad, tmp_path, condition, *extra: str) -> tuple[MlflowClient, str, int]:
+    """Returns the client, the run id and how many train_loss points the run held when tune was killed."""
     client = MlflowClient()
     run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
-    command = tune_command(small_squad)
+    command = tune_command(small_squad, *extra)
     log = tmp_path / "tune.log"
     process = start(command, run_id, log)
     try:
@@ -64,12 +65,13 @@ def kill_then_rerun(small_squad, tmp_path, condition) -> tuple[MlflowClient, str
         process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody got the chance to end it
+    logged_before_kill = len(client.get_metric_history(run_id, "train_loss"))
 
     rerun = subprocess.run(command, env={**os.environ, "MLFLOW_RUN_ID": run_id}, capture_output=True, text=True,
                            timeout=300, cwd=os.getcwd())
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
     assert "reattaching instead of launching another" in rerun.stderr
-    return client, run_id
+    return client, run_id, logged_before_kill
 
 
 def assert_completed_once(client: MlflowClient, run_id: str) -> None:
@@ -97,13 +99,16 @@ def test_kill_during_training_then_rerun_reattaches(small_squad, tmp_path):
         return ("finetune.job_id" in client.get_run(run_id).data.tags
                 and len(client.get_metric_history(run_id, "train_loss")) > 0)
 
-    client, run_id = kill_then_rerun(small_squad, tmp_path, training)
+    # Batch 4 for 12 epochs: ~1,800 steps, a few seconds of training, so the kill lands mid-job and the rerun has
+    # to pick up points that were written while nobody watched.
+    client, run_id, before = kill_then_rerun(small_squad, tmp_path, training, "--epochs", "12", "--batch_size", "4")
     assert_completed_once(client, run_id)
+    assert 0 < before < len(client.get_metric_history(run_id, "train_loss"))
 
 
 @pytest.mark.parametrize("tag", ["finetune.tuned_model", "finetune.base_eval_run_id"],
                          ids=["during-evaluation", "before-registration"])
 def test_kill_after_training_then_rerun_registers_once(small_squad, tmp_path, tag):
-    client, run_id = kill_then_rerun(small_squad, tmp_path,
+    client, run_id, _ = kill_then_rerun(small_squad, tmp_path,
                                      lambda client, run_id: tag in client.get_run(run_id).data.tags)
     assert_completed_once(client, run_id)
