@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config, dump_yaml
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 JOB_ID_TAG = "finetune.job_id"
 CURSOR_TAG = "finetune.metrics_cursor"
+# What MLflow raises when the tracking server is down, overloaded or timing out (connection errors included).
+TRANSIENT_TRACKING_ERRORS = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
 
 
 @dataclass(frozen=True)
@@ -92,13 +95,24 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
         job = provider.get_job(job_id)
         # Read metrics after the state: once the job is terminal, this read holds every point it will ever have.
         page = provider.read_metrics(job_id, cursor)
-        logged = sink.log(page.points)
         changed = job.provider_status != last_status
-        if page.next_cursor != cursor or changed:
-            cursor, last_status = page.next_cursor, job.provider_status
-            log_values(client, run_id, tags={CURSOR_TAG: cursor or "", "finetune.job_state": job.state.value,
-                                             "finetune.provider_status": job.provider_status})
+        try:
+            logged = sink.log(page.points)
+            if page.next_cursor != cursor or changed:
+                log_values(client, run_id, tags={CURSOR_TAG: page.next_cursor or "",
+                                                 "finetune.job_state": job.state.value,
+                                                 "finetune.provider_status": job.provider_status})
+        except MlflowException as e:
+            # The tracking server stayed unreachable through MLflow's own retries: keep the cursor where it was
+            # and read the same points again next poll, so nothing is lost and nothing is logged twice.
+            if e.error_code not in TRANSIENT_TRACKING_ERRORS or clock() > deadline:
+                raise
+            logger.warning("tracking server write failed (%s); retrying on the next poll", e)
+            sleep(config.tune.poll_interval)
+            continue
+        cursor = page.next_cursor
         if changed:
+            last_status = job.provider_status
             logger.info("job %s is %s", job_id, job.provider_status)
         if job.state in TERMINAL_STATES or not wait:
             return job
