@@ -151,10 +151,5 @@ def take_first(examples: list[Example], limit: int) -> list[Example]:
     return examples[:limit] if limit else examples
 
 
-def approx_tokens(text: str) -> int:
-    """About four characters per token for English; good enough to budget and warn, never to bill."""
-    return max(1, round(len(text) / 4))
-
-
 def canonical_row(example: Example) -> dict[str, Any]:
     return {key: example[key] for key in ("id", "title", "question", "context", "answers")}

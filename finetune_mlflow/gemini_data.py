@@ -11,7 +11,7 @@ Record shape (one JSON object per line), as Vertex AI documents for Gemini super
 `contents` alternates `user` and `model` turns, starts with `user` and ends with `model`; every part carries a
 non-empty `text`.
 
-Token counts are an *estimate*: ~4 characters per token (`CHARS_PER_TOKEN`), rounded up per text part, the rule
+Token counts are an *estimate*: ~4 characters per token (`costing.CHARS_PER_TOKEN`), rounded up per text part, the rule
 of thumb Google documents for Gemini models. The real tokenizer differs by a few percent either way, so the
 limits below are checked against the estimate and the cost is an approximation, not a quote.
 """
@@ -19,14 +19,13 @@ limits below are checked against the estimate and the cost is an approximation, 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from finetune_mlflow import costing
+from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.errors import DataError
-
-CHARS_PER_TOKEN = 4
 
 # USD per 1M *training* tokens (tokens in the dataset x epochs), as listed on the Vertex AI pricing page when this
 # was written. Prices change: `vertex.training_price_per_million_tokens` in the experiment config overrides these.
@@ -52,11 +51,6 @@ class DatasetStats:
     max_example_tokens: int
 
 
-def estimate_text_tokens(text: str) -> int:
-    """~4 characters per token, rounded up; 0 for the empty string."""
-    return math.ceil(len(text) / CHARS_PER_TOKEN)
-
-
 def _check_parts(parts: Any, where: str, path: str, line: int) -> int:
     if not isinstance(parts, list) or not parts:
         raise DataError(path, line, f"{where}.parts must be a non-empty list of {{\"text\": ...}} objects")
@@ -72,7 +66,7 @@ def _check_parts(parts: Any, where: str, path: str, line: int) -> int:
             raise DataError(path, line, f"{where}.parts[{j}].text must be a string, got {type(text).__name__}")
         if not text.strip():
             raise DataError(path, line, f"{where}.parts[{j}].text is empty")
-        tokens += estimate_text_tokens(text)
+        tokens += approx_tokens(text)
     return tokens
 
 
@@ -134,7 +128,7 @@ def read_dataset(path: str | Path, *, max_example_tokens: int = 0) -> DatasetSta
             raise DataError(
                 str(path),
                 number,
-                f"example is ~{tokens} tokens (estimated at {CHARS_PER_TOKEN} chars/token), above the "
+                f"example is ~{tokens} tokens (estimated at {costing.CHARS_PER_TOKEN} chars/token), above the "
                 f"{max_example_tokens}-token limit (vertex.max_example_tokens); shorten it or lower data.max_example_chars",
             )
         n += 1
@@ -156,24 +150,7 @@ def check_validation_size(stats: DatasetStats, max_validation_examples: int) -> 
         )
 
 
-def billable_tokens(train_tokens: int, epochs: int) -> int:
-    """Vertex bills supervised tuning per training token seen: dataset tokens x epochs."""
-    return train_tokens * epochs
-
-
 def price_per_million(base_model: str, prices: Mapping[str, float] | None = None) -> float | None:
-    """The price for `base_model`: configured prices first, then the defaults; exact or longest-prefix match."""
+    """The price for `base_model`: configured prices first, then the defaults."""
     model = base_model.rsplit("/", 1)[-1]  # "publishers/google/models/gemini-..." -> "gemini-..."
-    for table in (dict(prices or {}), DEFAULT_TRAINING_PRICE_PER_MILLION):
-        if model in table:
-            return float(table[model])
-        matches = [key for key in table if model.startswith(key)]
-        if matches:
-            return float(table[max(matches, key=len)])
-    return None
-
-
-def estimate_cost_usd(billable: int, base_model: str, prices: Mapping[str, float] | None = None) -> float | None:
-    """USD for `billable` training tokens, or None when no price is known for the model."""
-    price = price_per_million(base_model, prices)
-    return None if price is None else billable / 1_000_000 * price
+    return costing.price_per_million(model, [prices or {}, DEFAULT_TRAINING_PRICE_PER_MILLION])

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from finetune_mlflow import costing
+from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.errors import DataError
 from finetune_mlflow.providers.base import MetricPoint
 
@@ -35,7 +37,6 @@ ALLOWED_MESSAGE_KEYS = frozenset({"role", "content", "name", "weight", "tool_cal
 # Keys an example may carry next to `messages` (function-calling fine-tuning).
 ALLOWED_EXAMPLE_KEYS = frozenset({"messages", "tools", "parallel_tool_calls", "functions"})
 
-CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
 TOKENS_PER_EXAMPLE = 3
 
@@ -152,21 +153,17 @@ def load_chat_jsonl(path: str | Path, *, min_examples: int = MIN_TRAIN_EXAMPLES)
 # ------------------------------------------------------------------------------------------- tokens and cost
 
 
-def estimate_text_tokens(text: str | None) -> int:
-    return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
-
-
 def estimate_example_tokens(example: Mapping[str, Any]) -> int:
     """Approximate tokens of one chat example (see the module docstring for the rule)."""
     total = TOKENS_PER_EXAMPLE
     for message in example.get("messages", []):
-        total += TOKENS_PER_MESSAGE + estimate_text_tokens(message.get("content"))
+        total += TOKENS_PER_MESSAGE + approx_tokens(message.get("content"))
         if message.get("name"):
-            total += estimate_text_tokens(message["name"])
+            total += approx_tokens(message["name"])
         if message.get("tool_calls") or message.get("function_call"):
-            total += estimate_text_tokens(json.dumps(message.get("tool_calls") or message.get("function_call")))
+            total += approx_tokens(json.dumps(message.get("tool_calls") or message.get("function_call")))
     if example.get("tools") or example.get("functions"):
-        total += estimate_text_tokens(json.dumps(example.get("tools") or example.get("functions")))
+        total += approx_tokens(json.dumps(example.get("tools") or example.get("functions")))
     return total
 
 
@@ -189,11 +186,6 @@ def estimate_dataset_tokens(examples: Iterable[Mapping[str, Any]], context_limit
     )
 
 
-def billed_tokens(train_tokens: int, epochs: int) -> int:
-    """OpenAI bills training tokens once per epoch: tokens in the training file x number of epochs."""
-    return int(train_tokens) * int(epochs)
-
-
 def _strip_fine_tuned(model: str) -> str:
     # Continuing from a tuned model bills at its base model's price: "ft:gpt-4o-mini-2024-07-18:org::id" -> base.
     if model.startswith("ft:"):
@@ -203,21 +195,8 @@ def _strip_fine_tuned(model: str) -> str:
 
 
 def training_price(model: str, overrides: Mapping[str, float] | None = None) -> float | None:
-    """USD per 1M training tokens for `model`: exact name, else the longest table key that is a `key-` prefix."""
-    table = {**DEFAULT_TRAINING_PRICES, **(overrides or {})}
-    name = _strip_fine_tuned(model)
-    if name in table:
-        return float(table[name])
-    candidates = [key for key in table if name.startswith(key + "-")]
-    if not candidates:
-        return None
-    return float(table[max(candidates, key=len)])
-
-
-def estimate_cost_usd(billed: int, price_per_million: float | None) -> float | None:
-    if price_per_million is None:
-        return None
-    return billed / 1_000_000 * price_per_million
+    """USD per 1M training tokens for `model` (configured prices first, then the list prices above)."""
+    return costing.price_per_million(_strip_fine_tuned(model), [overrides or {}, DEFAULT_TRAINING_PRICES])
 
 
 # ------------------------------------------------------------------------------------------------- metrics

@@ -105,8 +105,14 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
     Any exception ends the run FAILED before it propagates: no run is left RUNNING.
     """
     parent = mlflow.active_run()
-    run = mlflow.start_run(run_name=run_name, nested=parent is not None,
-                           tags={"finetune.step": step, "finetune.git_commit": git_commit(), **(tags or {})})
+    with ending_run(mlflow.start_run(run_name=run_name, nested=parent is not None, tags={
+            "finetune.step": step, "finetune.git_commit": git_commit(), **(tags or {})})) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def ending_run(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
+    """End a started run FINISHED, or FAILED if anything (even KeyboardInterrupt) escapes the block."""
     try:
         yield run
     except BaseException:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from finetune_mlflow import gemini_data, openai_data
+from finetune_mlflow.costing import estimate_cost_usd
 from finetune_mlflow.config import load_config
 
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
@@ -39,11 +40,12 @@ def test_cloud_experiments_are_bounded(name, provider, base_model):
     assert 1 <= config.evaluate.max_concurrency <= 8
     billed = config.data.max_examples * TOKENS_PER_EXAMPLE * config.tune.epochs
     if provider == "openai":
-        cost = openai_data.estimate_cost_usd(billed, openai_data.training_price(
+        cost = estimate_cost_usd(billed, openai_data.training_price(
             base_model, config.openai.training_price_per_million_tokens))
     else:
         assert config.tune.batch_size == 0  # Vertex has no batch size
-        cost = gemini_data.estimate_cost_usd(billed, base_model, config.vertex.training_price_per_million_tokens)
+        cost = estimate_cost_usd(billed, gemini_data.price_per_million(
+            base_model, config.vertex.training_price_per_million_tokens))
     # The guard lets the configured run through with room to spare, and stops a 10x max_examples typo.
     assert cost is not None and cost < config.tune.max_cost_usd < 10 * cost
     names = {load_config(Path(EXPERIMENTS[0]).parent / n).tune.registered_model_name

@@ -12,6 +12,7 @@ except ImportError:  # running without the package installed: use the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune_mlflow import gemini_data
+from finetune_mlflow.costing import approx_tokens, billed_tokens, estimate_cost_usd
 from finetune_mlflow.errors import DataError
 from finetune_mlflow.formats import to_gemini
 
@@ -28,8 +29,8 @@ def test_prepared_record_is_valid_and_tokens_are_four_chars_each():
     texts = [record["systemInstruction"]["parts"][0]["text"]] + [c["parts"][0]["text"] for c in record["contents"]]
     expected = sum(-(-len(t) // 4) for t in texts)
     assert gemini_data.example_tokens(record) == expected
-    assert gemini_data.estimate_text_tokens("abcd") == 1
-    assert gemini_data.estimate_text_tokens("abcde") == 2
+    assert approx_tokens("abcd") == 1
+    assert approx_tokens("abcde") == 2
 
 
 def test_read_dataset_counts_examples_and_tokens(tmp_path):
@@ -93,11 +94,11 @@ def test_validation_set_size_limit(tmp_path):
 
 
 def test_billable_tokens_and_cost():
-    assert gemini_data.billable_tokens(1000, 3) == 3000
+    assert billed_tokens(1000, 3) == 3000
     # Default table, longest prefix: "gemini-2.0-flash-lite-001" is the lite price, not the flash one.
     assert gemini_data.price_per_million("gemini-2.0-flash-lite-001") == 1.0
     assert gemini_data.price_per_million("publishers/google/models/gemini-2.0-flash-001") == 3.0
-    assert gemini_data.estimate_cost_usd(2_000_000, "gemini-2.0-flash-001") == pytest.approx(6.0)
+    assert estimate_cost_usd(2_000_000, gemini_data.price_per_million("gemini-2.0-flash-001")) == pytest.approx(6.0)
     # Configured prices win over the defaults, even when their key is a shorter prefix.
-    assert gemini_data.estimate_cost_usd(1_000_000, "gemini-2.0-flash-001", {"gemini-2.0": 7.5}) == 7.5
-    assert gemini_data.estimate_cost_usd(1_000_000, "unknown-model") is None
+    assert gemini_data.price_per_million("gemini-2.0-flash-001", {"gemini-2.0": 7.5}) == 7.5
+    assert gemini_data.price_per_million("unknown-model") is None

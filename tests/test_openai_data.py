@@ -14,6 +14,7 @@ if str(ROOT) not in sys.path:  # the package is not installed; run from a checko
     sys.path.insert(0, str(ROOT))
 
 from finetune_mlflow import openai_data  # noqa: E402
+from finetune_mlflow.costing import billed_tokens, estimate_cost_usd  # noqa: E402
 from finetune_mlflow.errors import DataError  # noqa: E402
 from finetune_mlflow.formats import to_openai_chat  # noqa: E402
 from finetune_mlflow.providers.base import MetricPoint  # noqa: E402
@@ -116,9 +117,9 @@ def test_token_estimate_rule():
 
 
 def test_billed_tokens_and_cost():
-    assert openai_data.billed_tokens(1000, 3) == 3000
-    assert openai_data.estimate_cost_usd(2_000_000, 3.0) == pytest.approx(6.0)
-    assert openai_data.estimate_cost_usd(1000, None) is None
+    assert billed_tokens(1000, 3) == 3000
+    assert estimate_cost_usd(2_000_000, 3.0) == pytest.approx(6.0)
+    assert estimate_cost_usd(1000, None) is None
 
 
 def test_price_lookup():

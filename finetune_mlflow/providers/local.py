@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from finetune_mlflow import span_model
-from finetune_mlflow.cleaning import approx_tokens
+from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, ProviderError
 from finetune_mlflow.providers.base import (

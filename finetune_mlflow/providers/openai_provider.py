@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 from openai import OpenAI
 
-from finetune_mlflow import openai_data
+from finetune_mlflow import costing, openai_data
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, clean_completion, user_prompt
 from finetune_mlflow.providers.base import (
@@ -225,9 +225,9 @@ class OpenAIProvider:
         limit = self.config.openai.context_limit_tokens
         train_est = openai_data.estimate_dataset_tokens(train, limit)
         valid_est = openai_data.estimate_dataset_tokens(validation, limit)
-        billed = openai_data.billed_tokens(train_est.total_tokens, request.epochs)
+        billed = costing.billed_tokens(train_est.total_tokens, request.epochs)
         price = openai_data.training_price(request.base_model, self.config.openai.training_price_per_million_tokens)
-        cost = openai_data.estimate_cost_usd(billed, price)
+        cost = costing.estimate_cost_usd(billed, price)
         warnings: list[str] = []
         for label, est in (("training", train_est), ("validation", valid_est)):
             if est.n_over_limit:

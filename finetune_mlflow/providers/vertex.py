@@ -40,7 +40,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from finetune_mlflow import gemini_data
+from finetune_mlflow import costing, gemini_data
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, user_prompt
@@ -355,8 +355,9 @@ class VertexProvider:
             n_validation = validation.n_examples
         else:
             warnings.append(f"{validation_path} does not exist; the job will run without validation (no val_loss)")
-        billed = gemini_data.billable_tokens(train.total_tokens, request.epochs)
-        cost = gemini_data.estimate_cost_usd(billed, request.base_model, vertex.training_price_per_million_tokens)
+        billed = costing.billed_tokens(train.total_tokens, request.epochs)
+        cost = costing.estimate_cost_usd(
+            billed, gemini_data.price_per_million(request.base_model, vertex.training_price_per_million_tokens))
         limit = self.config.tune.max_cost_usd
         if cost is None:
             warnings.append(

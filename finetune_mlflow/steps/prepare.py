@@ -24,6 +24,7 @@ import pandas as pd
 
 from finetune_mlflow import cleaning
 from finetune_mlflow.config import Config
+from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.errors import DataError
 from finetune_mlflow.formats import FORMATS
 from finetune_mlflow.records import read_examples, write_jsonl
@@ -106,7 +107,7 @@ def write_prepared(directory: Path, train: list[dict], validation: list[dict], d
 
 
 def token_stats(examples: list[dict]) -> dict[str, float]:
-    lengths = np.array([cleaning.approx_tokens(e["question"] + e["context"] + e["answers"][0]) for e in examples])
+    lengths = np.array([approx_tokens(e["question"] + e["context"] + e["answers"][0]) for e in examples])
     if not len(lengths):
         return {}
     return {"tokens_mean": float(lengths.mean()), "tokens_p50": float(np.percentile(lengths, 50)),

@@ -38,7 +38,7 @@ from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningJob
 from finetune_mlflow.steps.prepare import Prepared, ensure_prepared
 from finetune_mlflow.steps.tune import JOB_ID_TAG, finish_job, stream_job
-from finetune_mlflow.tracking import MetricSink, log_json, log_values, quote, step_run
+from finetune_mlflow.tracking import MetricSink, ending_run, log_json, log_values, quote, step_run
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +85,8 @@ def _job_run(existing_run_id: str | None, job_id: str, provider: str) -> Iterato
                       tags={JOB_ID_TAG: job_id, "finetune.provider": provider}) as run:
             yield run
         return
-    run = mlflow.start_run(run_id=existing_run_id, nested=True)
-    try:
+    with ending_run(mlflow.start_run(run_id=existing_run_id, nested=True)) as run:
         yield run
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    else:
-        mlflow.end_run("FINISHED")
 
 
 def _hyperparameters(job: TuningJob) -> dict[str, str]:
