@@ -34,9 +34,10 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes.loopback import LoopbackServer
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -132,7 +133,7 @@ class _Job:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # chronological
 
 
-class FakeOpenAI:
+class FakeOpenAI(LoopbackServer):
     def __init__(self, *, seed: int = 0, api_key_prefix: str = "sk-"):
         self._lock = threading.RLock()
         self._rng = random.Random(seed)
@@ -156,38 +157,6 @@ class FakeOpenAI:
         self.jobs_page_limit: int | None = None
         # Reply text for chat completions; default echoes a fixed answer.
         self.chat_responder: Callable[[dict[str, Any]], str] = lambda body: "fake answer"
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # ------------------------------------------------------------------------------------------ lifecycle
-
-    def start(self) -> "FakeOpenAI":
-        handler = type("Handler", (_Handler,), {"fake": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> "FakeOpenAI":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        assert self._httpd is not None, "server not started"
-        return self._httpd.server_address[1]
 
     @property
     def base_url(self) -> str:
@@ -428,6 +397,39 @@ class FakeOpenAI:
 
     # ------------------------------------------------------------------------------------------ routes
 
+    def respond(self, method: str, raw_path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Faults first (delay, error before or after the work), then the route; every request is recorded."""
+        parts = urlsplit(raw_path)
+        path, query = parts.path, parse_qs(parts.query, keep_blank_values=True)
+        with self._lock:
+            request_no = len(self.requests) + 1
+        fault = self._match_fault(method, path)
+        if fault is not None and fault.delay_s:
+            time.sleep(fault.delay_s)
+        if fault is not None and fault.status is not None and not fault.after_handling:
+            status, payload, extra = self._error(fault.status)
+        else:
+            try:
+                status, payload, extra = self.handle(method, path, query, headers, body)
+            except Exception as e:  # noqa: BLE001 - a bug in the fake must surface as an answer, not a hang
+                self.handler_errors.append(e)
+                status, payload, extra = self._error(500, f"fake server bug: {e!r}")
+            if fault is not None and fault.status is not None:  # after_handling: the work is done, answer fails
+                status, payload, extra = self._error(fault.status)
+        extra = {**extra, "x-request-id": f"req_fake{request_no:06d}"}
+        if fault is not None and fault.status is not None:
+            if fault.body is not None:
+                payload = fault.body
+            if fault.retry_after is not None:
+                extra["retry-after"] = fault.retry_after
+            if fault.retry_after_ms is not None:
+                extra["retry-after-ms"] = fault.retry_after_ms
+        with self._lock:
+            self.requests.append((method, path, query, status))
+        if isinstance(payload, bytes):
+            return status, {"Content-Type": "application/octet-stream", **extra}, payload
+        return status, {"Content-Type": "application/json", **extra}, json.dumps(payload).encode()
+
     def handle(self, method: str, path: str, query: dict[str, list[str]], headers: Any,
                body: bytes) -> tuple[int, dict[str, Any] | bytes, dict[str, str]]:
         auth = headers.get("Authorization") or ""
@@ -600,68 +602,3 @@ class FakeOpenAI:
                       "total_tokens": prompt_tokens + completion_tokens},
             "system_fingerprint": "fp_fake",
         }, {}
-
-
-class _Handler(BaseHTTPRequestHandler):
-    fake: FakeOpenAI
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out in separate writes; avoid 40 ms delayed-ACK stalls
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence stderr logging
-        return
-
-    def _serve(self, method: str) -> None:
-        fake = self.fake
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        parts = urlsplit(self.path)
-        path, query = parts.path, parse_qs(parts.query, keep_blank_values=True)
-        with fake._lock:
-            request_no = len(fake.requests) + 1
-        request_id = f"req_fake{request_no:06d}"
-        fault = fake._match_fault(method, path)
-        if fault is not None and fault.delay_s:
-            time.sleep(fault.delay_s)
-        if fault is not None and fault.status is not None and not fault.after_handling:
-            status, payload, headers = fake._error(fault.status)
-            if fault.body is not None:
-                payload = fault.body
-        else:
-            try:
-                status, payload, headers = fake.handle(method, path, query, self.headers, body)
-            except Exception as e:  # noqa: BLE001 - a bug in the fake must surface as an answer, not a hang
-                fake.handler_errors.append(e)
-                status, payload, headers = fake._error(500, f"fake server bug: {e!r}")
-            if fault is not None and fault.status is not None:  # after_handling: the work is done, answer fails
-                status, payload, headers = fake._error(fault.status)
-                if fault.body is not None:
-                    payload = fault.body
-        headers = dict(headers)
-        if fault is not None and fault.status is not None:
-            if fault.retry_after is not None:
-                headers["retry-after"] = fault.retry_after
-            if fault.retry_after_ms is not None:
-                headers["retry-after-ms"] = fault.retry_after_ms
-        with fake._lock:
-            fake.requests.append((method, path, query, status))
-        if isinstance(payload, bytes):
-            data, content_type = payload, "application/octet-stream"
-        else:
-            data, content_type = json.dumps(payload).encode(), "application/json"
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("x-request-id", request_id)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout); nothing to answer
-            self.close_connection = True
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._serve("GET")
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._serve("POST")

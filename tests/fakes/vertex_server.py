@@ -35,8 +35,9 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+from tests.fakes.loopback import LoopbackServer
 
 TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"}
 
@@ -114,7 +115,7 @@ def _now_rfc3339() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-class FakeVertexServer:
+class FakeVertexServer(LoopbackServer):
     def __init__(self, project: str = "test-project", location: str = "us-central1", *, auto_advance: bool = True):
         self.project = project
         self.location = location
@@ -135,39 +136,10 @@ class FakeVertexServer:
         self._faults: list[_Fault] = []
         self._sessions: dict[str, dict[str, Any]] = {}
         self._next_id = 1000
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # ----------------------------------------------------------------- lifecycle
-    def start(self) -> "FakeVertexServer":
-        server = self
-
-        class Handler(_Handler):
-            fake = server
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="fake-vertex", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-
-    def __enter__(self) -> "FakeVertexServer":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:
-        assert self._httpd is not None, "start() the server first"
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self.port}"
 
     # ----------------------------------------------------------------- scripting
     def script_next_job(self, script: JobScript) -> None:
@@ -287,6 +259,12 @@ class FakeVertexServer:
                     fault.remaining -= 1
                     return fault
         return None
+
+    def respond(self, method: str, raw_path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        try:
+            return self.handle(method, raw_path, headers, body)
+        except Exception as e:  # noqa: BLE001 - a bug in the fake should surface as a 500, not a hang
+            return _error(500, f"fake crashed: {type(e).__name__}: {e}")
 
     def handle(self, method: str, raw_path: str, headers: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
         parsed = urllib.parse.urlsplit(raw_path)
@@ -555,31 +533,3 @@ def _json(status: int, payload: Any, extra: dict[str, str] | None = None) -> tup
 def _error(status: int, message: str, extra: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     return _json(status, {"error": {"code": status, "message": message, "status": _STATUS_WORDS.get(status, "UNKNOWN")}},
                  extra)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    fake: FakeVertexServer
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in separate writes; without this, Nagle + delayed ACK adds ~40 ms per request.
-    disable_nagle_algorithm = True
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep test output quiet
-        pass
-
-    def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        try:
-            status, headers, payload = self.fake.handle(self.command, self.path, self.headers, body)
-        except Exception as e:  # noqa: BLE001 - a bug in the fake should surface as a 500, not a hang
-            status, headers, payload = _error(500, f"fake crashed: {type(e).__name__}: {e}")
-        self.send_response(status)
-        for key, value in headers.items():
-            if key.lower() != "content-length":
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        if payload:
-            self.wfile.write(payload)
-
-    do_GET = do_POST = do_PUT = do_DELETE = _serve
