@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("prepare", _prepare, DATA_OPTIONS, "clean, dedupe, split and convert the data")
     command("tune", _tune, TUNE_OPTIONS, "launch or reattach to a tuning job, evaluate and register it")
     evaluate = command("evaluate", _evaluate, TUNE_OPTIONS, "score a model reference on the validation split")
-    evaluate.add_argument("--model", default="base", help="base, models:/<name>/<version|@alias> or runs:/<id>")
+    evaluate.add_argument("--model", default="base",
+                          help="base, models:/<name>/<version|@alias>, runs:/<id> or a provider model id (ft:...)")
     promote = command("promote", _promote, (), "move the champion alias when the evidence says so")
     promote.add_argument("--model_name", default="")
     promote.add_argument("--version", default="")

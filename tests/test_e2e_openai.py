@@ -104,6 +104,22 @@ def test_tune_entry_point_end_to_end(fake, small_squad):
 
     assert_history_matches(submitted.run_id, served_history(fake, job_id))
     assert_evaluated_and_registered(submitted.run_id, fake, job_id)
+    tags = run.data.tags
+    assert {"finetune.status.validating_files", "finetune.status.running", "finetune.status.succeeded"} <= set(tags)
+
+
+def test_evaluate_an_existing_ft_model_by_id(fake, small_squad):
+    """Existing `ft:` models keep serving after the fine-tuning phase-out: evaluate one without any job."""
+    tuned = "ft:gpt-4o-mini-2024-07-18:org-fake:squad:abc123"
+    train, validation = small_squad
+    submitted = e2e.run_entry_point("evaluate", {"config": CONFIG, "model": tuned, "train_data": str(train),
+                                                 "validation_data": str(validation)})
+    run = MlflowClient().get_run(submitted.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["finetune.model_ref"] == tuned
+    em, f1, n = e2e.expected_scores(fake.answerer, lambda model: model == tuned)
+    assert run.data.metrics["eval_n"] == n
+    assert run.data.metrics["eval_f1"] == pytest.approx(f1) and run.data.metrics["eval_exact_match"] == pytest.approx(em)
+    assert run.data.metrics["eval_input_tokens"] > 0
 
 
 def test_kill_minus_9_then_rerun_with_run_id_reattaches(fake, small_squad, tmp_path):

@@ -1,7 +1,8 @@
 """evaluate: score a model reference on the prepared validation split with SQuAD v1.1 EM/F1.
 
-Parameters in: `config`, `model` (`base`; `models:/<name>/<version>` or `models:/<name>@<alias>`; or
-`runs:/<run_id>` for the model a tune run logged), `train_data`/`validation_data` (which prepared data to use).
+Parameters in: `config`, `model` (`base`; `models:/<name>/<version>` or `models:/<name>@<alias>`;
+`runs:/<run_id>` for the model a tune run logged; or any model id of the configured provider, such as an existing
+`ft:` model), `train_data`/`validation_data` (which prepared data to use).
 Metrics: `eval_exact_match`, `eval_f1` (0-100) with `_ci_low`/`_ci_high` (95% bootstrap), `eval_n`,
 `eval_error_count`, `eval_throughput_rps`, `latency_ms_{mean,p50,p90,p95,p99,max}`, `eval_retry_wait_ms_total`,
 `eval_input_tokens`/`eval_output_tokens` where the provider reports usage, and, when a base evaluation of the same
@@ -20,7 +21,6 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
-from finetune_mlflow.errors import ConfigError
 from finetune_mlflow.evaluation import (
     EvaluationRun,
     check_error_rate,
@@ -95,7 +95,7 @@ class ResolvedModel:
 
 
 def resolve_model(reference: str, config: Config) -> ResolvedModel:
-    """`base`, `models:/...` or `runs:/<id>` -> the provider and model id to call."""
+    """`base`, `models:/...`, `runs:/<id>` or a provider model id -> the provider and model id to call."""
     if reference == "base":
         return ResolvedModel(get_provider(config.tune.provider, config), config.tune.base_model,
                              config.tune.base_model)
@@ -107,8 +107,8 @@ def resolve_model(reference: str, config: Config) -> ResolvedModel:
     elif reference.startswith("models:/"):
         base_model = ""
     else:
-        raise ConfigError(f"model {reference!r} is not a model reference; expected base, models:/<name>/<version>, "
-                          "models:/<name>@<alias> or runs:/<run_id>")
+        # A provider's own model id, e.g. an existing `ft:gpt-4o-mini-...` model or a Vertex endpoint.
+        return ResolvedModel(get_provider(config.tune.provider, config), reference, config.tune.base_model)
     loaded = mlflow.pyfunc.load_model(reference).unwrap_python_model()
     return ResolvedModel(loaded.provider, loaded.model_id, base_model)
 

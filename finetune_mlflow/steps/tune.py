@@ -8,14 +8,17 @@ Step metrics: `train_loss`, `val_loss` (and provider extras such as token accura
 with `log_batch` and never twice. Summary metrics: `eval_exact_match`, `eval_f1`, `latency_ms_*` and the rest of
 the evaluate set for the tuned model, `base_eval_*` for the base model on the same split, `eval_f1_delta` with its
 paired-bootstrap interval, preflight estimates (`estimated_billed_tokens`, `estimated_cost_usd`).
+Job-level metrics as they change while polling (e.g. `completed_step_count`, dataset statistics, `trained_tokens`).
 Tags: `finetune.job_id` (written as soon as the job exists: a rerun with `--run-id` reattaches instead of paying
-for a second job), `finetune.job_state`, `finetune.provider_status`, `finetune.metrics_cursor`,
+for a second job), `finetune.job_state`, `finetune.provider_status`, `finetune.status.<status>` (UTC time each
+provider status was first seen), `finetune.metrics_cursor`,
 `finetune.tuned_model`, `finetune.registered_version`. The tuned model is registered as a pyfunc version of
 `registered_model_name`.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from dataclasses import dataclass
@@ -74,7 +77,10 @@ def _launch(provider: Provider, request: TuningRequest, config: Config, client: 
     job = provider.start_job(request)
     # First write after creation: everything after this point can crash and a rerun will reattach.
     client.set_tag(request.run_id, JOB_ID_TAG, job.job_id)
-    logger.info("started %s job %s", provider.name, job.job_id)
+    log_values(client, request.run_id, tags={"finetune.job_state": job.state.value,
+                                             "finetune.provider_status": job.provider_status,
+                                             f"finetune.status.{job.provider_status}": _now_iso()})
+    logger.info("started %s job %s (%s)", provider.name, job.job_id, job.provider_status)
     return job.job_id
 
 
@@ -89,6 +95,7 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
     cursor = tags.get(CURSOR_TAG)
     last_status = tags.get("finetune.provider_status")
     sink = MetricSink(client, run_id)
+    progress = dict(client.get_run(run_id).data.metrics)
     deadline = clock() + config.tune.timeout_seconds
     interval = config.tune.poll_interval
     while True:
@@ -96,12 +103,15 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
         # Read metrics after the state: once the job is terminal, this read holds every point it will ever have.
         page = provider.read_metrics(job_id, cursor)
         changed = job.provider_status != last_status
+        # Job-level numbers (steps completed, dataset stats) as they move, so the UI shows progress.
+        moved = {k: v for k, v in job.metrics.items() if progress.get(k) != float(v)}
         try:
             logged = sink.log(page.points)
-            if page.next_cursor != cursor or changed:
-                log_values(client, run_id, tags={CURSOR_TAG: page.next_cursor or "",
-                                                 "finetune.job_state": job.state.value,
-                                                 "finetune.provider_status": job.provider_status})
+            if page.next_cursor != cursor or changed or moved:
+                transition = {f"finetune.status.{job.provider_status}": _now_iso()} if changed else {}
+                log_values(client, run_id, metrics=moved, tags={
+                    CURSOR_TAG: page.next_cursor or "", "finetune.job_state": job.state.value,
+                    "finetune.provider_status": job.provider_status, **transition})
         except MlflowException as e:
             # The tracking server stayed unreachable through MLflow's own retries: keep the cursor where it was
             # and read the same points again next poll, so nothing is lost and nothing is logged twice.
@@ -111,6 +121,7 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
             sleep(config.tune.poll_interval)
             continue
         cursor = page.next_cursor
+        progress.update({k: float(v) for k, v in moved.items()})
         if changed:
             last_status = job.provider_status
             logger.info("job %s is %s", job_id, job.provider_status)
@@ -122,6 +133,10 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
         interval = config.tune.poll_interval if (logged or changed) else min(interval * 1.5,
                                                                                config.tune.poll_interval * 8)
         sleep(interval)
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _finish_failed(client: MlflowClient, run_id: str, job: TuningJob) -> None:
