@@ -67,6 +67,8 @@ class EvaluateConfig:
     bootstrap_seed: int = 0
     max_output_tokens: int = 32
     request_retries: int = 4
+    # First wait before retrying a failed provider call (429/5xx/reset); doubles each time. Retry-After wins.
+    retry_backoff_seconds: float = 0.5
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ def provider_settings(config: Config, provider: str) -> dict:
     settings = {f"{provider}.{k}": v for k, v in dataclasses.asdict(getattr(config, provider)).items()}
     settings["evaluate.max_output_tokens"] = config.evaluate.max_output_tokens
     settings["evaluate.request_retries"] = config.evaluate.request_retries
+    settings["evaluate.retry_backoff_seconds"] = config.evaluate.retry_backoff_seconds
     return settings
 
 

@@ -167,8 +167,11 @@ class OpenAIProvider:
             _redact_url(str(self._client.base_url)),
             base_url_source,
         )
-        self._mgmt_policy = retry_policy or RetryPolicy(max_attempts=max(1, config.openai.max_retries + 1))
-        self._predict_policy = retry_policy or RetryPolicy(max_attempts=max(1, config.evaluate.request_retries + 1))
+        backoff = config.evaluate.retry_backoff_seconds
+        self._mgmt_policy = retry_policy or RetryPolicy(max_attempts=max(1, config.openai.max_retries + 1),
+                                                        initial_backoff_s=backoff)
+        self._predict_policy = retry_policy or RetryPolicy(max_attempts=max(1, config.evaluate.request_retries + 1),
+                                                           initial_backoff_s=backoff)
 
     def close(self) -> None:
         self._client.close()

@@ -171,7 +171,8 @@ class VertexProvider:
             )
         self.max_concurrency = config.evaluate.max_concurrency
         self._sleep = sleep
-        self._policy = retry_policy or RetryPolicy(max_attempts=max(1, config.evaluate.request_retries + 1))
+        self._policy = retry_policy or RetryPolicy(max_attempts=max(1, config.evaluate.request_retries + 1),
+                                                   initial_backoff_s=config.evaluate.retry_backoff_seconds)
         self._timeout_s = vertex.request_timeout_seconds
 
         self.credentials, adc_project = self._credentials()

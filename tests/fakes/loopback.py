@@ -3,9 +3,14 @@ around a test, handing each request to the fake's `respond` and writing back wha
 
 from __future__ import annotations
 
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+
+# A status a fake can return to drop the connection without answering (the client sees a reset).
+RESET = 0
 
 
 class LoopbackServer:
@@ -60,6 +65,10 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         status, headers, payload = self.fake.respond(self.command, self.path, self.headers, body)
+        if status == RESET:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         try:
             self.send_response(status)
             for key, value in headers.items():

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
-from tests.fakes.loopback import LoopbackServer
+from tests.fakes.loopback import RESET, LoopbackServer
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -108,7 +108,7 @@ class JobScript:
 class Fault:
     path: str  # regex matched (re.match) against the request path, e.g. "/v1/chat/completions"
     method: str | None = None  # None: any method
-    status: int | None = 500  # None: no error, only `delay_s`
+    status: int | None = 500  # None: no error, only `delay_s`; loopback.RESET: drop the connection
     retry_after: str | None = None
     retry_after_ms: str | None = None
     delay_s: float = 0.0
@@ -406,6 +406,8 @@ class FakeOpenAI(LoopbackServer):
         fault = self._match_fault(method, path)
         if fault is not None and fault.delay_s:
             time.sleep(fault.delay_s)
+        if fault is not None and fault.status == RESET and not fault.after_handling:
+            return RESET, {}, b""
         if fault is not None and fault.status is not None and not fault.after_handling:
             status, payload, extra = self._error(fault.status)
         else:
@@ -414,6 +416,8 @@ class FakeOpenAI(LoopbackServer):
             except Exception as e:  # noqa: BLE001 - a bug in the fake must surface as an answer, not a hang
                 self.handler_errors.append(e)
                 status, payload, extra = self._error(500, f"fake server bug: {e!r}")
+            if fault is not None and fault.status == RESET:  # after_handling: the work is done, no answer
+                return RESET, {}, b""
             if fault is not None and fault.status is not None:  # after_handling: the work is done, answer fails
                 status, payload, extra = self._error(fault.status)
         extra = {**extra, "x-request-id": f"req_fake{request_no:06d}"}

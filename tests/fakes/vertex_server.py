@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import random
 import re
 import threading
 import time
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
-from tests.fakes.loopback import LoopbackServer
+from tests.fakes.loopback import RESET, LoopbackServer
 
 TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"}
 
@@ -97,6 +98,8 @@ class _Fault:
     message: str = ""
     # The request takes effect (e.g. the job is created) and only then does the client get the error.
     after_effect: bool = False
+    # Fire on this share of matching requests (seeded), else always.
+    fraction: float | None = None
 
 
 @dataclass
@@ -125,6 +128,7 @@ class FakeVertexServer(LoopbackServer):
         self.tensorboard = f"projects/{project}/locations/{location}/tensorboards/7001"
         self.answer: Callable[[str, dict[str, Any]], str] = lambda model, body: "Denver Broncos"
         self.lock = threading.RLock()
+        self._rng = random.Random(0)
         self.requests: list[tuple[str, str]] = []
         self.created_jobs: list[dict[str, Any]] = []
         self.objects: dict[tuple[str, str], bytes] = {}
@@ -147,15 +151,17 @@ class FakeVertexServer(LoopbackServer):
             self._scripts.append(script)
 
     def fail(self, route: str, status: int, *, times: int = 1, retry_after: float | None = None,
-             delay: float = 0.0, message: str = "", after_effect: bool = False) -> None:
+             delay: float = 0.0, message: str = "", after_effect: bool = False,
+             fraction: float | None = None) -> None:
         """The next `times` requests on `route` get `status` (with a Retry-After header when given).
 
         `after_effect=True`: the request is carried out first and the error is returned instead of its answer,
-        like a response lost on the way back.
+        like a response lost on the way back. `status=loopback.RESET` drops the connection instead of answering.
+        `fraction` fires on that share of matching requests (seeded) until `times` is used up.
         """
         assert route in ROUTES, route
         with self.lock:
-            self._faults.append(_Fault(route, status, times, retry_after, delay, message, after_effect))
+            self._faults.append(_Fault(route, status, times, retry_after, delay, message, after_effect, fraction))
 
     def slow(self, route: str, seconds: float, *, times: int = 1) -> None:
         assert route in ROUTES, route
@@ -256,6 +262,8 @@ class FakeVertexServer(LoopbackServer):
         with self.lock:
             for fault in self._faults:
                 if fault.route == route and fault.remaining > 0:
+                    if fault.fraction is not None and self._rng.random() >= fault.fraction:
+                        continue
                     fault.remaining -= 1
                     return fault
         return None
@@ -285,6 +293,8 @@ class FakeVertexServer(LoopbackServer):
             if fault.status is not None:
                 if fault.after_effect:
                     getattr(self, f"_do_{route}")(params, query, headers, body)
+                if fault.status == RESET:
+                    return RESET, {}, b""
                 extra = {}
                 if fault.retry_after is not None:
                     value = fault.retry_after
