@@ -99,6 +99,7 @@ def assert_evaluated_and_registered(run_id: str, fake: FakeVertexServer, job_nam
     version = versions[0]
     assert version.run_id == run_id and version.tags["tuned_model"] == endpoint
     assert version.tags["job_id"] == job_name and version.tags["provider"] == "vertex"
+    assert version.tags["vertex_endpoint"] == endpoint and version.tags["vertex_model"].startswith("projects/")
     assert tags["finetune.registered_version"] == f"{MODEL_NAME}/{version.version}"
 
 

@@ -173,7 +173,7 @@ def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, 
 
     version = register_tuned_model(
         run_id=run_id, config=config, provider=provider_name, model_id=job.tuned_model,
-        tags={"provider": provider_name, "base_model": config.tune.base_model, "job_id": job.job_id,
+        tags={**job.tags, "provider": provider_name, "base_model": config.tune.base_model, "job_id": job.job_id,
               "tuned_model": job.tuned_model, "source_run": run_id, "data_sha256": prepared.data_sha256,
               "eval_f1": f"{metrics['eval_f1']:.4f}", "eval_exact_match": f"{metrics['eval_exact_match']:.4f}",
               "latency_ms_p95": f"{metrics.get('latency_ms_p95', float('nan')):.3f}"},
