@@ -180,3 +180,19 @@ def test_full_squad_subset_meets_the_quality_bar():
     result = run_tune(load_config(ROOT / "experiments" / "squad_local.yaml", {"poll_interval": "0.2"}))
     assert result.metrics["eval_f1"] >= 35.0
     assert result.metrics["eval_f1"] - result.metrics["base_eval_f1"] >= 15.0
+
+
+def test_a_champion_moved_by_someone_else_stops_the_promotion(small_squad):
+    """Two promotions racing: the one that finds the champion changed under it refuses instead of clobbering."""
+    from finetune_mlflow.errors import FinetuneError
+    from finetune_mlflow.steps.promote import _move_aliases
+
+    run_main(small_config(small_squad, epochs="1"))
+    run_main(small_config(small_squad, epochs="1", max_examples="40"))
+    client = MlflowClient()
+    champion = str(client.get_model_version_by_alias("squad-qa-local", "champion").version)
+    other = "2" if champion == "1" else "1"
+    # This promotion decided while `champion` pointed at `other`; meanwhile it moved.
+    with pytest.raises(FinetuneError, match="changed to .* during this promotion"):
+        _move_aliases(client, "squad-qa-local", "champion", champion, expected_champion=other)
+    assert str(client.get_model_version_by_alias("squad-qa-local", "champion").version) == champion
