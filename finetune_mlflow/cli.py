@@ -70,7 +70,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _promote(args: argparse.Namespace) -> None:
     from finetune_mlflow.steps.promote import run_promote, run_rollback
 
-    config = _config(args, ())
+    config = _config(args, ("registered_model_name",))
     if _flag(args.rollback):
         run_rollback(config, args.model_name)
     else:
@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate", _evaluate, TUNE_OPTIONS, "score a model reference on the validation split")
     evaluate.add_argument("--model", default="base",
                           help="base, models:/<name>/<version|@alias>, runs:/<id> or a provider model id (ft:...)")
-    promote = command("promote", _promote, (), "move the champion alias when the evidence says so")
+    promote = command("promote", _promote, ("registered_model_name",),
+                      "move the champion alias when the evidence says so")
     promote.add_argument("--model_name", default="")
     promote.add_argument("--version", default="")
     promote.add_argument("--force", default="false")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -280,6 +281,14 @@ def _validate(config: Config, origin: Origin) -> None:
     for ok, key, value, expected in checks:
         if not ok:
             raise ConfigError(f"{origin(key)}: {key} is {value!r}; expected {expected}")
+    for key, url in (("openai.base_url", config.openai.base_url), ("vertex.api_endpoint", config.vertex.api_endpoint),
+                     ("vertex.storage_endpoint", config.vertex.storage_endpoint)):
+        parts = urllib.parse.urlsplit(url)
+        if parts.username or parts.password or parts.query:
+            # The value itself is not repeated: it holds the secret this check keeps out of params and artifacts.
+            raise ConfigError(f"{origin(key)}: {key} carries credentials or a query string; config is logged as run "
+                              "params and stored with registered models, so give the bare endpoint and put keys in "
+                              "the environment (OPENAI_API_KEY, Application Default Credentials)")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

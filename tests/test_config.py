@@ -82,3 +82,11 @@ def test_conda_env_and_package_dependencies_agree():
     assert sorted(project["dependencies"]) == sorted(pip_section)
     assert {_name(r) for r in project["dependencies"]} >= {"mlflow", "openai", "google-cloud-aiplatform", "pandas",
                                                            "scikit-learn", "pyyaml"}
+
+
+@pytest.mark.parametrize("key", ["openai.base_url", "vertex.api_endpoint", "vertex.storage_endpoint"])
+@pytest.mark.parametrize("url", ["https://user:s3cr3t@gateway.example/v1", "https://gateway.example/v1?api-key=s3cr3t"])
+def test_endpoints_with_credentials_are_refused_without_echoing_them(key, url):
+    with pytest.raises(ConfigError, match=f"{key} carries credentials") as caught:
+        load_config(None, {key: url})
+    assert "s3cr3t" not in str(caught.value)

@@ -98,6 +98,12 @@ def test_sync_one_openai_job_then_resync_updates_the_same_run(openai_fake, small
     assert len(client.search_model_versions(f"name = '{OPENAI_MODEL}'")) == 1
     assert client.get_run(run_id).info.status == "FINISHED"
 
+    # A synced version is promotable like a tuned one: its run records the data it was evaluated on.
+    promoted = e2e.run_entry_point("promote", {"config": "experiments/squad_openai.yaml",
+                                               "model_name": OPENAI_MODEL, "version": str(versions[0].version)})
+    assert client.get_run(promoted.run_id).data.tags["promotion.decision"] == "promote"
+    assert str(client.get_model_version_by_alias(OPENAI_MODEL, "champion").version) == str(versions[0].version)
+
 
 def test_sync_all_follows_pages_and_records_every_state(openai_fake, small_squad):
     openai_fake.jobs_page_limit = 2

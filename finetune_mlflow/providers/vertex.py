@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from finetune_mlflow import costing, gemini_data
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
-from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, user_prompt
+from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, clean_completion, user_prompt
 from finetune_mlflow.providers.base import (
     JobState,
     MetricPoint,
@@ -624,7 +624,7 @@ class VertexProvider:
                 text = "".join(part.text or "" for part in content.parts if not getattr(part, "thought", False))
         usage = response.usage_metadata
         return Prediction(
-            text=text,
+            text=clean_completion(text),
             latency_ms=attempted.latency_ms,
             input_tokens=getattr(usage, "prompt_token_count", None) if usage else None,
             output_tokens=getattr(usage, "candidates_token_count", None) if usage else None,

@@ -13,11 +13,15 @@ data exists, `eval_f1_delta` (and exact match) with a paired-bootstrap interval.
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
@@ -32,7 +36,7 @@ from finetune_mlflow.evaluation import (
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import Provider
 from finetune_mlflow.steps.prepare import Prepared, data_fingerprint, ensure_prepared
-from finetune_mlflow.tracking import find_finished_run, log_values, step_run
+from finetune_mlflow.tracking import find_finished_run, git_commit, log_values, step_run
 
 logger = logging.getLogger(__name__)
 
@@ -61,21 +65,46 @@ def evaluate_and_log(provider: Provider, model_id: str, examples: list[dict], co
     log_values(MlflowClient(), active.info.run_id, metrics=metrics)
     columns = result_rows(run.results)
     if columns:
-        mlflow.log_table(columns, RESULTS_TABLE)
+        log_results_table(active.info.run_id, columns)
     check_error_rate(run, config.evaluate.max_error_rate)
     rows = [dict(zip(columns, values)) for values in zip(*columns.values())] if columns else []
     return Evaluation(active.info.run_id, metrics, rows)
 
 
+def log_results_table(run_id: str, columns: dict[str, list[Any]]) -> None:
+    """The per-example table, replacing an earlier attempt's: `log_table` would append to it (and round-trip the
+    old rows through pandas, turning an id such as "0003" into 3)."""
+    if RESULTS_TABLE not in {a.path for a in MlflowClient().list_artifacts(run_id)}:
+        mlflow.log_table(columns, RESULTS_TABLE)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / RESULTS_TABLE
+        pd.DataFrame(columns).to_json(path, orient="split", index=False, date_format="iso")
+        mlflow.log_artifact(str(path))
+
+
 def load_rows(run_id: str) -> list[dict[str, Any]]:
-    frame = mlflow.load_table(RESULTS_TABLE, run_ids=[run_id])
-    return frame.to_dict(orient="records")
+    """The per-example rows a run logged, read as plain JSON so ids keep their exact strings ("0003" stays
+    "0003"; pandas would make it 3); should a table hold an id twice, its last row wins."""
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=RESULTS_TABLE)
+    table = json.loads(Path(path).read_text(encoding="utf-8"))
+    latest = {}
+    for values in table["data"]:
+        row = dict(zip(table["columns"], values))
+        latest[str(row["id"])] = row
+    return list(latest.values())
+
+
+def base_evaluation_keys(config: Config, provider: Provider, base_model: str, data_sha256: str) -> dict[str, str]:
+    """What makes two base evaluations interchangeable: same model, data, evaluation settings and code (the
+    prompt lives in the code)."""
+    return {"model_ref": "base", "provider": provider.name, "base_model": base_model, "data_sha256": data_sha256,
+            "eval_config_sha256": config.sha256("evaluate"), "git_commit": git_commit()}
 
 
 def base_evaluation(config: Config, prepared: Prepared, provider: Provider) -> Evaluation:
-    """The provider's base model on this data, computed once per (provider, base model, data) and reused."""
-    keys = {"model_ref": "base", "provider": provider.name, "base_model": config.tune.base_model,
-            "data_sha256": prepared.data_sha256}
+    """The provider's base model on this data, computed once per `base_evaluation_keys` and reused."""
+    keys = base_evaluation_keys(config, provider, config.tune.base_model, prepared.data_sha256)
     experiment_id = mlflow.active_run().info.experiment_id if mlflow.active_run() else \
         mlflow.tracking.fluent._get_experiment_id()
     previous = find_finished_run(experiment_id, step="evaluate", **keys)
@@ -94,6 +123,16 @@ class ResolvedModel:
     base_model: str
 
 
+def _registered_version_tags(name_and_version: str) -> dict[str, str]:
+    """Tags of `<name>/<version>` or `<name>@<alias>`."""
+    client = MlflowClient()
+    if "@" in name_and_version:
+        name, alias = name_and_version.split("@", 1)
+        return dict(client.get_model_version_by_alias(name, alias).tags)
+    name, version = name_and_version.rsplit("/", 1)
+    return dict(client.get_model_version(name, version).tags)
+
+
 def resolve_model(reference: str, config: Config) -> ResolvedModel:
     """`base`, `models:/...`, `runs:/<id>` or a provider model id -> the provider and model id to call."""
     if reference == "base":
@@ -105,7 +144,7 @@ def resolve_model(reference: str, config: Config) -> ResolvedModel:
         tags = MlflowClient().get_run(run_id).data.tags
         base_model = tags.get("finetune.base_model", "")
     elif reference.startswith("models:/"):
-        base_model = ""
+        base_model = _registered_version_tags(reference[len("models:/"):]).get("base_model", "")
     else:
         # A provider's own model id, e.g. an existing `ft:gpt-4o-mini-...` model or a Vertex endpoint.
         return ResolvedModel(get_provider(config.tune.provider, config), reference, config.tune.base_model)
@@ -118,12 +157,14 @@ def run_evaluate(config: Config, model: str) -> Evaluation:
     resolved = resolve_model(model, config)
     fingerprint = data_fingerprint(config)
     tags = {"finetune.model_ref": model, "finetune.provider": resolved.provider.name,
-            "finetune.base_model": resolved.base_model, "finetune.data_sha256": fingerprint}
+            "finetune.base_model": resolved.base_model, "finetune.data_sha256": fingerprint,
+            "finetune.eval_config_sha256": config.sha256("evaluate")}
     with step_run("evaluate", run_name=f"evaluate-{model}", tags=tags) as run:
         prepared = ensure_prepared(config)
         baseline = None
-        if model != "base":
-            base_run = find_finished_run(run.info.experiment_id, step="evaluate", model_ref="base",
-                                         provider=resolved.provider.name, data_sha256=fingerprint)
+        if model != "base" and resolved.base_model:
+            base_run = find_finished_run(run.info.experiment_id, step="evaluate",
+                                         **base_evaluation_keys(config, resolved.provider, resolved.base_model,
+                                                                fingerprint))
             baseline = load_rows(base_run.info.run_id) if base_run else None
         return evaluate_and_log(resolved.provider, resolved.model_id, prepared.split("validation"), config, baseline)

@@ -12,6 +12,7 @@ and `promotion_report.md`. The candidate version gets a `promotion.decision` tag
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from finetune_mlflow.errors import ConfigError, FinetuneError
 from finetune_mlflow.evaluation import run_predictions, summarize
 from finetune_mlflow.promotion import Decision, Evidence, decide
 from finetune_mlflow.stats import paired_bootstrap_delta
-from finetune_mlflow.steps.evaluate import load_rows, resolve_model
+from finetune_mlflow.steps.evaluate import RESULTS_TABLE, load_rows, resolve_model
 from finetune_mlflow.steps.prepare import PREPARED
 from finetune_mlflow.tracking import log_values, step_run
 
@@ -74,7 +75,6 @@ def _validation_examples(run_id: str) -> tuple[str, list[dict]]:
     if not prepare_run:
         raise FinetuneError(f"run {run_id} records no prepare run, so its validation data is unknown")
     local = Path(mlflow.artifacts.download_artifacts(run_id=prepare_run, artifact_path=f"{PREPARED}/validation.jsonl"))
-    import json
 
     examples = [json.loads(line) for line in local.read_text(encoding="utf-8").splitlines() if line.strip()]
     return tags.get("finetune.data_sha256", ""), examples
@@ -85,10 +85,9 @@ def _rows(version: ModelVersion, name: str, data_sha256: str, examples: list[dic
     """Per-example rows and summary metrics of a version on the given data, reusing its run's table if it fits."""
     run = MlflowClient().get_run(version.run_id) if version.run_id else None
     if run is not None and run.data.tags.get("finetune.data_sha256") == data_sha256:
-        try:
+        if RESULTS_TABLE in {a.path for a in MlflowClient().list_artifacts(version.run_id)}:
             return load_rows(version.run_id), dict(run.data.metrics)
-        except Exception:  # noqa: BLE001 - a missing table means we evaluate below
-            logger.info("version %s has no per-example table; evaluating it", version.version)
+        logger.info("version %s has no per-example table; evaluating it", version.version)
     logger.info("evaluating %s version %s on the candidate's validation data", name, version.version)
     resolved = resolve_model(f"models:/{name}/{version.version}", config)
     evaluated = run_predictions(lambda q, c: resolved.provider.predict(resolved.model_id, q, c), examples,

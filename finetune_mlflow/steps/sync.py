@@ -33,7 +33,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
-from finetune_mlflow.errors import ConfigError, TuningJobFailed
+from finetune_mlflow.errors import ConfigError, FinetuneError, TuningJobFailed
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningJob
 from finetune_mlflow.steps.prepare import Prepared, ensure_prepared
@@ -134,6 +134,7 @@ def sync_job(provider: Provider, job_id: str, config: Config, prepared: Prepared
     existing = find_job_run(experiment_id, job_id)
     logger.info("syncing %s job %s into %s", provider.name, job_id,
                 f"existing run {existing}" if existing else "a new run")
+    run_id = existing or ""
     try:
         with _job_run(existing, job_id, provider.name) as run:
             run_id = run.info.run_id
@@ -157,13 +158,15 @@ def sync_job(provider: Provider, job_id: str, config: Config, prepared: Prepared
             if registered:
                 logger.info("run %s already evaluated and registered %s as %s", run_id, job.tuned_model, registered)
                 return SyncedJob(job_id, run_id, job.state, existing is None, registered)
-            if job.state is JobState.SUCCEEDED:
-                client.set_tag(run_id, "finetune.data_sha256", prepared.data_sha256)
             _, version = finish_job(provider, job, run_id, job_config, prepared)
             return SyncedJob(job_id, run_id, job.state, existing is None, f"{version.name}/{version.version}")
     except TuningJobFailed as e:
         logger.warning("job %s: %s", job_id, e)
         return SyncedJob(job_id, run_id, JobState(e.state), existing is None, error=str(e))
+    except FinetuneError as e:
+        # One unreadable job (a 404, an evaluation over its error budget) must not stop `job_id=all`.
+        logger.error("job %s could not be synced: %s", job_id, e)
+        return SyncedJob(job_id, run_id, JobState.FAILED, existing is None, error=str(e))
 
 
 def run_sync(config: Config, job_id: str) -> SyncResult:

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 JOB_ID_TAG = "finetune.job_id"
 CURSOR_TAG = "finetune.metrics_cursor"
+# Set once the tuned model's evaluation completed within its error budget.
+EVALUATED_TAG = "finetune.evaluated_model"
 # What MLflow raises when the tracking server is down, overloaded or timing out (connection errors included).
 TRANSIENT_TRACKING_ERRORS = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
 
@@ -162,14 +164,22 @@ def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, 
     if job.state is not JobState.SUCCEEDED:
         _finish_failed(client, run_id, job)
     log_values(client, run_id, metrics=_changed_metrics(client, run_id, job.metrics),
-               tags={**job.tags, "finetune.tuned_model": job.tuned_model or ""})
+               tags={**job.tags, "finetune.tuned_model": job.tuned_model or "",
+                     "finetune.data_sha256": prepared.data_sha256, "finetune.prepare_run_id": prepared.run_id})
 
     base = base_evaluation(config, prepared, provider)
-    tuned = evaluate_and_log(provider, job.tuned_model, prepared.split("validation"), config, base.rows)
-    base_metrics = {f"base_{k}": v for k, v in base.metrics.items()
-                    if k.startswith(("eval_", "latency_ms_"))}
-    log_values(client, run_id, metrics=base_metrics, tags={"finetune.base_eval_run_id": base.run_id})
-    metrics = {**tuned.metrics, **base_metrics}
+    run = client.get_run(run_id)
+    if run.data.tags.get(EVALUATED_TAG) == job.tuned_model:
+        # A rerun after a crash past evaluation: the run already holds this model's complete evaluation.
+        logger.info("run %s already evaluated %s; not paying for it again", run_id, job.tuned_model)
+        metrics = dict(run.data.metrics)
+    else:
+        tuned = evaluate_and_log(provider, job.tuned_model, prepared.split("validation"), config, base.rows)
+        base_metrics = {f"base_{k}": v for k, v in base.metrics.items()
+                        if k.startswith(("eval_", "latency_ms_"))}
+        log_values(client, run_id, metrics=base_metrics,
+                   tags={"finetune.base_eval_run_id": base.run_id, EVALUATED_TAG: job.tuned_model})
+        metrics = {**tuned.metrics, **base_metrics}
 
     version = register_tuned_model(
         run_id=run_id, config=config, provider=provider_name, model_id=job.tuned_model,
