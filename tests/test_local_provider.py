@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -79,10 +81,34 @@ def test_starting_twice_for_one_run_adopts_the_first_job(prepared):
 def test_a_killed_trainer_is_a_failed_job(prepared):
     provider = get_provider("local", load_config(None))
     job = provider.start_job(request(prepared, epochs=50))
-    pid = json.loads((provider.jobs_dir / job.job_id / "pid.json").read_text())["pid"]
+    pid = json.loads(wait_for_file(provider.jobs_dir / job.job_id / "pid.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)
     failed = wait(provider, job.job_id)
     assert failed.state is JobState.FAILED and failed.error_code == "trainer_died"
+
+
+def wait_for_file(path: Path, seconds: float = 30.0) -> Path:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+    return path
+
+
+def test_a_redundant_trainer_launch_leaves_the_running_job_alone(prepared):
+    """A crash right after launching a trainer makes the rerun launch again: the second trainer must bow out."""
+    provider = get_provider("local", load_config(None))
+    job = provider.start_job(request(prepared, epochs=3))
+    job_dir = provider.jobs_dir / job.job_id
+    first = json.loads(wait_for_file(job_dir / "pid.json").read_text())["pid"]
+    second = subprocess.run([sys.executable, "-m", "finetune_mlflow.local_trainer", str(job_dir)],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0 and "another trainer holds this job" in second.stderr
+    final = wait(provider, job.job_id)
+    assert final.state is JobState.SUCCEEDED
+    assert json.loads((job_dir / "pid.json").read_text())["pid"] == first
+    steps = [p.step for p in provider.read_metrics(job.job_id, None).points if p.key == "train_loss"]
+    assert steps == sorted(set(steps))
 
 
 def test_unknown_models_and_jobs_are_clear_errors(prepared):

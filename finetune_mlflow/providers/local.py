@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 BASE_MODEL = "span-ranker-base"
 WEIGHTS_FILE = "weights.npz"
+TRAINER_PID = "pid.json"  # written by the trainer that holds the job's lock
+LAUNCHER_PID = "launch.json"  # written by start_job for the process it launched
+TRAINER_LOCK = "trainer.lock"
 
 
 def default_jobs_dir() -> Path:
@@ -137,14 +140,17 @@ class LocalProvider:
                 "validation_loss_examples": self.config.local.validation_loss_examples,
             })
         job_dir = self._job_dir(job_id)
-        if not (job_dir / "pid.json").exists():
-            write_json_atomic(job_dir / "status.json", {"state": "pending", "updated": time.time()})
+        # The trainer records its own pid once it holds the job's lock; until then nothing trains this job. A
+        # launch that turns out redundant (a crash right after the previous one) finds the lock taken and exits.
+        if not (job_dir / TRAINER_PID).exists():
+            if not (job_dir / "status.json").exists():
+                write_json_atomic(job_dir / "status.json", {"state": "pending", "updated": time.time()})
             with open(job_dir / "trainer.log", "ab") as log:
                 process = subprocess.Popen(
                     [sys.executable, "-m", "finetune_mlflow.local_trainer", str(job_dir)],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 )
-            write_json_atomic(job_dir / "pid.json", {"pid": process.pid})
+            write_json_atomic(job_dir / LAUNCHER_PID, {"pid": process.pid})
             logger.info("local job %s started (pid %d, dir %s)", job_id, process.pid, job_dir)
         return self.get_job(job_id)
 
@@ -157,8 +163,10 @@ class LocalProvider:
                                 "machine with the same local.jobs_dir?", status=404) from None
         state = JobState(status["state"])
         if state in (JobState.PENDING, JobState.RUNNING):
-            pid_file = job_dir / "pid.json"
-            if pid_file.exists() and not _pid_alive(json.loads(pid_file.read_text())["pid"]):
+            # The trainer's own pid once it runs; before that, the process launched to become it.
+            pid_file = next((job_dir / name for name in (TRAINER_PID, LAUNCHER_PID) if (job_dir / name).exists()),
+                            None)
+            if pid_file is not None and not _pid_alive(json.loads(pid_file.read_text())["pid"]):
                 # Re-read: the trainer may have written its final status just before exiting.
                 status = json.loads((job_dir / "status.json").read_text(encoding="utf-8"))
                 state = JobState(status["state"])
