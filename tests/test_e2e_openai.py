@@ -8,12 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from finetune_mlflow import openai_data
 
-try:
-    from tests import e2e_support as e2e
-    from tests.fakes.openai_server import FakeOpenAI, JobScript
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    import e2e_support as e2e
-    from fakes.openai_server import FakeOpenAI, JobScript
+from tests import e2e_support as e2e
+from tests.fakes.openai_server import FakeOpenAI, JobScript
 
 API_KEY = "sk-test-e2e0123456789abcdefghijklmnop"
 BASE_MODEL = "gpt-4o-mini-2024-07-18"

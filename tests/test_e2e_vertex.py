@@ -14,12 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.providers.vertex import SERIES_KEYS
 
-try:
-    from tests import e2e_support as e2e
-    from tests.fakes.vertex_server import FakeVertexServer, JobScript, default_series
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    import e2e_support as e2e
-    from fakes.vertex_server import FakeVertexServer, JobScript, default_series
+from tests import e2e_support as e2e
+from tests.fakes.vertex_server import FakeVertexServer, JobScript, default_series
 
 TOKEN = "ya29.fake-e2e-token"
 PROJECT = "e2e-project"

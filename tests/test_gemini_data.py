@@ -1,15 +1,9 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-try:
-    import finetune_mlflow  # noqa: F401
-except ImportError:  # running without the package installed: use the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune_mlflow import gemini_data
 from finetune_mlflow.costing import approx_tokens, billed_tokens, estimate_cost_usd

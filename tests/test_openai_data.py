@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the package is not installed; run from a checkout
-    sys.path.insert(0, str(ROOT))
-
-from finetune_mlflow import openai_data  # noqa: E402
-from finetune_mlflow.costing import billed_tokens, estimate_cost_usd  # noqa: E402
-from finetune_mlflow.errors import DataError  # noqa: E402
-from finetune_mlflow.formats import to_openai_chat  # noqa: E402
-from finetune_mlflow.providers.base import MetricPoint  # noqa: E402
+from finetune_mlflow import openai_data
+from finetune_mlflow.costing import billed_tokens, estimate_cost_usd
+from finetune_mlflow.errors import DataError
+from finetune_mlflow.formats import to_openai_chat
+from finetune_mlflow.providers.base import MetricPoint
 
 
 def example(i: int = 0) -> dict:

@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the package is not installed; run from a checkout
-    sys.path.insert(0, str(ROOT))
+from finetune_mlflow import openai_data
+from finetune_mlflow.config import Config, EvaluateConfig, OpenAIConfig, TuneConfig
+from finetune_mlflow.errors import ConfigError, DataError, ProviderError
+from finetune_mlflow.formats import to_openai_chat
+from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, user_prompt
+from finetune_mlflow.providers.base import JobState, Provider, TuningRequest
+from finetune_mlflow.providers.openai_provider import OpenAIProvider
+from finetune_mlflow.providers.retry import RetryPolicy
 
-from finetune_mlflow import openai_data  # noqa: E402
-from finetune_mlflow.config import Config, EvaluateConfig, OpenAIConfig, TuneConfig  # noqa: E402
-from finetune_mlflow.errors import ConfigError, DataError, ProviderError  # noqa: E402
-from finetune_mlflow.formats import to_openai_chat  # noqa: E402
-from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, user_prompt  # noqa: E402
-from finetune_mlflow.providers.base import JobState, Provider, TuningRequest  # noqa: E402
-from finetune_mlflow.providers.openai_provider import OpenAIProvider  # noqa: E402
-from finetune_mlflow.providers.retry import RetryPolicy  # noqa: E402
-
-try:
-    from tests.fakes.openai_server import FakeOpenAI, JobScript
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from fakes.openai_server import FakeOpenAI, JobScript
+from tests.fakes.openai_server import FakeOpenAI, JobScript
 
 API_KEY = "sk-test-abcdefghijklmnopqrstuvwxyz0123456789"
 BASE_MODEL = "gpt-4o-mini-2024-07-18"

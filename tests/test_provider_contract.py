@@ -14,7 +14,7 @@ from typing import Callable
 
 import pytest
 
-from finetune_mlflow.config import Config, load_config
+from finetune_mlflow.config import load_config
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Prediction, Provider, TuningRequest
 from finetune_mlflow.steps.prepare import build_splits, write_prepared

@@ -13,18 +13,11 @@ from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.providers.vertex import SERIES_KEYS
 
-try:
-    from tests import e2e_support as e2e
-    from tests.fakes.openai_server import FakeOpenAI, JobScript
-    from tests.fakes.vertex_server import FakeVertexServer
-    from tests.fakes.vertex_server import JobScript as VertexScript
-    from tests.test_e2e_openai import served_history
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    import e2e_support as e2e
-    from fakes.openai_server import FakeOpenAI, JobScript
-    from fakes.vertex_server import FakeVertexServer
-    from fakes.vertex_server import JobScript as VertexScript
-    from test_e2e_openai import served_history
+from tests import e2e_support as e2e
+from tests.fakes.openai_server import FakeOpenAI, JobScript
+from tests.fakes.vertex_server import FakeVertexServer
+from tests.fakes.vertex_server import JobScript as VertexScript
+from tests.test_e2e_openai import served_history
 
 API_KEY = "sk-test-sync0123456789abcdefghijklmn"
 OPENAI_MODEL = "squad-qa-openai-sync"

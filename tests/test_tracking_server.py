@@ -15,7 +15,6 @@ import sys
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 
 import mlflow
 import pytest

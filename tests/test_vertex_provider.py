@@ -6,20 +6,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-try:
-    import finetune_mlflow  # noqa: F401
-except ImportError:  # running without the package installed: use the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-try:
-    from tests.fakes.vertex_server import FakeVertexServer, JobScript
-except ImportError:
-    from fakes.vertex_server import FakeVertexServer, JobScript
 
 from finetune_mlflow.config import Config, EvaluateConfig, TuneConfig, VertexConfig
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
@@ -28,6 +18,7 @@ from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, user_prompt
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningRequest
 from finetune_mlflow.providers.retry import RetryPolicy
 from finetune_mlflow.providers.vertex import SERIES_KEYS, VertexProvider
+from tests.fakes.vertex_server import FakeVertexServer, JobScript
 
 TOKEN = "ya29.fake-static-token-for-tests"
 PROJECT = "test-project"
