@@ -67,6 +67,12 @@ METRIC_KEYS: dict[str, str] = {
     "full_valid_loss": "full_valid_loss",
     "full_valid_mean_token_accuracy": "full_valid_mean_token_accuracy",
 }
+# OpenAI's own accuracy keys are also logged under the names every provider shares (Vertex logs these), so runs
+# of both providers line up in one MLflow chart.
+SHARED_ACCURACY_KEYS: dict[str, str] = {
+    "train_mean_token_accuracy": "train_token_accuracy",
+    "valid_mean_token_accuracy": "val_token_accuracy",
+}
 
 
 # --------------------------------------------------------------------------------------------------- validation
@@ -233,6 +239,8 @@ def metrics_from_data(data: Mapping[str, Any], timestamp_ms: int, *, step: int |
             continue
         seen.add(key)
         points.append(MetricPoint(key=key, value=value, step=step, timestamp_ms=int(timestamp_ms)))
+        if key in SHARED_ACCURACY_KEYS:
+            points.append(MetricPoint(SHARED_ACCURACY_KEYS[key], value, step, int(timestamp_ms)))
     return points
 
 

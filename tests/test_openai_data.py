@@ -151,12 +151,16 @@ def test_result_file_parsing(encoding):
     assert points == [
         MetricPoint("train_loss", 2.5, 1, 123),
         MetricPoint("train_mean_token_accuracy", 0.5, 1, 123),
+        MetricPoint("train_token_accuracy", 0.5, 1, 123),
         MetricPoint("train_loss", 1.5, 2, 123),
         MetricPoint("train_mean_token_accuracy", 0.625, 2, 123),
+        MetricPoint("train_token_accuracy", 0.625, 2, 123),
         MetricPoint("val_loss", 1.75, 2, 123),
+        MetricPoint("val_token_accuracy", 0.6, 2, 123),
         MetricPoint("valid_mean_token_accuracy", 0.6, 2, 123),
         MetricPoint("train_loss", 1.0, 3, 123),
         MetricPoint("train_mean_token_accuracy", 0.75, 3, 123),
+        MetricPoint("train_token_accuracy", 0.75, 3, 123),
     ]
 
 
@@ -179,5 +183,8 @@ def test_metrics_from_event_data():
         ("train_loss", 1.25, 7, 5000),
         ("train_mean_token_accuracy", 0.5, 7, 5000),
         ("valid_mean_token_accuracy", 0.4, 7, 5000),
+        # The same accuracies under the keys Vertex runs log, so both providers share one chart.
+        ("train_token_accuracy", 0.5, 7, 5000),
+        ("val_token_accuracy", 0.4, 7, 5000),
     }
     assert openai_data.metrics_from_data({"train_loss": 1.0}, 0) == []
