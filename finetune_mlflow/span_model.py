@@ -259,9 +259,10 @@ def features(question: str, context: str, idf: dict[str, float], max_span_tokens
     matched = (weights > 0).astype(float)
     # Sentence overlap: idf mass of distinct question words the sentence contains.
     sentence_score = np.zeros(max(p.n_sentences, 1))
-    for s_index, s in {(int(p.sentence[k]), p.stems[k]) for k in np.flatnonzero(matched)}:
+    # Sorted: float sums in set order would depend on PYTHONHASHSEED and make training irreproducible.
+    for s_index, s in sorted({(int(p.sentence[k]), p.stems[k]) for k in np.flatnonzero(matched)}):
         sentence_score[s_index] += idf.get(s, 1.0)
-    total = sum(idf.get(s, 1.0) for s in q_stems) or 1.0
+    total = sum(idf.get(s, 1.0) for s in sorted(q_stems)) or 1.0
     sentence_score = sentence_score / total
     order = np.argsort(-sentence_score, kind="stable")
     rank = np.empty_like(order)

@@ -141,3 +141,23 @@ def test_latency_gate():
     gates = PromotionConfig(max_latency_ms_p95=5.0)
     assert not decide(Evidence(40.0, 0.0, 10.0), gates).promote
     assert decide(Evidence(40.0, 0.0, 4.0), gates).promote
+
+
+def test_features_do_not_depend_on_the_string_hash_seed():
+    """Set iteration order changes with PYTHONHASHSEED; float sums over sets must not, or training drifts."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib; from finetune_mlflow import span_model as s; "
+        f"f = s.features('What did Rollo sign with King Charles in 911 treaty?', {CONTEXT!r}, "
+        "{'rollo': 2.5, 'sign': 1.3, 'king': 1.7, 'charle': 2.1, 'treaty': 2.9, '911': 3.3}, 6); "
+        "print(hashlib.sha256(f.start.tobytes() + f.inside.tobytes()).hexdigest())"
+    )
+    digests = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
+        for seed in (1, 2, 3)
+    }
+    assert len(digests) == 1
