@@ -57,3 +57,26 @@ def small_squad(tmp_path_factory) -> tuple[Path, Path]:
     train.write_text(json.dumps(squad_subset(SQUAD_TRAIN, 12, 50)), encoding="utf-8")
     validation.write_text(json.dumps(squad_subset(SQUAD_VALIDATION, 4, 30)), encoding="utf-8")
     return train, validation
+
+
+OPENAI_TEST_KEY = "sk-test-e2e0123456789abcdefghijklmnop"
+
+
+@pytest.fixture
+def openai_fake(monkeypatch, small_squad):
+    """The fake OpenAI server behind OPENAI_BASE_URL, answering chat requests from the small validation set's gold
+    answers (see `e2e_support.Answerer`); fails the test if the fake itself hit a bug."""
+    from tests import e2e_support as e2e
+    from tests.fakes.openai_server import FakeOpenAI
+
+    with FakeOpenAI() as server:
+        answerer = e2e.Answerer(e2e.gold_answers(small_squad[1]))
+        server.chat_responder = e2e.openai_responder(answerer)
+        server.answerer = answerer
+        e2e.use_project_python(monkeypatch)
+        monkeypatch.setenv("OPENAI_API_KEY", OPENAI_TEST_KEY)
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        for var in ("OPENAI_ORG_ID", "OPENAI_PROJECT_ID"):
+            monkeypatch.delenv(var, raising=False)
+        yield server
+        assert server.handler_errors == []

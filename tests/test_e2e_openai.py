@@ -11,25 +11,9 @@ from finetune_mlflow import openai_data
 from tests import e2e_support as e2e
 from tests.fakes.openai_server import FakeOpenAI, JobScript
 
-API_KEY = "sk-test-e2e0123456789abcdefghijklmnop"
 BASE_MODEL = "gpt-4o-mini-2024-07-18"
 MODEL_NAME = "squad-qa-openai-e2e"
 CONFIG = "experiments/squad_openai.yaml"
-
-
-@pytest.fixture
-def fake(monkeypatch, small_squad):
-    with FakeOpenAI() as server:
-        answerer = e2e.Answerer(e2e.gold_answers(small_squad[1]))
-        server.chat_responder = e2e.openai_responder(answerer)
-        server.answerer = answerer
-        e2e.use_project_python(monkeypatch)
-        monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
-        for var in ("OPENAI_ORG_ID", "OPENAI_PROJECT_ID"):
-            monkeypatch.delenv(var, raising=False)
-        yield server
-        assert server.handler_errors == []
 
 
 def tune_parameters(small_squad, **extra) -> dict[str, str]:
@@ -83,28 +67,28 @@ def assert_evaluated_and_registered(run_id: str, server: FakeOpenAI, job_id: str
     assert tags["finetune.registered_version"] == f"{MODEL_NAME}/{version.version}"
 
 
-def test_tune_entry_point_end_to_end(fake, small_squad):
-    fake.script_next_job(JobScript(statuses=["validating_files", "queued"] + ["running"] * 5 + ["succeeded"],
+def test_tune_entry_point_end_to_end(openai_fake, small_squad):
+    openai_fake.script_next_job(JobScript(statuses=["validating_files", "queued"] + ["running"] * 5 + ["succeeded"],
                                    n_steps=30, valid_every=5))
     submitted = e2e.run_entry_point("tune", tune_parameters(small_squad))
     run = MlflowClient().get_run(submitted.run_id)
     assert run.info.status == "FINISHED"
 
-    assert len(fake.created_jobs) == 1
-    body = fake.created_jobs[0]
+    assert len(openai_fake.created_jobs) == 1
+    body = openai_fake.created_jobs[0]
     assert body["model"] == BASE_MODEL and body["metadata"] == {"mlflow_run_id": submitted.run_id}
     assert body["method"]["supervised"]["hyperparameters"]["n_epochs"] == 2  # from experiments/squad_openai.yaml
     job_id = run.data.tags["finetune.job_id"]
-    train_upload = next(u for u in fake.uploads if u["id"] == body["training_file"])
+    train_upload = next(u for u in openai_fake.uploads if u["id"] == body["training_file"])
     assert len(train_upload["content"].decode().splitlines()) == 150
 
-    assert_history_matches(submitted.run_id, served_history(fake, job_id))
-    assert_evaluated_and_registered(submitted.run_id, fake, job_id)
+    assert_history_matches(submitted.run_id, served_history(openai_fake, job_id))
+    assert_evaluated_and_registered(submitted.run_id, openai_fake, job_id)
     tags = run.data.tags
     assert {"finetune.status.validating_files", "finetune.status.running", "finetune.status.succeeded"} <= set(tags)
 
 
-def test_evaluate_an_existing_ft_model_by_id(fake, small_squad):
+def test_evaluate_an_existing_ft_model_by_id(openai_fake, small_squad):
     """Existing `ft:` models keep serving after the fine-tuning phase-out: evaluate one without any job."""
     tuned = "ft:gpt-4o-mini-2024-07-18:org-fake:squad:abc123"
     train, validation = small_squad
@@ -112,15 +96,15 @@ def test_evaluate_an_existing_ft_model_by_id(fake, small_squad):
                                                  "validation_data": str(validation)})
     run = MlflowClient().get_run(submitted.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["finetune.model_ref"] == tuned
-    em, f1, n = e2e.expected_scores(fake.answerer, lambda model: model == tuned)
+    em, f1, n = e2e.expected_scores(openai_fake.answerer, lambda model: model == tuned)
     assert run.data.metrics["eval_n"] == n
     assert run.data.metrics["eval_f1"] == pytest.approx(f1) and run.data.metrics["eval_exact_match"] == pytest.approx(em)
     assert run.data.metrics["eval_input_tokens"] > 0
 
 
-def test_kill_minus_9_then_rerun_with_run_id_reattaches(fake, small_squad, tmp_path):
+def test_kill_minus_9_then_rerun_with_run_id_reattaches(openai_fake, small_squad, tmp_path):
     # A long timeline: one metric event every 5 polls, so the job is mid-way when the process is killed.
-    fake.script_next_job(JobScript(statuses=["validating_files", "queued"] + ["running"] * 300 + ["succeeded"],
+    openai_fake.script_next_job(JobScript(statuses=["validating_files", "queued"] + ["running"] * 300 + ["succeeded"],
                                    n_steps=60, valid_every=5))
     parameters = tune_parameters(small_squad)
     args = ["tune"] + [f"--{key}={value}" for key, value in parameters.items()]
@@ -133,26 +117,26 @@ def test_kill_minus_9_then_rerun_with_run_id_reattaches(fake, small_squad, tmp_p
     run_id = run.info.run_id
     job_id = run.data.tags["finetune.job_id"]
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"  # nobody marked it
-    job = fake.jobs[job_id]
+    job = openai_fake.jobs[job_id]
     logged_before = len(e2e.history(run_id, "train_loss"))
     assert job.obj["status"] == "running" and logged_before < 60
     # The job went on while nobody watched: all but the last few polls happen before the rerun.
-    fake.advance(job_id, polls=len(job.script.statuses) - 4 - job.poll)
+    openai_fake.advance(job_id, polls=len(job.script.statuses) - 4 - job.poll)
     assert job.obj["status"] == "running"
 
     submitted = e2e.run_entry_point("tune", parameters, run_id=run_id)
     assert submitted.run_id == run_id
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
-    assert len(fake.created_jobs) == 1  # reattached: no second job was paid for
-    assert_history_matches(run_id, served_history(fake, job_id))
+    assert len(openai_fake.created_jobs) == 1  # reattached: no second job was paid for
+    assert_history_matches(run_id, served_history(openai_fake, job_id))
     assert len(e2e.history(run_id, "train_loss")) == 60
-    assert_evaluated_and_registered(run_id, fake, job_id)
+    assert_evaluated_and_registered(run_id, openai_fake, job_id)
 
 
-def test_failed_job_fails_the_run_with_the_providers_error(fake, small_squad):
+def test_failed_job_fails_the_run_with_the_providers_error(openai_fake, small_squad):
     error = {"code": "invalid_training_file", "message": "Training file has 3 examples with too many tokens.",
              "param": "training_file"}
-    fake.script_next_job(JobScript(statuses=["validating_files", "queued", "failed"], error=error))
+    openai_fake.script_next_job(JobScript(statuses=["validating_files", "queued", "failed"], error=error))
     from mlflow.exceptions import ExecutionException
 
     with pytest.raises(ExecutionException, match="failed"):  # the command exited non-zero
@@ -165,5 +149,5 @@ def test_failed_job_fails_the_run_with_the_providers_error(fake, small_squad):
     assert run.data.tags["finetune.error_code"] == "invalid_training_file"
     assert run.data.tags["finetune.error_message"].startswith("Training file has 3 examples with too many tokens.")
     assert run.data.tags["finetune.job_state"] == "failed"
-    assert len(fake.created_jobs) == 1 and fake.chat_requests == []
+    assert len(openai_fake.created_jobs) == 1 and openai_fake.chat_requests == []
     assert client.search_registered_models() == []

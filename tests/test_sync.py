@@ -7,7 +7,6 @@ import json
 import urllib.request
 
 import mlflow
-import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -19,20 +18,7 @@ from tests.fakes.vertex_server import FakeVertexServer
 from tests.fakes.vertex_server import JobScript as VertexScript
 from tests.test_e2e_openai import served_history
 
-API_KEY = "sk-test-sync0123456789abcdefghijklmn"
 OPENAI_MODEL = "squad-qa-openai-sync"
-
-
-@pytest.fixture
-def openai_fake(monkeypatch, small_squad):
-    with FakeOpenAI() as server:
-        answerer = e2e.Answerer(e2e.gold_answers(small_squad[1]))
-        server.chat_responder = e2e.openai_responder(answerer)
-        e2e.use_project_python(monkeypatch)
-        monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
-        yield server
-        assert server.handler_errors == []
 
 
 def sync_parameters(small_squad, job_id: str, **extra) -> dict[str, str]:
