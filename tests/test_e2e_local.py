@@ -196,3 +196,15 @@ def test_a_champion_moved_by_someone_else_stops_the_promotion(small_squad):
     with pytest.raises(FinetuneError, match="changed to .* during this promotion"):
         _move_aliases(client, "squad-qa-local", "champion", champion, expected_champion=other)
     assert str(client.get_model_version_by_alias("squad-qa-local", "champion").version) == champion
+
+
+def test_prepare_reads_data_from_an_mlflow_uri(small_squad):
+    """`train_data`/`validation_data` may be URIs: here another run's prepared canonical JSONL."""
+    from finetune_mlflow.steps.prepare import run_prepare
+
+    first = run_prepare(small_config(small_squad))
+    again = run_prepare(small_config(small_squad, train_data=f"runs:/{first.run_id}/prepared/train.jsonl",
+                                     validation_data=f"runs:/{first.run_id}/prepared/validation.jsonl"))
+    assert again.split("train") == first.split("train")
+    assert again.split("validation") == first.split("validation")
+    assert MlflowClient().get_run(again.run_id).data.metrics["n_duplicates_dropped"] == 0

@@ -21,6 +21,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 
 from finetune_mlflow import cleaning
 from finetune_mlflow.config import Config
@@ -119,10 +121,18 @@ def _log_dataset(examples: list[dict], source: str, name: str, context: str) -> 
     if frame.empty:
         return
     frame["answers"] = frame["answers"].map(json.dumps)
+    if source.startswith("runs:/"):
+        # Dataset sources know storage URIs, not run-relative ones: name where the artifact really lives.
+        source = RunsArtifactRepository.get_underlying_uri(source)
     with warnings.catch_warnings():
         # MLflow warns that a local path matches two equivalent source classes; it picks the right one.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+        try:
+            dataset = mlflow.data.from_pandas(frame, source=source, name=name)
+        except MlflowException as e:  # a URI scheme no dataset source understands (e.g. mlflow-artifacts:/)
+            logger.info("dataset %s: source %s not recognized by MLflow (%s); logging it without one", name,
+                        source, e.message)
+            dataset = mlflow.data.from_pandas(frame, name=name)
     mlflow.log_input(dataset, context=context)
 
 
