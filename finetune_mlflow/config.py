@@ -49,7 +49,8 @@ class TuneConfig:
     learning_rate: float = 0.1
     # 0 means "provider default" (OpenAI "auto"); Vertex accepts no batch size at all.
     batch_size: int = 0
-    registered_model_name: str = "squad-qa-local"
+    # Empty: squad-qa-<provider>, so switching provider never files a model under another provider's name.
+    registered_model_name: str = ""
     poll_interval: float = 1.0
     # The job keeps running past the deadline; a rerun with --run-id reattaches to it.
     timeout_seconds: float = 24 * 3600.0
@@ -275,8 +276,6 @@ def _validate(config: Config, origin: Origin) -> None:
         (config.evaluate.max_concurrency >= 1, "evaluate.max_concurrency", config.evaluate.max_concurrency, ">= 1"),
         (0 <= config.evaluate.max_error_rate <= 1, "evaluate.max_error_rate", config.evaluate.max_error_rate,
          "a fraction between 0 and 1"),
-        (bool(config.tune.registered_model_name.strip()), "tune.registered_model_name",
-         config.tune.registered_model_name, "a non-empty name"),
     ]
     for ok, key, value, expected in checks:
         if not ok:
@@ -331,6 +330,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         parameters[dotted] = name
     origin = _origin(source, lines, parameters)
     config = _build(Config, merged, "", origin)
+    if not config.tune.registered_model_name.strip():
+        config = dataclasses.replace(config, tune=dataclasses.replace(
+            config.tune, registered_model_name=f"squad-qa-{config.tune.provider}"))
     _validate(config, origin)
     return config
 

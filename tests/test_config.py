@@ -90,3 +90,11 @@ def test_endpoints_with_credentials_are_refused_without_echoing_them(key, url):
     with pytest.raises(ConfigError, match=f"{key} carries credentials") as caught:
         load_config(None, {key: url})
     assert "s3cr3t" not in str(caught.value)
+
+
+def test_registered_model_name_follows_the_provider_unless_set():
+    assert load_config(ROOT / "experiments" / "squad_local.yaml").tune.registered_model_name == "squad-qa-local"
+    switched = load_config(ROOT / "experiments" / "squad_local.yaml", {"provider": "openai"})
+    assert switched.tune.registered_model_name == "squad-qa-openai"
+    named = load_config(None, {"provider": "vertex", "registered_model_name": "my-qa"})
+    assert named.tune.registered_model_name == "my-qa"
