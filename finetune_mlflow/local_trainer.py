@@ -16,16 +16,17 @@ import traceback
 from pathlib import Path
 
 from finetune_mlflow import span_model
+from finetune_mlflow.records import read_jsonl
 from finetune_mlflow.providers.local import TRAINER_LOCK, TRAINER_PID, WEIGHTS_FILE, save_weights, write_json_atomic
 
 
-def _load(path: str, idf: dict[str, float], max_span_tokens: int) -> tuple[list, int]:
-    """(features, gold span ids) for examples whose answer is a candidate span, and how many were not."""
+def _usable(rows: list[dict], idf: dict[str, float], max_span_tokens: int, limit: int = 0) -> tuple[list, int]:
+    """(features, gold span ids) of examples whose answer is a candidate span, at most `limit` of them (0: all),
+    and how many examples were skipped before that."""
     usable, skipped = [], 0
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in rows:
+        if limit and len(usable) == limit:
+            break
         f = span_model.features(row["question"], row["context"], idf, max_span_tokens)
         gold = span_model.gold_spans(f, row["answers"])
         if len(gold):
@@ -40,12 +41,11 @@ def run(job_dir: Path) -> None:
     status = {"state": "running", "updated": time.time()}
     write_json_atomic(job_dir / "status.json", status)
     size = spec["max_span_tokens"]
-    contexts = [json.loads(line)["context"] for line in Path(spec["train"]).read_text(encoding="utf-8").splitlines()
-                if line.strip()]
-    idf = span_model.document_frequencies(contexts, size)
-    train, skipped_train = _load(spec["train"], idf, size)
-    validation, _ = _load(spec["validation"], idf, size)
-    validation = validation[: spec["validation_loss_examples"]]
+    train_rows = read_jsonl(spec["train"])
+    idf = span_model.document_frequencies([row["context"] for row in train_rows], size)
+    train, skipped_train = _usable(train_rows, idf, size)
+    # Only the first examples feed val_loss: featurizing the rest would be wasted work.
+    validation, _ = _usable(read_jsonl(spec["validation"]), idf, size, limit=spec["validation_loss_examples"])
     if not train:
         raise ValueError("no training example has its answer inside a candidate span")
     steps = span_model.train(

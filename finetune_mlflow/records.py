@@ -181,6 +181,11 @@ def read_examples(path: str | Path) -> list[Example]:
     return _read_jsonl(path, text)
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file this project wrote (blank lines skipped); input data goes through `read_examples`."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:

@@ -25,6 +25,7 @@ from finetune_mlflow import span_model
 from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, ProviderError
+from finetune_mlflow.records import read_jsonl
 from finetune_mlflow.providers.base import (
     JobState,
     MetricPoint,
@@ -100,14 +101,10 @@ class LocalProvider:
         if request.base_model != BASE_MODEL:
             raise ConfigError(f"local provider: base_model {request.base_model!r} is unknown; the local provider "
                               f"trains {BASE_MODEL!r} (set tune.base_model or -P base_model={BASE_MODEL})")
-        counts, tokens = {}, 0
-        for split in ("train", "validation"):
-            path = request.prepared_dir / f"{split}.jsonl"
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            counts[split] = len(rows)
-            if split == "train":
-                tokens = sum(approx_tokens(r["question"] + r["context"] + r["answers"][0]) for r in rows)
-        return PreflightReport(counts["train"], counts["validation"], tokens, tokens * request.epochs, 0.0)
+        train = read_jsonl(request.prepared_dir / "train.jsonl")
+        validation = read_jsonl(request.prepared_dir / "validation.jsonl")
+        tokens = sum(approx_tokens(r["question"] + r["context"] + r["answers"][0]) for r in train)
+        return PreflightReport(len(train), len(validation), tokens, tokens * request.epochs, 0.0)
 
     def _job_for_run(self, run_id: str) -> str | None:
         """A job this run already started (a crash between creating it and tagging the run leaves one behind)."""

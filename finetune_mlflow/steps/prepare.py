@@ -29,7 +29,7 @@ from finetune_mlflow.config import Config
 from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.errors import DataError
 from finetune_mlflow.formats import FORMATS
-from finetune_mlflow.records import read_examples, write_jsonl
+from finetune_mlflow.records import read_examples, read_jsonl, write_jsonl
 from finetune_mlflow.tracking import find_finished_run, git_commit, log_values, step_run
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,7 @@ class Prepared:
     data_sha256: str
 
     def split(self, name: str) -> list[dict]:
-        path = self.directory / f"{name}.jsonl"
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_jsonl(self.directory / f"{name}.jsonl")
 
 
 def resolve_input(uri: str) -> Path:

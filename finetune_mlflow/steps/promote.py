@@ -12,7 +12,6 @@ and `promotion_report.md`. The candidate version gets a `promotion.decision` tag
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, FinetuneError
 from finetune_mlflow.evaluation import run_predictions, summarize
 from finetune_mlflow.promotion import Decision, Evidence, decide
+from finetune_mlflow.records import read_jsonl
 from finetune_mlflow.stats import paired_bootstrap_delta
 from finetune_mlflow.steps.evaluate import RESULTS_TABLE, load_rows, resolve_model
 from finetune_mlflow.steps.prepare import PREPARED
@@ -75,9 +75,7 @@ def _validation_examples(run_id: str) -> tuple[str, list[dict]]:
     if not prepare_run:
         raise FinetuneError(f"run {run_id} records no prepare run, so its validation data is unknown")
     local = Path(mlflow.artifacts.download_artifacts(run_id=prepare_run, artifact_path=f"{PREPARED}/validation.jsonl"))
-
-    examples = [json.loads(line) for line in local.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return tags.get("finetune.data_sha256", ""), examples
+    return tags.get("finetune.data_sha256", ""), read_jsonl(local)
 
 
 def _rows(version: ModelVersion, name: str, data_sha256: str, examples: list[dict], config: Config
