@@ -1,7 +1,8 @@
 """Command line for every entry point: `finetune-mlflow <step> [--option value ...]` (also `python -m finetune_mlflow`).
 
-MLproject calls these commands; an empty option value means "keep the config's value", so MLproject can declare
-every override with an empty default. Expected failures print one paragraph and exit 2; the step's run is FAILED.
+MLproject calls these commands; `mlflow run -P name=value` appends `--name value`. The options are generated from
+the config's knobs (`config.entry_flags`), so a new knob is one field. An empty option value means "keep the
+config's value". Expected failures print one line (`error: ...`) and exit 2; the step's run is FAILED.
 """
 
 from __future__ import annotations
@@ -10,46 +11,47 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Callable
 
-from finetune_mlflow.config import FLAT_OVERRIDES, Config, load_config
+from finetune_mlflow.config import Config, entry_flags, load_config
 from finetune_mlflow.errors import FinetuneError
+from finetune_mlflow.process import run_guarded
 
 DEFAULT_CONFIG = "experiments/squad_local.yaml"
-DATA_OPTIONS = ("train_data", "validation_data", "max_examples", "on_invalid")
-TUNE_OPTIONS = DATA_OPTIONS + ("provider", "base_model", "epochs", "learning_rate", "batch_size",
-                               "registered_model_name", "poll_interval", "max_cost_usd", "max_concurrency")
-SYNC_OPTIONS = ("provider", "registered_model_name", "train_data", "validation_data", "max_examples")
 
 
-def _config(args: argparse.Namespace, names: tuple[str, ...]) -> Config:
-    overrides = {name: getattr(args, name) for name in names}
+def _config(args: argparse.Namespace) -> Config:
+    overrides = {name: getattr(args, name) for name in entry_flags()}
     for item in args.set or []:
         key, _, value = item.partition("=")
         overrides[key] = value
-    return load_config(args.config or None, overrides)
+    config = load_config(args.config or None, overrides)
+    from finetune_mlflow.tracking import use_experiment
+
+    use_experiment(config.experiment)
+    return config
 
 
 def _prepare(args: argparse.Namespace) -> None:
     from finetune_mlflow.steps.prepare import run_prepare
 
-    result = run_prepare(_config(args, DATA_OPTIONS))
+    result = run_prepare(_config(args))
     print(f"prepared data in run {result.run_id} (data sha256 {result.data_sha256[:12]})")
 
 
 def _tune(args: argparse.Namespace) -> None:
     from finetune_mlflow.steps.tune import run_tune
+    from finetune_mlflow.summary import describe_tune
 
-    result = run_tune(_config(args, TUNE_OPTIONS))
-    print(f"run {result.run_id}: job {result.job.job_id} -> eval_f1 {result.metrics['eval_f1']:.2f} "
-          f"(base {result.metrics.get('base_eval_f1', float('nan')):.2f}), registered {result.version.model_uri}")
+    result = run_tune(_config(args))
+    print(f"run {result.run_id}: {describe_tune(result.metrics, result.job.job_id)}; registered "
+          f"{result.version.model_uri}")
 
 
 def _sync(args: argparse.Namespace) -> None:
     from finetune_mlflow.steps.sync import run_sync
 
-    result = run_sync(_config(args, SYNC_OPTIONS), args.job_id)
+    result = run_sync(_config(args), args.job_id)
     for job in result.jobs:
         outcome = job.registered_version or job.error or f"still {job.state.value}, nothing registered"
         print(f"{job.job_id}: {job.state.value} -> run {job.run_id} ({'new' if job.created_run else 'updated'}); "
@@ -59,18 +61,16 @@ def _sync(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from finetune_mlflow.steps.evaluate import run_evaluate
+    from finetune_mlflow.summary import describe_evaluation
 
-    result = run_evaluate(_config(args, TUNE_OPTIONS), args.model)
-    m = result.metrics
-    print(f"run {result.run_id}: {args.model} EM {m['eval_exact_match']:.2f} F1 {m['eval_f1']:.2f} "
-          f"(95% CI {m['eval_f1_ci_low']:.2f}-{m['eval_f1_ci_high']:.2f}), n={m['eval_n']:.0f}, "
-          f"errors={m['eval_error_count']:.0f}, latency p50 {m.get('latency_ms_p50', float('nan')):.2f} ms")
+    result = run_evaluate(_config(args), args.model)
+    print(f"run {result.run_id}: {args.model} {describe_evaluation(result.metrics)}")
 
 
 def _promote(args: argparse.Namespace) -> None:
     from finetune_mlflow.steps.promote import run_promote, run_rollback
 
-    config = _config(args, ("registered_model_name",))
+    config = _config(args)
     if _flag(args.rollback):
         run_rollback(config, args.model_name)
     else:
@@ -79,17 +79,15 @@ def _promote(args: argparse.Namespace) -> None:
 
 
 def _main(args: argparse.Namespace) -> None:
-    from finetune_mlflow.steps.main import run_main
+    from finetune_mlflow.pipeline import run_main
 
-    run_main(_config(args, TUNE_OPTIONS))
+    run_main(_config(args))
 
 
 def _score(args: argparse.Namespace) -> None:
-    from finetune_mlflow.squad_metrics import iter_squad_questions, score_predictions
+    from finetune_mlflow.scorefile import score_files
 
-    dataset = json.loads(Path(args.dataset).read_text(encoding="utf-8"))
-    predictions = json.loads(Path(args.predictions).read_text(encoding="utf-8"))
-    score = score_predictions(iter_squad_questions(dataset), predictions)
+    score = score_files(args.dataset, args.predictions)
     if score.n_missing:
         print(f"warning: {score.n_missing} of {score.n_questions} questions have no prediction and score 0",
               file=sys.stderr)
@@ -100,35 +98,38 @@ def _flag(value: str) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
 
 
+def _knob_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--config", default=DEFAULT_CONFIG, help="experiment YAML (defaults < YAML < options)")
+    sub.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config key")
+    for name, (dotted, help_text) in entry_flags().items():
+        sub.add_argument(f"--{name}", default="", help=f"{help_text} ({dotted})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune-mlflow", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="finetune-mlflow", description=__doc__.splitlines()[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, handler: Callable, options: tuple[str, ...], help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
+    def command(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+        # allow_abbrev=False: `--epoch 1` is an error, not a silent `--epochs 1`.
+        sub = commands.add_parser(name, help=help_text, allow_abbrev=False)
         sub.set_defaults(handler=handler)
-        sub.add_argument("--config", default=DEFAULT_CONFIG, help="experiment YAML (defaults < YAML < options)")
-        sub.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config key")
-        for name_ in options:
-            sub.add_argument(f"--{name_}", default="", help=f"overrides {FLAT_OVERRIDES[name_]}")
+        _knob_options(sub)
         return sub
 
-    command("prepare", _prepare, DATA_OPTIONS, "clean, dedupe, split and convert the data")
-    command("tune", _tune, TUNE_OPTIONS, "launch or reattach to a tuning job, evaluate and register it")
-    evaluate = command("evaluate", _evaluate, TUNE_OPTIONS, "score a model reference on the validation split")
+    command("prepare", _prepare, "clean, dedupe, split and convert the data")
+    command("tune", _tune, "launch or reattach to a tuning job, evaluate and register it")
+    evaluate = command("evaluate", _evaluate, "score a model reference on the validation split")
     evaluate.add_argument("--model", default="base",
                           help="base, models:/<name>/<version|@alias>, runs:/<id> or a provider model id (ft:...)")
-    promote = command("promote", _promote, ("registered_model_name",),
-                      "move the champion alias when the evidence says so")
-    promote.add_argument("--model_name", default="")
-    promote.add_argument("--version", default="")
-    promote.add_argument("--force", default="false")
-    promote.add_argument("--reason", default="")
-    promote.add_argument("--rollback", default="false")
-    sync = command("sync", _sync, SYNC_OPTIONS, "import existing tuning jobs into runs, evaluate and register them")
+    promote = command("promote", _promote, "move the champion alias when the evidence says so")
+    for name, default in (("model_name", ""), ("version", ""), ("force", "false"), ("reason", ""),
+                          ("rollback", "false")):
+        promote.add_argument(f"--{name}", default=default)
+    sync = command("sync", _sync, "import existing tuning jobs into runs, evaluate and register them")
     sync.add_argument("--job_id", default="", help="a job id or Vertex job name, or `all` for every listed job")
-    command("main", _main, TUNE_OPTIONS, "prepare -> evaluate base -> tune -> promote as child runs")
-    score = commands.add_parser("score", help="SQuAD v1.1 EM/F1 of a predictions file, like evaluate-v1.1.py")
+    command("main", _main, "prepare -> evaluate base -> tune -> promote as child runs")
+    score = commands.add_parser("score", help="SQuAD v1.1 EM/F1 of a predictions file, like evaluate-v1.1.py",
+                                allow_abbrev=False)
     score.add_argument("dataset")
     score.add_argument("predictions")
     score.set_defaults(handler=_score)
@@ -139,9 +140,4 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "score":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        args.handler(args)
-    except FinetuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_guarded(lambda: args.handler(args))

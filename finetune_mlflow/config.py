@@ -9,136 +9,154 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import yaml
 
 from finetune_mlflow.errors import ConfigError
 
-ProviderName = Literal["local", "openai", "vertex"]
 OnInvalid = Literal["fail", "drop"]
+CheckpointChoice = Literal["auto", "all", "last", "best_val_loss"]
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+MAX_CONFIG_BYTES = 1_000_000
+
+
+def knob(default: Any, help: str, *, flag: str = "", low: float | None = None, high: float | None = None,
+         open_low: bool = False, choices: tuple = (), factory: Callable[[], Any] | None = None) -> Any:
+    """A config field with its one description: `help` (CLI `--help` and the README table), bounds checked at
+    load time (`low <= value <= high`, or `low < value` with `open_low`), allowed `choices`, and `flag`, the name
+    it takes as an entry-point parameter (`-P epochs=2` -> `--epochs 2`) when it has one."""
+    metadata = {"help": help, "flag": flag, "low": low, "high": high, "open_low": open_low, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def provider_section(cls: type) -> Any:
+    """A provider's config section: its name is the provider's name (`tune.provider` chooses among them)."""
+    return field(default_factory=cls, metadata={"provider": True})
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_data: str = "data/squad/train.json"
-    # Empty: prepare splits train_data by article so no article lands in both splits.
-    validation_data: str = "data/squad/validation.json"
-    validation_fraction: float = 0.2
-    # 0 keeps every example; otherwise the first N of each split after cleaning (deterministic).
-    max_examples: int = 0
-    max_validation_examples: int = 0
-    # Longer examples are refused: they blow provider token limits and cost.
-    max_example_chars: int = 20000
-    on_invalid: OnInvalid = "fail"
-    # Extractive data (SQuAD) must have every answer inside its context.
-    extractive: bool = True
+    train_data: str = knob("data/squad/train.json", "training data: SQuAD JSON, JSONL or CSV (path or URI)",
+                           flag="train_data")
+    validation_data: str = knob("data/squad/validation.json", "validation data; empty: split train_data by "
+                                "article", flag="validation_data")
+    validation_fraction: float = knob(0.2, "share of articles held out when validation_data is empty",
+                                      low=0, high=1, open_low=True)
+    max_examples: int = knob(0, "first N training examples after cleaning (0: all)", flag="max_examples",
+                             low=0, high=10_000_000)
+    max_validation_examples: int = knob(0, "first N validation examples after cleaning (0: all)",
+                                        flag="max_validation_examples", low=0, high=10_000_000)
+    max_example_chars: int = knob(20000, "longer examples are refused (token limits and cost)", low=1,
+                                  high=10_000_000)
+    on_invalid: OnInvalid = knob("fail", "an invalid row fails prepare, or is dropped and counted",
+                                 flag="on_invalid")
+    extractive: bool = knob(True, "every answer must occur inside its context (SQuAD)")
 
 
 @dataclass(frozen=True)
 class TuneConfig:
-    provider: ProviderName = "local"
-    base_model: str = "span-ranker-base"
-    epochs: int = 3
-    # For local: the SGD step size. For cloud providers: the learning-rate multiplier.
-    learning_rate: float = 0.1
-    # 0 means "provider default" (OpenAI "auto"); Vertex accepts no batch size at all.
-    batch_size: int = 0
-    # Empty: squad-qa-<provider>, so switching provider never files a model under another provider's name.
-    registered_model_name: str = ""
-    poll_interval: float = 1.0
-    # The job keeps running past the deadline; a rerun with --run-id reattaches to it.
-    timeout_seconds: float = 24 * 3600.0
-    seed: int = 0
-    suffix: str = "squad"
-    # 0 disables the guard; otherwise tune refuses to launch a job estimated above it.
-    max_cost_usd: float = 0.0
+    provider: str = knob("local", "which provider tunes: a provider section's name", flag="provider")
+    base_model: str = knob("span-ranker-base", "the model tuning starts from", flag="base_model")
+    epochs: int = knob(3, "passes over the training data", flag="epochs", low=1, high=100)
+    learning_rate: float = knob(0.005, "local: the Adam step; cloud providers: the learning-rate multiplier",
+                                flag="learning_rate", low=0, high=100, open_low=True)
+    batch_size: int = knob(0, "examples per step; 0: the provider's default", flag="batch_size", low=0, high=4096)
+    registered_model_name: str = knob("", "registered model; empty: squad-qa-<provider>",
+                                      flag="registered_model_name")
+    poll_interval: float = knob(1.0, "seconds between job polls", flag="poll_interval", low=0.01, high=3600)
+    timeout_seconds: float = knob(24 * 3600.0, "stop watching after this long; the job keeps running and a rerun "
+                                  "with --run-id reattaches", low=1, high=30 * 24 * 3600)
+    seed: int = knob(0, "training seed", low=0, high=2**31 - 1)
+    suffix: str = knob("squad", "suffix of the tuned model's name where the provider takes one")
+    max_cost_usd: float = knob(0.0, "refuse to launch a job estimated above this (0: no limit)",
+                               flag="max_cost_usd", low=0, high=1e6)
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    max_concurrency: int = 4
-    # The step fails when more than this fraction of requests fails.
-    max_error_rate: float = 0.05
-    bootstrap_samples: int = 1000
-    bootstrap_seed: int = 0
-    max_output_tokens: int = 32
-    request_retries: int = 4
-    # First wait before retrying a failed provider call (429/5xx/reset); doubles each time. Retry-After wins.
-    retry_backoff_seconds: float = 0.5
+    max_concurrency: int = knob(4, "requests in flight at once", flag="max_concurrency", low=1, high=256)
+    max_error_rate: float = knob(0.05, "the evaluation fails above this share of failed requests", low=0, high=1)
+    bootstrap_samples: int = knob(1000, "bootstrap resamples for the 95% intervals", low=100, high=100_000)
+    bootstrap_seed: int = knob(0, "seed of the bootstrap", low=0, high=2**31 - 1)
+    max_output_tokens: int = knob(32, "longest answer a model may generate", low=1, high=4096)
+    request_retries: int = knob(4, "retries of a failed provider call (429/5xx/reset)", low=0, high=20)
+    retry_backoff_seconds: float = knob(0.5, "first wait before a retry; doubles each time; Retry-After wins",
+                                        low=0, high=300)
 
 
 @dataclass(frozen=True)
 class PromotionConfig:
-    alias: str = "champion"
-    # The paired-bootstrap 95% lower bound of the F1 gain must exceed this (F1 points).
-    min_f1_gain: float = 0.0
-    # 0 disables the latency gate.
-    max_latency_ms_p95: float = 0.0
-    max_error_rate: float = 0.05
+    alias: str = knob("champion", "the alias promotion moves")
+    min_f1_gain: float = knob(0.0, "the 95% lower bound of the paired F1 gain must exceed this (F1 points)",
+                              low=-100, high=100)
+    max_latency_ms_p95: float = knob(0.0, "latency gate in ms (0: off)", low=0, high=3.6e6)
+    max_error_rate: float = knob(0.05, "error-rate gate", low=0, high=1)
 
 
 @dataclass(frozen=True)
 class LocalConfig:
-    # Where background training jobs keep status, events and weights; empty: ~/.cache/finetune-mlflow/local-jobs.
-    jobs_dir: str = ""
-    max_span_tokens: int = 8
-    # Validation loss is computed every N training steps.
-    eval_every_steps: int = 10
-    validation_loss_examples: int = 300
+    jobs_dir: str = knob("", "where local jobs live; empty: $FINETUNE_MLFLOW_HOME/local-jobs or "
+                         "~/.cache/finetune-mlflow/local-jobs")
+    max_span_tokens: int = knob(8, "longest answer span considered, in tokens", low=1, high=64)
+    eval_every_steps: int = knob(10, "val_loss every N training steps", low=1, high=1_000_000)
+    validation_loss_examples: int = knob(300, "validation examples val_loss is computed on", low=1,
+                                         high=1_000_000)
 
 
 @dataclass(frozen=True)
 class OpenAIConfig:
-    # Empty: the SDK's own resolution (OPENAI_BASE_URL, else api.openai.com).
-    base_url: str = ""
-    max_retries: int = 4
-    request_timeout_seconds: float = 60.0
-    # USD per 1M training tokens, by base model.
-    training_price_per_million_tokens: dict[str, float] = field(default_factory=dict)
-    context_limit_tokens: int = 65536
+    base_url: str = knob("", "API base URL; empty: OPENAI_BASE_URL, else api.openai.com")
+    max_retries: int = knob(4, "retries of a failed management call", low=0, high=20)
+    request_timeout_seconds: float = knob(60.0, "per-request timeout", low=1, high=3600)
+    training_price_per_million_tokens: dict[str, float] = knob(None, "USD per 1M training tokens by base model "
+                                                               "(dated in the YAML)", factory=dict)
+    context_limit_tokens: int = knob(65536, "longest example the base model accepts", low=1, high=10_000_000)
 
 
 @dataclass(frozen=True)
 class VertexConfig:
-    # Empty: GOOGLE_CLOUD_PROJECT, else the Application Default Credentials project.
-    project: str = ""
-    # Empty: GOOGLE_CLOUD_LOCATION, else us-central1.
-    location: str = ""
-    # Empty: FINETUNE_VERTEX_STAGING_BUCKET. A bucket name (a gs:// prefix is accepted).
-    staging_bucket: str = ""
-    staging_prefix: str = "finetune-mlflow"
-    # Empty: https://{location}-aiplatform.googleapis.com (tuning jobs, TensorBoard reads and prediction).
-    api_endpoint: str = ""
-    # Empty: the google-cloud-storage default (https://storage.googleapis.com).
-    storage_endpoint: str = ""
-    # LoRA adapter size: 1, 2, 4, 8, 16 or 32; 0 leaves it to Vertex.
-    adapter_size: int = 4
-    # Empty: the tuning job's Vertex AI Experiment's backing TensorBoard (projects/.../tensorboards/ID).
-    tensorboard: str = ""
-    request_timeout_seconds: float = 60.0
-    training_price_per_million_tokens: dict[str, float] = field(default_factory=dict)
-    max_example_tokens: int = 131072
-    max_validation_examples: int = 5000
+    project: str = knob("", "GCP project; empty: GOOGLE_CLOUD_PROJECT, else the ADC project")
+    location: str = knob("", "region; empty: GOOGLE_CLOUD_LOCATION, else us-central1")
+    staging_bucket: str = knob("", "Cloud Storage bucket for the data; empty: FINETUNE_VERTEX_STAGING_BUCKET")
+    staging_prefix: str = knob("finetune-mlflow", "object prefix in the staging bucket")
+    api_endpoint: str = knob("", "Vertex API endpoint; empty: https://{location}-aiplatform.googleapis.com")
+    storage_endpoint: str = knob("", "Cloud Storage endpoint; empty: the client default")
+    adapter_size: int = knob(4, "LoRA adapter size (the base model's documented sizes); 0: Vertex's default",
+                             choices=(0, 1, 2, 4, 8, 16, 32))
+    tensorboard: str = knob("", "TensorBoard to read curves from; empty: the job experiment's backing one")
+    request_timeout_seconds: float = knob(60.0, "per-request timeout", low=1, high=3600)
+    training_price_per_million_tokens: dict[str, float] = knob(None, "USD per 1M training tokens by base model "
+                                                               "(dated in the YAML)", factory=dict)
+    max_example_tokens: int = knob(131072, "longest example the base model accepts", low=1, high=10_000_000)
+    max_validation_examples: int = knob(5000, "Vertex's limit on validation examples", low=1, high=1_000_000)
 
 
 @dataclass(frozen=True)
 class Config:
+    experiment: str = knob("", "MLflow experiment the runs go to (created on first use); MLflow's own "
+                           "--experiment-name / MLFLOW_EXPERIMENT_NAME win")
     data: DataConfig = field(default_factory=DataConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
-    local: LocalConfig = field(default_factory=LocalConfig)
-    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
-    vertex: VertexConfig = field(default_factory=VertexConfig)
+    local: LocalConfig = provider_section(LocalConfig)
+    openai: OpenAIConfig = provider_section(OpenAIConfig)
+    vertex: VertexConfig = provider_section(VertexConfig)
+    # Where this config was loaded from (not a YAML key): logged as the `config_file` param.
+    config_file: str = field(default="", metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "config_file"}
 
     def sha256(self, *sections: str) -> str:
         """Hash of the given sections (all by default), stable across key order, for run reuse lookups."""
@@ -146,31 +164,54 @@ class Config:
         chosen = {name: full[name] for name in (sections or tuple(full))}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
 
-    def flat_params(self) -> dict[str, str]:
-        """`section.key` -> string, the shape MLflow params take."""
-        out = {}
-        for section, values in self.to_dict().items():
-            for key, value in values.items():
-                out[f"{section}.{key}"] = json.dumps(value) if isinstance(value, dict) else str(value)
-        return out
+    def section_params(self, section: str) -> dict[str, str]:
+        """One section as `section.key` -> string, the shape MLflow params take."""
+        values = dataclasses.asdict(getattr(self, section))
+        return {f"{section}.{k}": json.dumps(v) if isinstance(v, dict) else str(v) for k, v in values.items()}
+
+    def run_params(self) -> dict[str, str]:
+        """The knobs that define a tuning run, each under one name, plus the active provider's section."""
+        tune = self.tune
+        return {"provider": tune.provider, "base_model": tune.base_model, "epochs": str(tune.epochs),
+                "learning_rate": str(tune.learning_rate), "batch_size": str(tune.batch_size),
+                "config_file": self.config_file or "<defaults>", "config_sha256": self.sha256()[:16],
+                **self.section_params(tune.provider)}
+
+    def run_name(self, step: str) -> str:
+        """What a person reads in the runs table: `tune openai/gpt-4o-mini e3 lr1.8`."""
+        tune = self.tune
+        return f"{step} {tune.provider}/{tune.base_model} e{tune.epochs} lr{tune.learning_rate:g}"
 
 
-# Entry-point parameter names that map onto config fields without a section prefix.
-FLAT_OVERRIDES: dict[str, str] = {
-    "train_data": "data.train_data",
-    "validation_data": "data.validation_data",
-    "max_examples": "data.max_examples",
-    "on_invalid": "data.on_invalid",
-    "provider": "tune.provider",
-    "base_model": "tune.base_model",
-    "epochs": "tune.epochs",
-    "learning_rate": "tune.learning_rate",
-    "batch_size": "tune.batch_size",
-    "registered_model_name": "tune.registered_model_name",
-    "poll_interval": "tune.poll_interval",
-    "max_cost_usd": "tune.max_cost_usd",
-    "max_concurrency": "evaluate.max_concurrency",
-}
+def provider_sections() -> tuple[str, ...]:
+    """Names of the provider sections, i.e. the providers a config can choose."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("provider"))
+
+
+def _knobs() -> Iterator[tuple[str, dataclasses.Field]]:
+    """Every (dotted key, field) of the config, sections expanded."""
+    for top in dataclasses.fields(Config):
+        if top.metadata.get("internal"):
+            continue
+        if isinstance(top.default_factory, type):  # a section
+            for inner in dataclasses.fields(top.default_factory):
+                yield f"{top.name}.{inner.name}", inner
+        else:
+            yield top.name, top
+
+
+def entry_flags() -> dict[str, tuple[str, str]]:
+    """Entry-point parameter name -> (dotted config key, help): what `-P name=value` may set."""
+    return {f.metadata["flag"]: (key, f.metadata["help"]) for key, f in _knobs() if f.metadata.get("flag")}
+
+
+def knob_table() -> list[tuple[str, str, str, str]]:
+    """(dotted key, parameter name or "", default, help) of every knob, for `--help` and the README."""
+    rows = []
+    for key, f in _knobs():
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        rows.append((key, f.metadata.get("flag", ""), json.dumps(default), f.metadata.get("help", "")))
+    return rows
 
 
 # Where a dotted key's value came from, for error messages: "file.yaml:7", "parameter epochs" or "<defaults>".
@@ -245,7 +286,7 @@ def _coerce(value: Any, annotation: Any, key: str, origin: Origin) -> Any:
 
 def _build(cls: type, values: dict[str, Any], key: str, origin: Origin) -> Any:
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     unknown = sorted(set(values) - known)
     if unknown:
         section = f"{key}: " if key else ""
@@ -263,23 +304,37 @@ def _build(cls: type, values: dict[str, Any], key: str, origin: Origin) -> Any:
     return cls(**kwargs)
 
 
+def _out_of_bounds(value: Any, meta: Mapping[str, Any]) -> str | None:
+    """What is wrong with a value against its knob's bounds and choices, or None."""
+    if meta.get("choices") and value not in meta["choices"]:
+        return f"one of {', '.join(map(str, meta['choices']))}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    low, high = meta.get("low"), meta.get("high")
+    if not math.isfinite(value):
+        return "a finite number"
+    if low is not None and (value <= low if meta.get("open_low") else value < low):
+        return f"{'>' if meta.get('open_low') else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+    if high is not None and value > high:
+        return f"<= {high:g}" + (f" and >= {low:g}" if low is not None else "")
+    return None
+
+
 def _validate(config: Config, origin: Origin) -> None:
-    checks = [
-        (config.tune.epochs >= 1, "tune.epochs", config.tune.epochs, "an integer >= 1"),
-        (config.tune.learning_rate > 0, "tune.learning_rate", config.tune.learning_rate, "a number > 0"),
-        (config.tune.batch_size >= 0, "tune.batch_size", config.tune.batch_size, "0 (provider default) or more"),
-        (config.tune.poll_interval > 0, "tune.poll_interval", config.tune.poll_interval, "seconds > 0"),
-        (config.tune.max_cost_usd >= 0, "tune.max_cost_usd", config.tune.max_cost_usd, "0 (no limit) or more"),
-        (config.data.max_examples >= 0, "data.max_examples", config.data.max_examples, "0 (all) or more"),
-        (0 < config.data.validation_fraction < 1, "data.validation_fraction", config.data.validation_fraction,
-         "a fraction between 0 and 1"),
-        (config.evaluate.max_concurrency >= 1, "evaluate.max_concurrency", config.evaluate.max_concurrency, ">= 1"),
-        (0 <= config.evaluate.max_error_rate <= 1, "evaluate.max_error_rate", config.evaluate.max_error_rate,
-         "a fraction between 0 and 1"),
-    ]
-    for ok, key, value, expected in checks:
-        if not ok:
+    """Every knob against its bounds, then the rules that span fields, before any run starts or money is spent."""
+    for key, f in _knobs():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(config, section), name) if section else getattr(config, name)
+        expected = _out_of_bounds(value, f.metadata)
+        if expected:
             raise ConfigError(f"{origin(key)}: {key} is {value!r}; expected {expected}")
+    if config.tune.provider not in provider_sections():
+        raise ConfigError(f"{origin('tune.provider')}: unknown provider {config.tune.provider!r}; expected one of "
+                          f"{', '.join(provider_sections())}")
+    if not MODEL_NAME.fullmatch(config.tune.registered_model_name):
+        raise ConfigError(f"{origin('tune.registered_model_name')}: tune.registered_model_name "
+                          f"{config.tune.registered_model_name!r} must be 1-100 letters, digits, '.', '_' or '-' "
+                          "(no slashes or spaces)")
     for key, url in (("openai.base_url", config.openai.base_url), ("vertex.api_endpoint", config.vertex.api_endpoint),
                      ("vertex.storage_endpoint", config.vertex.storage_endpoint)):
         parts = urllib.parse.urlsplit(url)
@@ -290,51 +345,103 @@ def _validate(config: Config, origin: Origin) -> None:
                               "the environment (OPENAI_API_KEY, Application Default Credentials)")
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load a YAML experiment, apply entry-point overrides (flat names or `section.key`), validate."""
-    source = str(path) if path else "<defaults>"
-    raw: dict[str, Any] = {}
-    lines: dict[str, int] = {}
-    if path:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file {source} does not exist; pass -P config=experiments/<name>.yaml") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{source}{line}: not valid YAML ({getattr(e, 'problem', e)})") from e
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
-        raw = loaded
-        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
-    merged = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
-    parameters: dict[str, str] = {}  # dotted key -> the entry-point parameter that set it
-    for name, value in (overrides or {}).items():
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML without aliases (an alias bomb expands without bound) or duplicate keys (the last would win
+    silently)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.MarkedYAMLError(problem="aliases (*name) are not allowed in experiment files",
+                                       problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.value in seen:
+                raise yaml.MarkedYAMLError(problem=f"duplicate key {key_node.value!r}",
+                                           problem_mark=key_node.start_mark)
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: Path, source: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """The YAML mapping and the line of every key, or a ConfigError naming the file (and line)."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{source}: {path.stat().st_size} bytes; an experiment file is at most "
+                              f"{MAX_CONFIG_BYTES} bytes")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {source} does not exist; pass -P config=experiments/<name>.yaml") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: cannot read the config file ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        node = yaml.compose(text, Loader=_StrictLoader)
+        loaded = _StrictLoader(text).get_single_data() if node is not None else None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if loaded is None:
+        return {}, {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+    return loaded, _key_lines(node)
+
+
+def _apply_overrides(merged: dict[str, Any], overrides: Mapping[str, Any], source: str) -> dict[str, str]:
+    """Put entry-point parameters (flag names or `section.key`) into the merged mapping; returns dotted -> name."""
+    flags = entry_flags()
+    parameters: dict[str, str] = {}
+    for name, value in overrides.items():
         if value is None or value == "":
             continue  # an entry-point parameter left empty means "keep the config's value"
-        dotted = FLAT_OVERRIDES.get(name, name)
+        dotted = flags[name][0] if name in flags else name
         if "." not in dotted:
-            raise ConfigError(
-                f"unknown parameter {name!r}; expected one of {', '.join(sorted(FLAT_OVERRIDES))} or section.key"
-            )
+            raise ConfigError(f"unknown parameter {name!r}; expected one of {', '.join(sorted(flags))} or "
+                              "section.key (e.g. -P local.max_span_tokens=6)")
         section, key = dotted.split(".", 1)
         merged.setdefault(section, {})
         if not isinstance(merged[section], dict):
             raise ConfigError(f"{source}: section {section!r} must be a mapping")
         merged[section][key] = value
         parameters[dotted] = name
+    return parameters
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load a YAML experiment, apply entry-point overrides (flag names or `section.key`), validate."""
+    source = str(path) if path else "<defaults>"
+    raw, lines = _read_yaml(Path(path), source) if path else ({}, {})
+    merged = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    merged.pop("sweep", None)  # the sweep block is read by the sweep entry point (`sweep.py`)
+    parameters = _apply_overrides(merged, overrides or {}, source)
     origin = _origin(source, lines, parameters)
     config = _build(Config, merged, "", origin)
+    config = dataclasses.replace(config, config_file=str(path) if path else "")
     if not config.tune.registered_model_name.strip():
         config = dataclasses.replace(config, tune=dataclasses.replace(
             config.tune, registered_model_name=f"squad-qa-{config.tune.provider}"))
     _validate(config, origin)
     return config
+
+
+def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
+    """`config` with dotted or flag-name overrides applied and validated (a sweep's grid point)."""
+    merged = config.to_dict()
+    parameters = _apply_overrides(merged, overrides, config.config_file or "<defaults>")
+    origin = _origin(config.config_file or "<defaults>", {}, parameters)
+    built = dataclasses.replace(_build(Config, merged, "", origin), config_file=config.config_file)
+    _validate(built, origin)
+    return built
+
+
+def read_raw_section(path: str | Path, section: str) -> Any:
+    """One top-level block of an experiment file as plain data (the `sweep:` block), None when absent."""
+    raw, _ = _read_yaml(Path(path), str(path))
+    return raw.get(section)
 
 
 def dump_yaml(config: Config) -> str:

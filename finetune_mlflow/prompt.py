@@ -19,3 +19,8 @@ def clean_completion(text: str | None) -> str:
         return ""
     first_line = text.strip().splitlines()[0] if text.strip() else ""
     return first_line.strip().strip('"').strip()
+
+
+def training_answer(answers: list[str]) -> str:
+    """The target a model is tuned on: the first gold answer, as SQuAD training conventionally does."""
+    return answers[0]

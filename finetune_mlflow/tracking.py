@@ -4,24 +4,32 @@ RUNNING. Works against any tracking store (file, SQLite, PostgreSQL behind `mlfl
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import logging
-import subprocess
+import os
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from finetune_mlflow.providers.base import MetricPoint
-
 logger = logging.getLogger(__name__)
 
-# MLflow's log_batch accepts at most 1000 metrics per call.
-MAX_METRICS_PER_BATCH = 1000
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_EXPERIMENT_ID = "0"
+
+
+class Point(Protocol):
+    """A metric point as providers report it (`providers.base.MetricPoint`)."""
+
+    key: str
+    value: float
+    step: int
+    timestamp_ms: int
 
 
 class MetricSink:
@@ -41,7 +49,7 @@ class MetricSink:
             self._seen[key] = {m.step for m in self.client.get_metric_history(self.run_id, key)}
         return self._seen[key]
 
-    def log(self, points: Iterable[MetricPoint]) -> int:
+    def log(self, points: Iterable[Point]) -> int:
         """Log what is new; a step counts as logged only once its batch was accepted, so a failed call
         (tracking server briefly down) can simply be repeated with the same points."""
         fresh: dict[tuple[str, int], Metric] = {}
@@ -49,11 +57,9 @@ class MetricSink:
             if point.step not in self._steps(point.key):
                 fresh[(point.key, point.step)] = Metric(point.key, point.value, point.timestamp_ms, point.step)
         metrics = list(fresh.values())
-        for begin in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            batch = metrics[begin: begin + MAX_METRICS_PER_BATCH]
-            self.client.log_batch(self.run_id, metrics=batch)
-            for metric in batch:
-                self._seen[metric.key].add(metric.step)
+        self.client.log_batch(self.run_id, metrics=metrics)  # MLflow splits it into requests of allowed size
+        for metric in metrics:
+            self._seen[metric.key].add(metric.step)
         return len(metrics)
 
 
@@ -70,18 +76,17 @@ def log_values(client: MlflowClient, run_id: str, *, metrics: dict[str, float] |
     fresh_params = [Param(k, str(v)) for k, v in (params or {}).items() if k not in existing]
     metric_list = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
     tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    for begin in range(0, max(len(metric_list), 1), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metric_list[begin: begin + MAX_METRICS_PER_BATCH],
-                         params=fresh_params if begin == 0 else [], tags=tag_list if begin == 0 else [])
+    client.log_batch(run_id, metrics=metric_list, params=fresh_params, tags=tag_list)
 
 
-def git_commit() -> str:
-    """The project's commit, or "none" outside a git checkout (so lookups still compare equal strings)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "none"
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of the package's source files: a reused prepare or base evaluation was made by this very code
+    (the prompt and the cleaning rules live in it), uncommitted edits included, with no git needed."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def quote(value: str) -> str:
@@ -105,21 +110,51 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
     Any exception ends the run FAILED before it propagates: no run is left RUNNING.
     """
     parent = mlflow.active_run()
-    with ending_run(mlflow.start_run(run_name=run_name, nested=parent is not None, tags={
-            "finetune.step": step, "finetune.git_commit": git_commit(), **(tags or {})})) as run:
-        yield run
-
-
-@contextlib.contextmanager
-def ending_run(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
-    """End a started run FINISHED, or FAILED if anything (even KeyboardInterrupt) escapes the block."""
+    run = mlflow.start_run(run_name=run_name, nested=parent is not None, tags={
+        "finetune.step": step, "finetune.code_version": code_version(), **(tags or {})})
     try:
         yield run
-    except BaseException:
-        mlflow.end_run("FAILED")
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (process.Terminated): stopped, not broken
+        _end(run, "KILLED", f"{type(e).__name__}: {e or 'interrupted'}")
+        raise
+    except BaseException as e:
+        _end(run, "FAILED", f"{type(e).__name__}: {e}")
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def _end(run: mlflow.ActiveRun, status: str, reason: str) -> None:
+    """End the active run with a status and the reason as a tag; the reason is best effort (the store may be
+    the thing that failed), the status is not."""
+    try:
+        MlflowClient().set_tag(run.info.run_id, "finetune.end_reason", reason[:5000])
+    except Exception as e:  # noqa: BLE001 - a full disk or a dead server must not hide the original error
+        logger.warning("could not record why run %s ended: %s", run.info.run_id, e)
+    mlflow.end_run(status)
+
+
+def use_experiment(name: str) -> None:
+    """Send this process's runs to the experiment its config names (created on first use). MLflow's own choice
+    wins: `--experiment-name`/`--experiment-id`, `MLFLOW_EXPERIMENT_NAME`/`_ID`, or a run given with `--run-id`.
+    Under a plain `mlflow run`, which has already opened a run in the Default experiment, that run is kept as a
+    launcher record pointing at the step's run, and the step's run goes to the named experiment."""
+    if not name or os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        return
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    if launcher:
+        run = MlflowClient().get_run(launcher)
+        if run.info.experiment_id != DEFAULT_EXPERIMENT_ID or run.data.tags.get("finetune.step"):
+            return  # chosen by the user (--experiment-name, --run-id of one of our runs)
+        experiment_id = mlflow.set_experiment(name).experiment_id
+        del os.environ["MLFLOW_RUN_ID"]
+        MlflowClient().set_tag(launcher, "finetune.launched_into_experiment", name)
+        MlflowClient().set_tag(launcher, "mlflow.note.content",
+                               f"`mlflow run` opened this run here; the step ran in experiment {name!r} "
+                               f"(id {experiment_id}). Pass --experiment-name to choose another.")
+        return
+    if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        mlflow.set_experiment(name)
 
 
 def log_json(payload: object, artifact_file: str) -> None:

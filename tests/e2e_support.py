@@ -172,3 +172,8 @@ def run_with_job_tag(proc: subprocess.Popen, log_path: Path, experiment_id: str 
                 return run
         return None
     return condition
+
+
+def all_experiment_ids() -> list[str]:
+    """Every experiment of the test's store: runs go to the experiment their config names."""
+    return [e.experiment_id for e in MlflowClient().search_experiments()]

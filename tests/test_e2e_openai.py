@@ -3,10 +3,11 @@ in-process fake, then kill -9 mid-job and reattach with --run-id, then a failed 
 
 from __future__ import annotations
 
+from tests.e2e_support import all_experiment_ids
 import pytest
 from mlflow.tracking import MlflowClient
 
-from finetune_mlflow import openai_data
+from finetune_mlflow.providers.openai import data as openai_data
 
 from tests import e2e_support as e2e
 from tests.fakes.openai_server import FakeOpenAI, JobScript
@@ -142,7 +143,7 @@ def test_failed_job_fails_the_run_with_the_providers_error(openai_fake, small_sq
     with pytest.raises(ExecutionException, match="failed"):  # the command exited non-zero
         e2e.run_entry_point("tune", tune_parameters(small_squad))
     client = MlflowClient()
-    runs = client.search_runs(["0"], "tags.`finetune.step` = 'tune'")
+    runs = client.search_runs(all_experiment_ids(), "tags.`finetune.step` = 'tune'")
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FAILED"

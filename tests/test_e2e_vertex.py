@@ -4,6 +4,7 @@ mid-job and reattach with --run-id, then a failed job."""
 
 from __future__ import annotations
 
+from tests.e2e_support import all_experiment_ids
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from finetune_mlflow.providers.vertex import SERIES_KEYS
+from finetune_mlflow.providers.vertex.provider import SERIES_KEYS
 
 from tests import e2e_support as e2e
 from tests.fakes.vertex_server import FakeVertexServer, JobScript, default_series
@@ -160,7 +161,7 @@ def test_failed_job_fails_the_run_with_the_providers_error(fake, config_file, sm
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Dataset validation failed" in done.stderr
     client = MlflowClient()
-    runs = client.search_runs(["0"], "tags.`finetune.step` = 'tune'")
+    runs = client.search_runs(all_experiment_ids(), "tags.`finetune.step` = 'tune'")
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FAILED"

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune_mlflow import gemini_data, openai_data
+from finetune_mlflow.providers.openai import data as openai_data
+from finetune_mlflow.providers.vertex import data as gemini_data
 from finetune_mlflow.costing import estimate_cost_usd
 from finetune_mlflow.config import load_config
 

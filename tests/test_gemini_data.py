@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune_mlflow import gemini_data
+from finetune_mlflow.providers.vertex import data as gemini_data
 from finetune_mlflow.costing import approx_tokens, billed_tokens, estimate_cost_usd
 from finetune_mlflow.errors import DataError
-from finetune_mlflow.formats import to_gemini
+from finetune_mlflow.providers.vertex.data import to_gemini
 
 EXAMPLE = {"question": "Who won?", "context": "The Broncos won the game.", "answers": ["The Broncos"]}
 

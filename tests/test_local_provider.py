@@ -16,7 +16,7 @@ from finetune_mlflow.config import load_config
 from finetune_mlflow.errors import ConfigError, ProviderError
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningRequest
-from finetune_mlflow.steps.prepare import build_splits, write_prepared
+from finetune_mlflow.preparation import build_splits, write_prepared
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_a_redundant_trainer_launch_leaves_the_running_job_alone(prepared):
     job = provider.start_job(request(prepared, epochs=3))
     job_dir = provider.jobs_dir / job.job_id
     first = json.loads(wait_for_file(job_dir / "pid.json").read_text())["pid"]
-    second = subprocess.run([sys.executable, "-m", "finetune_mlflow.local_trainer", str(job_dir)],
+    second = subprocess.run([sys.executable, "-m", "finetune_mlflow.providers.local.trainer", str(job_dir)],
                             capture_output=True, text=True, timeout=60)
     assert second.returncode == 0 and "another trainer holds this job" in second.stderr
     final = wait(provider, job.job_id)

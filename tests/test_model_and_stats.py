@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from finetune_mlflow import span_model
+from finetune_mlflow.providers.local import span_model
 from finetune_mlflow.config import PromotionConfig
 from finetune_mlflow.evaluation import EvaluationRun, ExampleResult, check_error_rate, delta_against, \
     run_predictions, summarize
@@ -150,7 +150,7 @@ def test_features_do_not_depend_on_the_string_hash_seed():
     import sys
 
     script = (
-        "import hashlib; from finetune_mlflow import span_model as s; "
+        "import hashlib; from finetune_mlflow.providers.local import span_model as s; "
         f"f = s.features('What did Rollo sign with King Charles in 911 treaty?', {CONTEXT!r}, "
         "{'rollo': 2.5, 'sign': 1.3, 'king': 1.7, 'charle': 2.1, 'treaty': 2.9, '911': 3.3}, 6); "
         "print(hashlib.sha256(f.start.tobytes() + f.inside.tobytes()).hexdigest())"

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from finetune_mlflow import openai_data
+from finetune_mlflow.providers.openai import data as openai_data
 from finetune_mlflow.costing import billed_tokens, estimate_cost_usd
 from finetune_mlflow.errors import DataError
-from finetune_mlflow.formats import to_openai_chat
+from finetune_mlflow.providers.openai.data import to_openai_chat
 from finetune_mlflow.providers.base import MetricPoint
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from finetune_mlflow import openai_data
+from finetune_mlflow.providers.openai import data as openai_data
 from finetune_mlflow.config import Config, EvaluateConfig, OpenAIConfig, TuneConfig
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
-from finetune_mlflow.formats import to_openai_chat
+from finetune_mlflow.providers.openai.data import to_openai_chat
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, user_prompt
 from finetune_mlflow.providers.base import JobState, Provider, TuningRequest
-from finetune_mlflow.providers.openai_provider import OpenAIProvider
+from finetune_mlflow.providers.openai.provider import OpenAIProvider
 from finetune_mlflow.providers.retry import RetryPolicy
 
 from tests.fakes.openai_server import FakeOpenAI, JobScript

@@ -8,7 +8,9 @@ import pytest
 
 from finetune_mlflow import cleaning
 from finetune_mlflow.errors import DataError
-from finetune_mlflow.formats import FORMATS, to_gemini, to_openai_chat, to_prompt_completion
+from finetune_mlflow.providers import PROVIDERS, training_records
+from finetune_mlflow.providers.openai.data import to_openai_chat
+from finetune_mlflow.providers.vertex.data import to_gemini
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, clean_completion, user_prompt
 from finetune_mlflow.records import read_examples
 from tests.conftest import SQUAD_TRAIN
@@ -101,10 +103,10 @@ def test_provider_formats_share_one_prompt():
     assert [c["role"] for c in gemini["contents"]] == ["user", "model"]
     assert gemini["contents"][1]["parts"] == [{"text": "Ada"}]
     assert gemini["systemInstruction"]["parts"][0]["text"] == SYSTEM_INSTRUCTION
-    legacy = to_prompt_completion(row)
-    assert legacy["prompt"].endswith("Answer:") and legacy["completion"] == " Ada"
-    assert set(FORMATS) == {"openai", "gemini", "completion"}
-    json.dumps([to_openai_chat(row), gemini, legacy])
+    # Each provider with a record format of its own writes it to prepared/<provider name>/.
+    assert training_records() == {"openai": to_openai_chat, "vertex": to_gemini}
+    assert set(training_records()) <= set(PROVIDERS)
+    json.dumps([to_openai_chat(row), gemini])
 
 
 def test_clean_completion_keeps_the_answer_line():

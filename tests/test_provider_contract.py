@@ -17,7 +17,7 @@ import pytest
 from finetune_mlflow.config import load_config
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Prediction, Provider, TuningRequest
-from finetune_mlflow.steps.prepare import build_splits, write_prepared
+from finetune_mlflow.preparation import build_splits, write_prepared
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.openai_server import JobScript as OpenAIScript
 from tests.fakes.vertex_server import FakeVertexServer

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from tests.e2e_support import all_experiment_ids
 import os
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def test_tune_leaks_no_secret(small_squad, tmp_path):
     assert leaks_in(result.stdout) == [] and leaks_in(result.stderr) == []
 
     # The run really wrote what is being scanned: the SQLite store, artifacts under ./mlruns, the job directory.
-    run = MlflowClient().search_runs(["0"], "tags.`finetune.step` = 'tune'")[0]
+    run = MlflowClient().search_runs(all_experiment_ids(), "tags.`finetune.step` = 'tune'")[0]
     assert run.info.status == "FINISHED"
     artifact_root = Path(run.info.artifact_uri.removeprefix("file://"))
     assert artifact_root.is_relative_to(tmp_path), run.info.artifact_uri

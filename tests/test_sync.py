@@ -3,6 +3,7 @@ name, and a second sync that updates the same run instead of creating another.""
 
 from __future__ import annotations
 
+from tests.e2e_support import all_experiment_ids
 import json
 import urllib.request
 
@@ -10,7 +11,7 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
-from finetune_mlflow.providers.vertex import SERIES_KEYS
+from finetune_mlflow.providers.vertex.provider import SERIES_KEYS
 
 from tests import e2e_support as e2e
 from tests.fakes.openai_server import FakeOpenAI, JobScript
@@ -29,7 +30,7 @@ def sync_parameters(small_squad, job_id: str, **extra) -> dict[str, str]:
 
 
 def job_runs(job_id: str) -> list:
-    return MlflowClient().search_runs(["0"], f"tags.`finetune.job_id` = '{job_id}'")
+    return MlflowClient().search_runs(all_experiment_ids(), f"tags.`finetune.job_id` = '{job_id}'")
 
 
 def finished_job(server: FakeOpenAI, script: JobScript | None = None) -> str:

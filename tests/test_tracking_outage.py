@@ -7,6 +7,7 @@ until writes succeed again.
 
 from __future__ import annotations
 
+from tests.e2e_support import all_experiment_ids
 import json
 import os
 import signal
@@ -65,7 +66,7 @@ def test_metric_points_survive_a_tracking_server_outage(small_squad, tmp_path, m
         client = MlflowClient(tracking_uri=url)
 
         def streaming_run():
-            for run in client.search_runs(["0"], "tags.`finetune.step` = 'tune'"):
+            for run in client.search_runs(all_experiment_ids(), "tags.`finetune.step` = 'tune'"):
                 if run.data.tags.get("finetune.job_id") and client.get_metric_history(run.info.run_id, "train_loss"):
                     return run
             return None

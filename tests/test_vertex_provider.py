@@ -13,11 +13,11 @@ import pytest
 
 from finetune_mlflow.config import Config, EvaluateConfig, TuneConfig, VertexConfig
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
-from finetune_mlflow.formats import to_gemini
+from finetune_mlflow.providers.vertex.data import to_gemini
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, user_prompt
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningRequest
 from finetune_mlflow.providers.retry import RetryPolicy
-from finetune_mlflow.providers.vertex import SERIES_KEYS, VertexProvider
+from finetune_mlflow.providers.vertex.provider import SERIES_KEYS, VertexProvider
 from tests.fakes.vertex_server import FakeVertexServer, JobScript
 
 TOKEN = "ya29.fake-static-token-for-tests"
@@ -78,7 +78,7 @@ EXAMPLES = [
 
 @pytest.fixture
 def prepared(tmp_path) -> Path:
-    gemini = tmp_path / "prepared" / "gemini"
+    gemini = tmp_path / "prepared" / "vertex"
     gemini.mkdir(parents=True)
     (gemini / "train.jsonl").write_text("".join(json.dumps(to_gemini(e)) + "\n" for e in EXAMPLES[:4]))
     (gemini / "validation.jsonl").write_text("".join(json.dumps(to_gemini(e)) + "\n" for e in EXAMPLES[4:]))
@@ -143,8 +143,8 @@ def test_happy_path_one_job_uploads_and_curves(fake, prepared):
     # Data landed in the fake bucket under <prefix>/<run_id>/, byte for byte.
     prefix = f"finetune-mlflow/{RUN_ID}"
     assert set(fake.objects) == {(BUCKET, f"{prefix}/train.jsonl"), (BUCKET, f"{prefix}/validation.jsonl")}
-    assert fake.objects[(BUCKET, f"{prefix}/train.jsonl")] == (prepared / "gemini" / "train.jsonl").read_bytes()
-    assert fake.objects[(BUCKET, f"{prefix}/validation.jsonl")] == (prepared / "gemini" / "validation.jsonl").read_bytes()
+    assert fake.objects[(BUCKET, f"{prefix}/train.jsonl")] == (prepared / "vertex" / "train.jsonl").read_bytes()
+    assert fake.objects[(BUCKET, f"{prefix}/validation.jsonl")] == (prepared / "vertex" / "validation.jsonl").read_bytes()
     assert {kind for _, _, kind in fake.uploads} == {"multipart"}
 
     # The create request the real SDK sent.
@@ -276,7 +276,7 @@ def test_staging_bucket_from_env(fake, prepared, monkeypatch):
 
 
 def test_data_errors_name_the_line_before_any_http(fake, prepared):
-    train = prepared / "gemini" / "train.jsonl"
+    train = prepared / "vertex" / "train.jsonl"
     lines = train.read_text().splitlines()
     bad = json.loads(lines[2])
     bad["contents"][1]["role"] = "user"

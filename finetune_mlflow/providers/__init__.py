@@ -1,9 +1,12 @@
-"""Provider registry: name -> constructor. SDKs are imported inside each provider module, never here."""
+"""Provider registry: one line per provider package. Each package's `__init__` is pure (no SDK import) and names
+its provider class (`PROVIDER_CLASS`, imported only when that provider is used) and its tuning-record converter
+(`TRAINING_RECORD`); its settings are the config section of the same name."""
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable
 
 from finetune_mlflow.errors import ConfigError
 
@@ -11,21 +14,28 @@ if TYPE_CHECKING:
     from finetune_mlflow.config import Config
     from finetune_mlflow.providers.base import Provider
 
-# name -> "module:class"; modules are imported lazily so `local` needs no cloud SDK at all.
 PROVIDERS: dict[str, str] = {
-    "local": "finetune_mlflow.providers.local:LocalProvider",
-    "openai": "finetune_mlflow.providers.openai_provider:OpenAIProvider",
-    "vertex": "finetune_mlflow.providers.vertex:VertexProvider",
+    "local": "finetune_mlflow.providers.local",
+    "openai": "finetune_mlflow.providers.openai",
+    "vertex": "finetune_mlflow.providers.vertex",
 }
+
+
+def _package(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(PROVIDERS[name])
+    except KeyError:
+        raise ConfigError(f"unknown provider {name!r}; expected one of {', '.join(sorted(PROVIDERS))} "
+                          "(set tune.provider or -P provider=)") from None
 
 
 def get_provider(name: str, config: "Config") -> "Provider":
     """Build the named provider from the resolved config (credentials are resolved in its constructor)."""
-    try:
-        target = PROVIDERS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown provider {name!r}; expected one of {', '.join(sorted(PROVIDERS))} (set tune.provider or -P provider=)"
-        ) from None
-    module_name, class_name = target.split(":")
+    module_name, class_name = _package(name).PROVIDER_CLASS.split(":")
     return getattr(importlib.import_module(module_name), class_name)(config)
+
+
+def training_records() -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+    """Provider name -> converter of a canonical example into that provider's tuning record (`prepared/<name>/`)."""
+    converters = {name: _package(name).TRAINING_RECORD for name in PROVIDERS}
+    return {name: convert for name, convert in converters.items() if convert is not None}

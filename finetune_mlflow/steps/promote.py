@@ -28,8 +28,8 @@ from finetune_mlflow.evaluation import run_predictions, summarize
 from finetune_mlflow.promotion import Decision, Evidence, decide
 from finetune_mlflow.records import read_jsonl
 from finetune_mlflow.stats import paired_bootstrap_delta
-from finetune_mlflow.steps.evaluate import RESULTS_TABLE, load_rows, resolve_model
-from finetune_mlflow.steps.prepare import PREPARED
+from finetune_mlflow.preparation import PREPARED
+from finetune_mlflow.scoring import RESULTS_TABLE, load_rows, resolve_model
 from finetune_mlflow.tracking import log_values, step_run
 
 logger = logging.getLogger(__name__)

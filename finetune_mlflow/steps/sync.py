@@ -36,9 +36,10 @@ from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, FinetuneError, TuningJobFailed
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningJob
-from finetune_mlflow.steps.prepare import Prepared, ensure_prepared
-from finetune_mlflow.steps.tune import JOB_ID_TAG, finish_job, stream_job
-from finetune_mlflow.tracking import MetricSink, ending_run, log_json, log_values, quote, step_run
+from finetune_mlflow.job_tracking import JOB_ID_TAG, finish_job, stream_job
+from finetune_mlflow.preparation import Prepared, ensure_prepared
+from finetune_mlflow.scoring import base_evaluation
+from finetune_mlflow.tracking import MetricSink, log_json, log_values, quote, step_run
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _job_run(existing_run_id: str | None, job_id: str, provider: str) -> Iterato
                       tags={JOB_ID_TAG: job_id, "finetune.provider": provider}) as run:
             yield run
         return
-    with ending_run(mlflow.start_run(run_id=existing_run_id, nested=True)) as run:
+    with mlflow.start_run(run_id=existing_run_id, nested=True) as run:
         yield run
 
 
@@ -158,7 +159,8 @@ def sync_job(provider: Provider, job_id: str, config: Config, prepared: Prepared
             if registered:
                 logger.info("run %s already evaluated and registered %s as %s", run_id, job.tuned_model, registered)
                 return SyncedJob(job_id, run_id, job.state, existing is None, registered)
-            _, version = finish_job(provider, job, run_id, job_config, prepared)
+            base = base_evaluation(job_config, prepared, provider)
+            _, version = finish_job(provider, job, run_id, job_config, prepared, base)
             return SyncedJob(job_id, run_id, job.state, existing is None, f"{version.name}/{version.version}")
     except TuningJobFailed as e:
         logger.warning("job %s: %s", job_id, e)

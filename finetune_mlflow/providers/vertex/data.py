@@ -1,6 +1,6 @@
 """Pure checks and estimates for Gemini supervised-tuning JSONL (Vertex AI), run before any upload.
 
-No network and no MLflow here: the Vertex provider's preflight calls these on `prepared/gemini/*.jsonl`.
+No network and no MLflow here: the Vertex provider's preflight calls these on `prepared/vertex/*.jsonl`.
 
 Record shape (one JSON object per line), as Vertex AI documents for Gemini supervised tuning::
 
@@ -26,6 +26,7 @@ from typing import Any, Mapping
 from finetune_mlflow import costing
 from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.errors import DataError
+from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, training_answer, user_prompt
 
 # USD per 1M *training* tokens (tokens in the dataset x epochs), as listed on the Vertex AI pricing page when this
 # was written. Prices change: `vertex.training_price_per_million_tokens` in the experiment config overrides these.
@@ -49,6 +50,17 @@ class DatasetStats:
     n_examples: int
     total_tokens: int
     max_example_tokens: int
+
+
+def to_gemini(example: Mapping[str, Any]) -> dict[str, Any]:
+    """A canonical example as one Gemini supervised-tuning record (system instruction, user turn, model turn)."""
+    return {
+        "systemInstruction": {"role": "system", "parts": [{"text": SYSTEM_INSTRUCTION}]},
+        "contents": [
+            {"role": "user", "parts": [{"text": user_prompt(example["question"], example["context"])}]},
+            {"role": "model", "parts": [{"text": training_answer(example["answers"])}]},
+        ],
+    }
 
 
 def _check_parts(parts: Any, where: str, path: str, line: int) -> int:

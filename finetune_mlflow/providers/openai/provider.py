@@ -25,7 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 import openai
 from openai import OpenAI
 
-from finetune_mlflow import costing, openai_data
+from finetune_mlflow import costing
+from finetune_mlflow.providers.openai import data as openai_data
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, clean_completion, user_prompt
 from finetune_mlflow.providers.base import (

@@ -1,4 +1,4 @@
-"""The local provider's background job: `python -m finetune_mlflow.local_trainer <job_dir>`.
+"""The local provider's background job: `python -m finetune_mlflow.providers.local.trainer <job_dir>`.
 
 Reads `spec.json`, trains the span ranker, appends one JSON line per metric point to `events.jsonl`, saves
 `weights.npz`, and keeps `status.json` current. Runs detached from `tune`, like a cloud job, so killing `tune`
@@ -15,9 +15,9 @@ import time
 import traceback
 from pathlib import Path
 
-from finetune_mlflow import span_model
+from finetune_mlflow.providers.local import span_model
 from finetune_mlflow.records import read_jsonl
-from finetune_mlflow.providers.local import TRAINER_LOCK, TRAINER_PID, WEIGHTS_FILE, save_weights, write_json_atomic
+from finetune_mlflow.providers.local.provider import TRAINER_LOCK, TRAINER_PID, WEIGHTS_FILE, save_weights, write_json_atomic
 
 
 def _usable(rows: list[dict], idf: dict[str, float], max_span_tokens: int, limit: int = 0) -> tuple[list, int]:

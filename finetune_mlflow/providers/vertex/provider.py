@@ -40,7 +40,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from finetune_mlflow import costing, gemini_data
+from finetune_mlflow import costing
+from finetune_mlflow.providers.vertex import data as vertex_data
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, clean_completion, user_prompt
@@ -336,7 +337,7 @@ class VertexProvider:
 
     # ------------------------------------------------------------------ data
     def _data_paths(self, request: TuningRequest) -> tuple[Path, Path]:
-        base = Path(request.prepared_dir) / "gemini"
+        base = Path(request.prepared_dir) / "vertex"
         return base / "train.jsonl", base / "validation.jsonl"
 
     def preflight(self, request: TuningRequest) -> PreflightReport:
@@ -347,18 +348,18 @@ class VertexProvider:
             )
         vertex = self.config.vertex
         train_path, validation_path = self._data_paths(request)
-        train = gemini_data.read_dataset(train_path, max_example_tokens=vertex.max_example_tokens)
+        train = vertex_data.read_dataset(train_path, max_example_tokens=vertex.max_example_tokens)
         warnings: list[str] = []
         n_validation = 0
         if validation_path.exists():
-            validation = gemini_data.read_dataset(validation_path, max_example_tokens=vertex.max_example_tokens)
-            gemini_data.check_validation_size(validation, vertex.max_validation_examples)
+            validation = vertex_data.read_dataset(validation_path, max_example_tokens=vertex.max_example_tokens)
+            vertex_data.check_validation_size(validation, vertex.max_validation_examples)
             n_validation = validation.n_examples
         else:
             warnings.append(f"{validation_path} does not exist; the job will run without validation (no val_loss)")
         billed = costing.billed_tokens(train.total_tokens, request.epochs)
         cost = costing.estimate_cost_usd(
-            billed, gemini_data.price_per_million(request.base_model, vertex.training_price_per_million_tokens))
+            billed, vertex_data.price_per_million(request.base_model, vertex.training_price_per_million_tokens))
         limit = self.config.tune.max_cost_usd
         if cost is None:
             warnings.append(

@@ -1,6 +1,6 @@
 """The embedded default provider: trains the span ranker on this machine, shaped like a cloud tuning service.
 
-A job is a directory (`<jobs_dir>/<job_id>/`) and a detached child process (`finetune_mlflow.local_trainer`)
+A job is a directory (`<jobs_dir>/<job_id>/`) and a detached child process (`providers.local.trainer`)
 that writes `status.json` (atomically replaced) and appends metric events to `events.jsonl`. The cursor for
 `read_metrics` is a byte offset into that file, so a reader never sees an event twice and a rerun of `tune`
 reattaches to a job that kept training while nobody watched.
@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from finetune_mlflow import span_model
+from finetune_mlflow.providers.local import span_model
 from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, ProviderError
@@ -144,7 +144,7 @@ class LocalProvider:
                 write_json_atomic(job_dir / "status.json", {"state": "pending", "updated": time.time()})
             with open(job_dir / "trainer.log", "ab") as log:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "finetune_mlflow.local_trainer", str(job_dir)],
+                    [sys.executable, "-m", "finetune_mlflow.providers.local.trainer", str(job_dir)],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 )
             write_json_atomic(job_dir / LAUNCHER_PID, {"pid": process.pid})

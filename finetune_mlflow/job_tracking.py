@@ -1,0 +1,186 @@
+"""A tuning job as seen from its MLflow run: launch it (job id on the run at once), stream its curves and state
+into the run until it ends, then evaluate and register the tuned model. Shared by `tune` and `sync`.
+
+Tags: `finetune.job_id` (written as soon as the job exists: a rerun with `--run-id` reattaches instead of paying
+for a second job), `finetune.job_state`, `finetune.provider_status`, `finetune.status.<status>` (UTC time each
+provider status was first seen), `finetune.metrics_cursor`, `finetune.tuned_model`, `finetune.registered_version`.
+Step metrics (`train_loss`, `val_loss`, ...) are written with `log_batch` and never twice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from finetune_mlflow.config import Config
+from finetune_mlflow.errors import ConfigError, TuningJobFailed, TuningTimeout
+from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningJob, TuningRequest
+from finetune_mlflow.registry import RegisteredVersion, register_tuned_model
+from finetune_mlflow.preparation import Prepared
+from finetune_mlflow.scoring import Evaluation, evaluate_and_log
+from finetune_mlflow.tracking import MetricSink, log_values, step_run
+
+logger = logging.getLogger(__name__)
+
+JOB_ID_TAG = "finetune.job_id"
+CURSOR_TAG = "finetune.metrics_cursor"
+# Set once the tuned model's evaluation completed within its error budget.
+EVALUATED_TAG = "finetune.evaluated_model"
+# What MLflow raises when the tracking server is down, overloaded or timing out (connection errors included).
+TRANSIENT_TRACKING_ERRORS = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    run_id: str
+    job: TuningJob
+    metrics: dict[str, float]
+    version: RegisteredVersion
+
+
+def request_for(config: Config, run_id: str, prepared: Prepared) -> TuningRequest:
+    return TuningRequest(
+        run_id=run_id, base_model=config.tune.base_model, prepared_dir=prepared.directory,
+        epochs=config.tune.epochs, learning_rate=config.tune.learning_rate, batch_size=config.tune.batch_size,
+        seed=config.tune.seed, suffix=config.tune.suffix,
+    )
+
+
+def launch(provider: Provider, request: TuningRequest, config: Config, client: MlflowClient) -> str:
+    report = provider.preflight(request)
+    for warning in report.warnings:
+        logger.warning("preflight: %s", warning)
+    estimates = {"estimated_train_tokens": report.estimated_train_tokens,
+                 "estimated_billed_tokens": report.estimated_billed_tokens}
+    if report.estimated_cost_usd is not None:
+        estimates["estimated_cost_usd"] = report.estimated_cost_usd
+    log_values(client, request.run_id, metrics=estimates)
+    limit = config.tune.max_cost_usd
+    if limit and report.estimated_cost_usd is not None and report.estimated_cost_usd > limit:
+        raise ConfigError(f"estimated cost ${report.estimated_cost_usd:.2f} is over tune.max_cost_usd=${limit:.2f}; "
+                          "lower epochs or max_examples, or raise max_cost_usd")
+    job = provider.start_job(request)
+    # First write after creation: everything after this point can crash and a rerun will reattach.
+    client.set_tag(request.run_id, JOB_ID_TAG, job.job_id)
+    log_values(client, request.run_id, tags={"finetune.job_state": job.state.value,
+                                             "finetune.provider_status": job.provider_status,
+                                             f"finetune.status.{job.provider_status}": _now_iso()})
+    logger.info("started %s job %s (%s)", provider.name, job.job_id, job.provider_status)
+    return job.job_id
+
+
+def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
+               sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+               wait: bool = True) -> TuningJob:
+    """Poll until the job ends, logging new metric points and state transitions as they appear.
+
+    `wait=False` (sync) polls once: whatever the job has now is logged and the job is returned in any state."""
+    client = MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    cursor = tags.get(CURSOR_TAG)
+    last_status = tags.get("finetune.provider_status")
+    sink = MetricSink(client, run_id)
+    progress = dict(client.get_run(run_id).data.metrics)
+    deadline = clock() + config.tune.timeout_seconds
+    interval = config.tune.poll_interval
+    while True:
+        job = provider.get_job(job_id)
+        # Read metrics after the state: once the job is terminal, this read holds every point it will ever have.
+        page = provider.read_metrics(job_id, cursor)
+        changed = job.provider_status != last_status
+        # Job-level numbers (steps completed, dataset stats) as they move, so the UI shows progress.
+        moved = {k: v for k, v in job.metrics.items() if progress.get(k) != float(v)}
+        try:
+            logged = sink.log(page.points)
+            if page.next_cursor != cursor or changed or moved:
+                transition = {f"finetune.status.{job.provider_status}": _now_iso()} if changed else {}
+                log_values(client, run_id, metrics=moved, tags={
+                    CURSOR_TAG: page.next_cursor or "", "finetune.job_state": job.state.value,
+                    "finetune.provider_status": job.provider_status, **transition})
+        except MlflowException as e:
+            # The tracking server stayed unreachable through MLflow's own retries: keep the cursor where it was
+            # and read the same points again next poll, so nothing is lost and nothing is logged twice.
+            if e.error_code not in TRANSIENT_TRACKING_ERRORS or clock() > deadline:
+                raise
+            logger.warning("tracking server write failed (%s); retrying on the next poll", e)
+            sleep(config.tune.poll_interval)
+            continue
+        cursor = page.next_cursor
+        progress.update({k: float(v) for k, v in moved.items()})
+        if changed:
+            last_status = job.provider_status
+            logger.info("job %s is %s", job_id, job.provider_status)
+        if job.state in TERMINAL_STATES or not wait:
+            return job
+        if clock() > deadline:
+            raise TuningTimeout(f"job {job_id} still {job.provider_status} after {config.tune.timeout_seconds:.0f}s; "
+                                f"it keeps running: rerun with --run-id {run_id} to reattach")
+        interval = config.tune.poll_interval if (logged or changed) else min(interval * 1.5,
+                                                                               config.tune.poll_interval * 8)
+        sleep(interval)
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _finish_failed(client: MlflowClient, run_id: str, job: TuningJob) -> None:
+    log_values(client, run_id, tags={"finetune.error_code": job.error_code or "",
+                                     "finetune.error_message": (job.error_message or "")[:5000]})
+    raise TuningJobFailed(job.job_id, job.state.value, job.error_code, job.error_message)
+
+
+def _changed_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> dict[str, float]:
+    """Job-level numbers not already on the run with that value (a rerun or re-sync adds no history entries, and
+    `full_valid_loss`, already a step metric, is not written again at step 0)."""
+    latest = client.get_run(run_id).data.metrics
+    return {k: v for k, v in metrics.items() if latest.get(k) != float(v)}
+
+
+def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, prepared: Prepared,
+               base: Evaluation) -> tuple[dict[str, float], RegisteredVersion]:
+    """The post-job part shared by tune and sync, in the active run `run_id`: record a failure (tags, then raise
+    TuningJobFailed), or log the job's facts, evaluate the tuned model against `base` (the base model on the same
+    prepared validation split), and register it (once per run). `config.tune.base_model` is the job's base model."""
+    client = MlflowClient()
+    provider_name = provider.name
+    if job.state is not JobState.SUCCEEDED:
+        _finish_failed(client, run_id, job)
+    log_values(client, run_id, metrics=_changed_metrics(client, run_id, job.metrics),
+               tags={**job.tags, "finetune.tuned_model": job.tuned_model or "",
+                     "finetune.data_sha256": prepared.data_sha256, "finetune.prepare_run_id": prepared.run_id})
+
+    run = client.get_run(run_id)
+    if run.data.tags.get(EVALUATED_TAG) == job.tuned_model:
+        # A rerun after a crash past evaluation: the run already holds this model's complete evaluation.
+        logger.info("run %s already evaluated %s; not paying for it again", run_id, job.tuned_model)
+        metrics = dict(run.data.metrics)
+    else:
+        tuned = evaluate_and_log(provider, job.tuned_model, prepared.split("validation"), config, base.rows)
+        base_metrics = {f"base_{k}": v for k, v in base.metrics.items()
+                        if k.startswith(("eval_", "latency_ms_"))}
+        log_values(client, run_id, metrics=base_metrics,
+                   tags={"finetune.base_eval_run_id": base.run_id, EVALUATED_TAG: job.tuned_model})
+        metrics = {**tuned.metrics, **base_metrics}
+
+    version = register_tuned_model(
+        run_id=run_id, config=config, provider=provider_name, model_id=job.tuned_model,
+        tags={**job.tags, "provider": provider_name, "base_model": config.tune.base_model, "job_id": job.job_id,
+              "tuned_model": job.tuned_model, "source_run": run_id, "data_sha256": prepared.data_sha256,
+              "eval_f1": f"{metrics['eval_f1']:.4f}", "eval_exact_match": f"{metrics['eval_exact_match']:.4f}",
+              "latency_ms_p95": f"{metrics.get('latency_ms_p95', float('nan')):.3f}"},
+        description=(f"{provider_name} tuning job {job.job_id} of {config.tune.base_model}: validation F1 "
+                     f"{metrics['eval_f1']:.2f}, EM {metrics['eval_exact_match']:.2f} (base F1 "
+                     f"{base.metrics.get('eval_f1', float('nan')):.2f}); source run {run_id}"),
+    )
+    client.set_tag(run_id, "finetune.registered_version", f"{version.name}/{version.version}")
+    logger.info("tuned %s: F1 %.2f (base %.2f), registered %s", job.tuned_model, metrics["eval_f1"],
+                base.metrics.get("eval_f1", float("nan")), version.model_uri)
+    return metrics, version

@@ -1,0 +1,148 @@
+"""Evaluation runs: score a model on the prepared validation split inside an MLflow run, log the metrics and the
+per-example table, reuse a base evaluation made on the same data by the same code, and resolve model references
+(`base`, `models:/...`, `runs:/...`, a provider model id). Used by `evaluate`, `tune`, `sync` and `promote`.
+
+Metrics: `eval_exact_match`, `eval_f1` (0-100) with `_ci_low`/`_ci_high` (95% bootstrap), `eval_n`,
+`eval_error_count`, `eval_throughput_rps`, `latency_ms_{mean,p50,p90,p95,p99,max}`, `eval_retry_wait_ms_total`,
+`eval_input_tokens`/`eval_output_tokens` where the provider reports usage, and against a baseline
+`eval_f1_delta` (and exact match) with a paired-bootstrap interval. Artifact: `eval_results.json` (per-example
+table: id, question, prediction, gold answers, em, f1, latency_ms, error).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from finetune_mlflow.config import Config
+from finetune_mlflow.evaluation import (
+    EvaluationRun,
+    check_error_rate,
+    delta_against,
+    result_rows,
+    run_predictions,
+    summarize,
+)
+from finetune_mlflow.providers import get_provider
+from finetune_mlflow.providers.base import Provider
+from finetune_mlflow.preparation import Prepared
+from finetune_mlflow.tracking import code_version, find_finished_run, log_values, step_run
+
+logger = logging.getLogger(__name__)
+
+RESULTS_TABLE = "eval_results.json"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    run_id: str
+    metrics: dict[str, float]
+    rows: list[dict[str, Any]]
+
+
+def evaluate_and_log(provider: Provider, model_id: str, examples: list[dict], config: Config,
+                     baseline_rows: list[dict] | None = None) -> Evaluation:
+    """Evaluate in the active run: metrics, per-example table, and the delta against a baseline if given."""
+    run: EvaluationRun = run_predictions(
+        lambda question, context: provider.predict(model_id, question, context), examples,
+        min(config.evaluate.max_concurrency, provider.max_concurrency),
+    )
+    metrics = summarize(run, bootstrap_samples=config.evaluate.bootstrap_samples, seed=config.evaluate.bootstrap_seed)
+    if baseline_rows:
+        metrics.update(delta_against(run.results, baseline_rows, bootstrap_samples=config.evaluate.bootstrap_samples,
+                                     seed=config.evaluate.bootstrap_seed))
+    active = mlflow.active_run()
+    log_values(MlflowClient(), active.info.run_id, metrics=metrics)
+    columns = result_rows(run.results)
+    if columns:
+        log_results_table(active.info.run_id, columns)
+    check_error_rate(run, config.evaluate.max_error_rate)
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())] if columns else []
+    return Evaluation(active.info.run_id, metrics, rows)
+
+
+def log_results_table(run_id: str, columns: dict[str, list[Any]]) -> None:
+    """The per-example table, replacing an earlier attempt's: `log_table` would append to it (and round-trip the
+    old rows through pandas, turning an id such as "0003" into 3)."""
+    if RESULTS_TABLE not in {a.path for a in MlflowClient().list_artifacts(run_id)}:
+        mlflow.log_table(columns, RESULTS_TABLE)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / RESULTS_TABLE
+        pd.DataFrame(columns).to_json(path, orient="split", index=False, date_format="iso")
+        mlflow.log_artifact(str(path))
+
+
+def load_rows(run_id: str) -> list[dict[str, Any]]:
+    """The per-example rows a run logged, read as plain JSON so ids keep their exact strings ("0003" stays
+    "0003"; pandas would make it 3); should a table hold an id twice, its last row wins."""
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=RESULTS_TABLE)
+    table = json.loads(Path(path).read_text(encoding="utf-8"))
+    latest = {}
+    for values in table["data"]:
+        row = dict(zip(table["columns"], values))
+        latest[str(row["id"])] = row
+    return list(latest.values())
+
+
+def base_evaluation_keys(config: Config, provider: Provider, base_model: str, data_sha256: str) -> dict[str, str]:
+    """What makes two base evaluations interchangeable: same model, data, evaluation settings and code (the
+    prompt lives in the code)."""
+    return {"model_ref": "base", "provider": provider.name, "base_model": base_model, "data_sha256": data_sha256,
+            "eval_config_sha256": config.sha256("evaluate"), "code_version": code_version()}
+
+
+def base_evaluation(config: Config, prepared: Prepared, provider: Provider) -> Evaluation:
+    """The provider's base model on this data, computed once per `base_evaluation_keys` and reused."""
+    keys = base_evaluation_keys(config, provider, config.tune.base_model, prepared.data_sha256)
+    previous = find_finished_run(mlflow.active_run().info.experiment_id, step="evaluate", **keys)
+    if previous is not None:
+        logger.info("reusing base evaluation run %s", previous.info.run_id)
+        return Evaluation(previous.info.run_id, dict(previous.data.metrics), load_rows(previous.info.run_id))
+    with step_run("evaluate", run_name=f"evaluate-base-{provider.name}",
+                  tags={f"finetune.{k}": v for k, v in keys.items()}):
+        return evaluate_and_log(provider, config.tune.base_model, prepared.split("validation"), config)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    provider: Provider
+    model_id: str
+    base_model: str
+
+
+def _registered_version_tags(name_and_version: str) -> dict[str, str]:
+    """Tags of `<name>/<version>` or `<name>@<alias>`."""
+    client = MlflowClient()
+    if "@" in name_and_version:
+        name, alias = name_and_version.split("@", 1)
+        return dict(client.get_model_version_by_alias(name, alias).tags)
+    name, version = name_and_version.rsplit("/", 1)
+    return dict(client.get_model_version(name, version).tags)
+
+
+def resolve_model(reference: str, config: Config) -> ResolvedModel:
+    """`base`, `models:/...`, `runs:/<id>` or a provider model id -> the provider and model id to call."""
+    if reference == "base":
+        return ResolvedModel(get_provider(config.tune.provider, config), config.tune.base_model,
+                             config.tune.base_model)
+    if reference.startswith("runs:/"):
+        run_id = reference[len("runs:/"):].split("/")[0]
+        reference = f"runs:/{run_id}/model"
+        tags = MlflowClient().get_run(run_id).data.tags
+        base_model = tags.get("finetune.base_model", "")
+    elif reference.startswith("models:/"):
+        base_model = _registered_version_tags(reference[len("models:/"):]).get("base_model", "")
+    else:
+        # A provider's own model id, e.g. an existing `ft:gpt-4o-mini-...` model or a Vertex endpoint.
+        return ResolvedModel(get_provider(config.tune.provider, config), reference, config.tune.base_model)
+    loaded = mlflow.pyfunc.load_model(reference).unwrap_python_model()
+    return ResolvedModel(loaded.provider, loaded.model_id, base_model)
