@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_EXPERIMENT_ID = "0"
+# The run `mlflow run` opened in the Default experiment, when this process's runs went to the config's experiment.
+_LAUNCHER: list[str] = []
 
 
 class Point(Protocol):
@@ -112,6 +114,8 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
     parent = mlflow.active_run()
     run = mlflow.start_run(run_name=run_name, nested=parent is not None, tags={
         "finetune.step": step, "finetune.code_version": code_version(), **(tags or {})})
+    if parent is None and _LAUNCHER:
+        MlflowClient().set_tag(_LAUNCHER[0], "finetune.run_id", run.info.run_id)
     try:
         yield run
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (process.Terminated): stopped, not broken
@@ -148,6 +152,7 @@ def use_experiment(name: str) -> None:
             return  # chosen by the user (--experiment-name, --run-id of one of our runs)
         experiment_id = mlflow.set_experiment(name).experiment_id
         del os.environ["MLFLOW_RUN_ID"]
+        _LAUNCHER.append(launcher)
         MlflowClient().set_tag(launcher, "finetune.launched_into_experiment", name)
         MlflowClient().set_tag(launcher, "mlflow.note.content",
                                f"`mlflow run` opened this run here; the step ran in experiment {name!r} "

@@ -24,6 +24,9 @@ def isolated_tracking(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    # Runs stay in the Default experiment unless a test opts in to the experiment its YAML names
+    # (`delenv("MLFLOW_EXPERIMENT_NAME")`): MLflow's own choice wins over the YAML's.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "Default")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     yield
     leaked = mlflow.active_run()

@@ -200,7 +200,7 @@ def test_a_champion_moved_by_someone_else_stops_the_promotion(small_squad):
 
 def test_prepare_reads_data_from_an_mlflow_uri(small_squad):
     """`train_data`/`validation_data` may be URIs: here another run's prepared canonical JSONL."""
-    from finetune_mlflow.preparation import run_prepare
+    from finetune_mlflow.steps.prepare import run_prepare
 
     first = run_prepare(small_config(small_squad))
     again = run_prepare(small_config(small_squad, train_data=f"runs:/{first.run_id}/prepared/train.jsonl",
