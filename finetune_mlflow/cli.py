@@ -84,6 +84,17 @@ def _main(args: argparse.Namespace) -> None:
     run_main(_config(args))
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from finetune_mlflow.sweep import run_sweep
+
+    result = run_sweep(_config(args), promote=_flag(args.promote))
+    best = result.winner
+    print(f"sweep run {result.run_id}: {len(result.points)} points, "
+          f"{sum(p.status != 'FINISHED' for p in result.points)} failed; winner: "
+          + (f"{best.config.run_name('tune')} (run {best.run_id}, F1 {best.metrics.get('eval_f1', float('nan')):.1f})"
+             if best else "none"))
+
+
 def _score(args: argparse.Namespace) -> None:
     from finetune_mlflow.scorefile import score_files
 
@@ -128,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync = command("sync", _sync, "import existing tuning jobs into runs, evaluate and register them")
     sync.add_argument("--job_id", default="", help="a job id or Vertex job name, or `all` for every listed job")
     command("main", _main, "prepare -> evaluate base -> tune -> promote as child runs")
+    sweep = command("sweep", _sweep, "one tune run per point of the config's sweep.grid, under a sweep parent")
+    sweep.add_argument("--promote", default="false", help="hand the winner to promote (gates apply)")
     score = commands.add_parser("score", help="SQuAD v1.1 EM/F1 of a predictions file, like evaluate-v1.1.py",
                                 allow_abbrev=False)
     score.add_argument("dataset")

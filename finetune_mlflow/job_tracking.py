@@ -24,7 +24,9 @@ from finetune_mlflow.errors import ConfigError, TuningJobFailed, TuningTimeout
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningJob, TuningRequest
 from finetune_mlflow.registry import RegisteredVersion, register_tuned_model
 from finetune_mlflow.preparation import Prepared
+from finetune_mlflow.progress import Progress
 from finetune_mlflow.scoring import Evaluation, evaluate_and_log
+from finetune_mlflow.summary import describe_tune
 from finetune_mlflow.tracking import MetricSink, log_values, step_run
 
 logger = logging.getLogger(__name__)
@@ -57,11 +59,11 @@ def launch(provider: Provider, request: TuningRequest, config: Config, client: M
     report = provider.preflight(request)
     for warning in report.warnings:
         logger.warning("preflight: %s", warning)
-    estimates = {"estimated_train_tokens": report.estimated_train_tokens,
-                 "estimated_billed_tokens": report.estimated_billed_tokens}
-    if report.estimated_cost_usd is not None:
-        estimates["estimated_cost_usd"] = report.estimated_cost_usd
-    log_values(client, request.run_id, metrics=estimates)
+    if report.estimated_cost_usd:  # billing estimates mean nothing for a provider that bills nothing
+        log_values(client, request.run_id, metrics={
+            "estimated_train_tokens": report.estimated_train_tokens,
+            "estimated_billed_tokens": report.estimated_billed_tokens,
+            "estimated_cost_usd": round(report.estimated_cost_usd, 4)})
     limit = config.tune.max_cost_usd
     if limit and report.estimated_cost_usd is not None and report.estimated_cost_usd > limit:
         raise ConfigError(f"estimated cost ${report.estimated_cost_usd:.2f} is over tune.max_cost_usd=${limit:.2f}; "
@@ -89,6 +91,7 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
     sink = MetricSink(client, run_id)
     progress = dict(client.get_run(run_id).data.metrics)
     deadline = clock() + config.tune.timeout_seconds
+    watch = Progress(started=clock())
     interval = config.tune.poll_interval
     while True:
         job = provider.get_job(job_id)
@@ -114,9 +117,10 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
             continue
         cursor = page.next_cursor
         progress.update({k: float(v) for k, v in moved.items()})
-        if changed:
+        if changed or page.points:
             last_status = job.provider_status
-            logger.info("job %s is %s", job_id, job.provider_status)
+            watch.update(page.points, clock())
+            logger.info("job %s: %s", job_id, watch.line(job, clock()))
         if job.state in TERMINAL_STATES or not wait:
             return job
         if clock() > deadline:
@@ -172,6 +176,7 @@ def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, 
 
     version = register_tuned_model(
         run_id=run_id, config=config, provider=provider_name, model_id=job.tuned_model,
+        artifacts=provider.model_artifacts(job.tuned_model),
         tags={**job.tags, "provider": provider_name, "base_model": config.tune.base_model, "job_id": job.job_id,
               "tuned_model": job.tuned_model, "source_run": run_id, "data_sha256": prepared.data_sha256,
               "eval_f1": f"{metrics['eval_f1']:.4f}", "eval_exact_match": f"{metrics['eval_exact_match']:.4f}",
@@ -180,7 +185,8 @@ def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, 
                      f"{metrics['eval_f1']:.2f}, EM {metrics['eval_exact_match']:.2f} (base F1 "
                      f"{base.metrics.get('eval_f1', float('nan')):.2f}); source run {run_id}"),
     )
-    client.set_tag(run_id, "finetune.registered_version", f"{version.name}/{version.version}")
+    log_values(client, run_id, tags={"finetune.registered_version": f"{version.name}/{version.version}",
+                                     "mlflow.note.content": describe_tune(metrics, job.job_id)})
     logger.info("tuned %s: F1 %.2f (base %.2f), registered %s", job.tuned_model, metrics["eval_f1"],
                 base.metrics.get("eval_f1", float("nan")), version.model_uri)
     return metrics, version

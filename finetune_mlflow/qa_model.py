@@ -14,15 +14,14 @@ import pandas as pd
 
 from finetune_mlflow.config import load_config
 from finetune_mlflow.providers import get_provider
-
-WEIGHTS_ARTIFACT = "weights"
+from finetune_mlflow.providers.base import MODEL_ARTIFACT
 
 
 class QAModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         settings = dict(context.model_config or {})
         self.provider_name: str = settings["provider"]
-        self.model_id: str = context.artifacts.get(WEIGHTS_ARTIFACT) or settings["model_id"]
+        self.model_id: str = context.artifacts.get(MODEL_ARTIFACT) or settings["model_id"]
         config = load_config(None, {**settings.get("provider_settings", {}), "provider": self.provider_name})
         self.provider = get_provider(self.provider_name, config)
 

@@ -13,7 +13,6 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
-from finetune_mlflow.qa_model import WEIGHTS_ARTIFACT
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +49,13 @@ def existing_version(client: MlflowClient, name: str, run_id: str) -> Registered
 
 
 def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id: str,
-                         tags: dict[str, str], description: str) -> RegisteredVersion:
+                         artifacts: dict[str, str], tags: dict[str, str], description: str) -> RegisteredVersion:
     client = MlflowClient()
     name = config.tune.registered_model_name
     found = existing_version(client, name, run_id)
     if found is not None:
         logger.info("run %s already registered as %s version %s", run_id, name, found.version)
         return found
-    artifacts = {WEIGHTS_ARTIFACT: model_id} if provider == "local" else {}
     signature = infer_signature(EXAMPLE_INPUT, pd.DataFrame({"answer": ["Warsaw"]}))
     info = mlflow.pyfunc.log_model(
         name=MODEL_NAME_IN_RUN,

@@ -79,7 +79,7 @@ def assert_evaluated_and_registered(run_id: str, fake: FakeVertexServer, job_nam
     metrics, tags = run.data.metrics, run.data.tags
     endpoint = endpoint_of(job_name)
     assert tags["finetune.job_id"] == job_name and tags["finetune.tuned_model"] == endpoint
-    assert tags["vertex_endpoint"] == endpoint and tags["finetune.job_state"] == "succeeded"
+    assert tags["vertex.endpoint"] == endpoint and tags["finetune.job_state"] == "succeeded"
     assert tags["finetune.provider_status"] == "JOB_STATE_SUCCEEDED"
 
     em, f1, n = e2e.expected_scores(fake.answerer, lambda model: model.endswith(endpoint))
@@ -96,7 +96,7 @@ def assert_evaluated_and_registered(run_id: str, fake: FakeVertexServer, job_nam
     version = versions[0]
     assert version.run_id == run_id and version.tags["tuned_model"] == endpoint
     assert version.tags["job_id"] == job_name and version.tags["provider"] == "vertex"
-    assert version.tags["vertex_endpoint"] == endpoint and version.tags["vertex_model"].startswith("projects/")
+    assert version.tags["vertex.endpoint"] == endpoint and version.tags["vertex.model"].startswith("projects/")
     assert tags["finetune.registered_version"] == f"{MODEL_NAME}/{version.version}"
 
 

@@ -53,7 +53,7 @@ def test_sync_one_openai_job_then_resync_updates_the_same_run(openai_fake, small
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     assert params["job_id"] == job_id and params["provider"] == "openai"
     assert params["base_model"] == "gpt-4o-mini-2024-07-18"
-    assert params["hp.n_epochs"] == "3" and params["hp.learning_rate_multiplier"] == "1.8"
+    assert params["epochs"] == "3" and params["learning_rate"] == "1.8"
     tuned_model = openai_fake.jobs[job_id].obj["fine_tuned_model"]
     assert tags["finetune.tuned_model"] == tuned_model and tags["finetune.job_state"] == "succeeded"
     assert tags["openai.result_files"] and tags["openai.training_file"] and tags["openai.checkpoints"]
@@ -150,7 +150,7 @@ def test_sync_a_vertex_job_by_name(monkeypatch, small_squad, tmp_path):
         served = fake.served_series(job_name)
     endpoint = f"projects/{project}/locations/us-central1/endpoints/{job_name.rsplit('/', 1)[-1]}8"
     assert run.info.status == "FINISHED"
-    assert run.data.params["hp.epoch_count"] == "3" and run.data.params["hp.learning_rate_multiplier"] == "0.5"
+    assert run.data.params["epochs"] == "3" and run.data.params["learning_rate"] == "0.5"
     assert run.data.params["base_model"] == "gemini-2.5-flash"
     assert run.data.tags["finetune.tuned_model"] == endpoint
     for display, key in SERIES_KEYS.items():

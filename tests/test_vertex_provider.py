@@ -165,8 +165,8 @@ def test_happy_path_one_job_uploads_and_curves(fake, prepared):
     job, points, _ = poll(provider, started.job_id)
     assert job.state == JobState.SUCCEEDED and job.provider_status == "JOB_STATE_SUCCEEDED"
     assert job.tuned_model.startswith(f"projects/{PROJECT}/locations/us-central1/endpoints/")
-    assert job.tags["vertex_model"].startswith(f"projects/{PROJECT}/locations/us-central1/models/")
-    assert job.tags["vertex_experiment"].endswith("/metadataStores/default/contexts/tuning-experiment-" +
+    assert job.tags["vertex.model"].startswith(f"projects/{PROJECT}/locations/us-central1/models/")
+    assert job.tags["vertex.experiment"].endswith("/metadataStores/default/contexts/tuning-experiment-" +
                                                   job.job_id.rsplit("/", 1)[-1])
     assert job.metrics["tuning_dataset_example_count"] == 4
     assert job.metrics["total_billable_token_count"] == 4 * 100 * 2

@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
+from finetune_mlflow.errors import FinetuneError
+
+
+class NotSupported(FinetuneError):
+    """A provider lacks an optional capability (cancel, checkpoints, ...)."""
+
 
 class JobState(str, enum.Enum):
     PENDING = "pending"
@@ -56,6 +62,13 @@ class TuningJob:
     tags: dict[str, str] = field(default_factory=dict)
     # Job-level numbers (trained_tokens, completed_step_count, full_valid_loss) logged as metrics.
     metrics: dict[str, float] = field(default_factory=dict)
+    # The model the job tuned, as the provider names it without its resource path (e.g. "gemini-2.5-flash").
+    base_model: str | None = None
+    # What the job was trained with, under the shared knob names (`epochs`, `learning_rate`, `batch_size`,
+    # `adapter_size`), so a synced job's params compare with a tune run's.
+    hyperparameters: dict[str, str] = field(default_factory=dict)
+    # Training steps the whole job will take, when the provider says (progress and ETA on the terminal).
+    total_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -118,3 +131,46 @@ class Provider(Protocol):
 
     def list_jobs(self) -> Iterator[str]:
         """Every tuning job id the credentials can see (for `sync -P job_id=all`)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """An intermediate model a job kept (OpenAI `ckpt-step-N`, a Vertex checkpoint, a local epoch)."""
+
+    checkpoint_id: str
+    model: str  # what `predict` takes
+    step: int
+    epoch: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# The artifact name under which a registered version carries the files `model_artifacts` names.
+MODEL_ARTIFACT = "weights"
+
+
+class ProviderBase:
+    """The optional capabilities with their "not supported" defaults; a provider overrides what it has."""
+
+    name = "provider"
+    # How many of this provider's jobs a sweep runs at once by default.
+    max_parallel_jobs = 1
+
+    def result_file_metrics(self, job_id: str) -> list[MetricPoint]:
+        """Step metrics kept outside the event stream (OpenAI's result file); none by default."""
+        return []
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        """The job's intermediate models, oldest first; none by default."""
+        return []
+
+    def cancel_job(self, job_id: str) -> TuningJob:
+        raise NotSupported(f"the {self.name} provider cannot cancel jobs; stop {job_id} in its console")
+
+    def model_artifacts(self, model: str) -> dict[str, str]:
+        """Local files a registered version must carry to serve `model` (name -> path); none for hosted models."""
+        return {}
+
+def shared_hyperparameters(values: dict, names: dict[str, str]) -> dict[str, str]:
+    """A provider's hyperparameters renamed to the shared knob names (unknown ones keep their own), as strings;
+    unset values and "auto" placeholders left for the provider to choose are dropped."""
+    return {names.get(k, k): str(getattr(v, "value", v)) for k, v in values.items() if v is not None}

@@ -8,8 +8,8 @@ The entry point's run is a parent `sync` run (tags `finetune.step=sync`, `finetu
 metrics `sync_n_jobs`, `sync_n_succeeded`, `sync_n_failed`, `sync_n_unfinished`). Each job gets one child run: the
 run whose `finetune.job_id` tag equals the job id (found with a tag search in the current experiment; a `tune` run
 of that job counts) is updated in place, else a new run is created. A job run holds the same things a `tune` run
-does: params `provider`, `base_model`, `job_id` and the provider's hyperparameters as `hp.<name>` (params already
-on the run are left as they are), the full step-metric history (read from the stored `finetune.metrics_cursor`
+does: params `provider`, `base_model`, `job_id` and the job's hyperparameters under the knob names tune uses
+(`epochs`, `learning_rate`, `batch_size`, `adapter_size`; params already on the run are left as they are), the full step-metric history (read from the stored `finetune.metrics_cursor`
 on, never a step twice), the job's tags (files, checkpoints, status), a `job.json` artifact, and for a succeeded
 job the evaluation against the base model and a registered version tagged with the tuned model (done once: a
 run that is already registered for the same tuned model is not evaluated again).
@@ -44,10 +44,6 @@ from finetune_mlflow.tracking import MetricSink, log_json, log_values, quote, st
 logger = logging.getLogger(__name__)
 
 ALL_JOBS = "all"
-# Job tags that carry the provider's hyperparameters as JSON.
-HYPERPARAMETER_TAGS = ("openai.hyperparameters", "vertex_hyperparameters")
-# Job tags that name the base model the job tuned.
-BASE_MODEL_TAGS = ("openai.base_model", "vertex_base_model")
 
 
 @dataclass(frozen=True)
@@ -90,25 +86,6 @@ def _job_run(existing_run_id: str | None, job_id: str, provider: str) -> Iterato
         yield run
 
 
-def _hyperparameters(job: TuningJob) -> dict[str, str]:
-    for tag in HYPERPARAMETER_TAGS:
-        if job.tags.get(tag):
-            try:
-                values = json.loads(job.tags[tag])
-            except ValueError:
-                continue
-            if isinstance(values, dict):
-                return {f"hp.{k}": str(v) for k, v in values.items() if v is not None}
-    return {}
-
-
-def _base_model(job: TuningJob, config: Config) -> str:
-    for tag in BASE_MODEL_TAGS:
-        if job.tags.get(tag):
-            return job.tags[tag].rsplit("/", 1)[-1]  # "publishers/google/models/gemini-..." -> "gemini-..."
-    return config.tune.base_model
-
-
 def _already_registered(run_id: str, job: TuningJob) -> str | None:
     tags = MlflowClient().get_run(run_id).data.tags
     if job.tuned_model and tags.get("finetune.tuned_model") == job.tuned_model:
@@ -119,11 +96,10 @@ def _already_registered(run_id: str, job: TuningJob) -> str | None:
 def _extra_history(provider: Provider, job: TuningJob) -> list:
     """Step metrics a provider keeps outside its event stream (OpenAI's result file), to fill steps the events
     no longer list; MetricSink skips every step the run already has."""
-    reader = getattr(provider, "result_file_metrics", None)
-    if reader is None or job.state is not JobState.SUCCEEDED:
+    if job.state is not JobState.SUCCEEDED:
         return []
     try:
-        return list(reader(job.job_id))
+        return list(provider.result_file_metrics(job.job_id))
     except Exception as e:  # noqa: BLE001 - a missing result file only means no extra history
         logger.warning("could not read the result file of %s (%s); keeping the event history only", job.job_id, e)
         return []
@@ -142,10 +118,10 @@ def sync_job(provider: Provider, job_id: str, config: Config, prepared: Prepared
             job = stream_job(provider, job_id, run_id, config, wait=False)
             if job.state in TERMINAL_STATES:
                 MetricSink(client, run_id).log(_extra_history(provider, job))
-            base_model = _base_model(job, config)
+            base_model = job.base_model or config.tune.base_model
             job_config = dataclasses.replace(config, tune=dataclasses.replace(config.tune, base_model=base_model))
             present = client.get_run(run_id).data.params
-            params = {"provider": provider.name, "base_model": base_model, "job_id": job_id, **_hyperparameters(job)}
+            params = {"provider": provider.name, "base_model": base_model, "job_id": job_id, **job.hyperparameters}
             log_values(client, run_id, params={k: v for k, v in params.items() if k not in present},
                        tags={"finetune.provider": provider.name, "finetune.base_model": base_model,
                              "finetune.job_state": job.state.value,

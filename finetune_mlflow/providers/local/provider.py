@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, ProviderError
 from finetune_mlflow.records import read_jsonl
 from finetune_mlflow.providers.base import (
+    MODEL_ARTIFACT,
+    ProviderBase,
     JobState,
     MetricPoint,
     MetricsPage,
@@ -86,9 +89,10 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-class LocalProvider:
+class LocalProvider(ProviderBase):
     name = "local"
     max_concurrency = 1  # in-process numpy model: threads would only contend for the GIL
+    max_parallel_jobs = os.cpu_count() or 1  # each job trains in its own process, one core each
 
     def __init__(self, config: Config):
         self.config = config
@@ -123,14 +127,17 @@ class LocalProvider:
         else:
             job_id = f"localjob-{uuid.uuid4().hex[:12]}"
             (self._job_dir(job_id)).mkdir(parents=True)
+            n_train = len(read_jsonl(request.prepared_dir / "train.jsonl"))
+            batch_size = request.batch_size or 32
             write_json_atomic(self._job_dir(job_id) / "spec.json", {
+                "total_steps": request.epochs * math.ceil(n_train / batch_size),
                 "job_id": job_id,
                 "run_id": request.run_id,
                 "train": str((request.prepared_dir / "train.jsonl").resolve()),
                 "validation": str((request.prepared_dir / "validation.jsonl").resolve()),
                 "epochs": request.epochs,
                 "learning_rate": request.learning_rate,
-                "batch_size": request.batch_size or 32,
+                "batch_size": batch_size,
                 "seed": request.seed,
                 "max_span_tokens": self.config.local.max_span_tokens,
                 "eval_every_steps": self.config.local.eval_every_steps,
@@ -177,7 +184,18 @@ class LocalProvider:
             error_message=status.get("error_message"),
             tags={"local.job_dir": str(job_dir)},
             metrics={k: float(v) for k, v in status.get("metrics", {}).items()},
+            base_model=BASE_MODEL, **self._job_facts(job_dir),
         )
+
+    @staticmethod
+    def _job_facts(job_dir: Path) -> dict:
+        """Hyperparameters under the shared names and the total step count, from the job's spec."""
+        try:
+            spec = json.loads((job_dir / "spec.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return {"hyperparameters": {k: str(spec[k]) for k in ("epochs", "learning_rate", "batch_size") if k in spec},
+                "total_steps": spec.get("total_steps")}
 
     def read_metrics(self, job_id: str, cursor: str | None) -> MetricsPage:
         path = self._job_dir(job_id) / "events.jsonl"
@@ -207,6 +225,9 @@ class LocalProvider:
         started = time.monotonic()
         answer = span_model.predict_span(span_model.features(question, context, idf, size), weights)
         return Prediction(answer, (time.monotonic() - started) * 1000.0)
+
+    def model_artifacts(self, model: str) -> dict[str, str]:
+        return {MODEL_ARTIFACT: model}
 
     def list_jobs(self) -> Iterator[str]:
         if self.jobs_dir.exists():

@@ -30,6 +30,8 @@ from finetune_mlflow.providers.openai import data as openai_data
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, clean_completion, user_prompt
 from finetune_mlflow.providers.base import (
+    ProviderBase,
+    shared_hyperparameters,
     JobState,
     MetricPoint,
     MetricsPage,
@@ -55,6 +57,8 @@ STATE_MAP = {
     "failed": JobState.FAILED,
     "cancelled": JobState.CANCELLED,
 }
+# OpenAI hyperparameter -> the shared knob name.
+HYPERPARAMETER_NAMES = {"n_epochs": "epochs", "learning_rate_multiplier": "learning_rate", "batch_size": "batch_size"}
 EVENTS_PAGE_SIZE = 100
 JOBS_PAGE_SIZE = 100
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
@@ -123,7 +127,8 @@ def _parse_cursor(cursor: str | None) -> tuple[str | None, int | None]:
         return cursor, None
 
 
-class OpenAIProvider:
+class OpenAIProvider(ProviderBase):
+    max_parallel_jobs = 3  # OpenAI runs about 3 fine-tuning jobs at once per organization; more only queue
     """OpenAI fine-tuning and chat completions. `sleep` and `retry_policy` exist so tests need not really wait."""
 
     name = "openai"
@@ -402,6 +407,8 @@ class OpenAIProvider:
             error_message=error_message,
             tags=tags,
             metrics=metrics,
+            base_model=job.model,
+            hyperparameters=shared_hyperparameters(hp.model_dump() if hp is not None else {}, HYPERPARAMETER_NAMES),
         )
 
     def _checkpoints(self, job_id: str) -> list[Any]:

@@ -46,6 +46,8 @@ from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, clean_completion, user_prompt
 from finetune_mlflow.providers.base import (
+    ProviderBase,
+    shared_hyperparameters,
     JobState,
     MetricPoint,
     MetricsPage,
@@ -88,6 +90,9 @@ _STATES = {
     "JOB_STATE_CANCELLED": JobState.CANCELLED,
 }
 
+# Vertex hyperparameter (JSON spelling) -> the shared knob name.
+HYPERPARAMETER_NAMES = {"epoch_count": "epochs", "learning_rate_multiplier": "learning_rate",
+                        "adapter_size": "adapter_size"}
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_DATA_POINTS = 10000
 
@@ -146,7 +151,8 @@ def _wall_time_ms(value: Any) -> int:
         return 0
 
 
-class VertexProvider:
+class VertexProvider(ProviderBase):
+    max_parallel_jobs = 4  # concurrent tuning jobs per project and region are quota-limited; 4 stays clear
     """Gemini supervised tuning on Vertex AI (see the module docstring for configuration and assumptions)."""
 
     name = "vertex"
@@ -470,24 +476,25 @@ class VertexProvider:
         if job.tuned_model is not None:
             tuned_model = job.tuned_model.endpoint
             if job.tuned_model.model:
-                tags["vertex_model"] = job.tuned_model.model
+                tags["vertex.model"] = job.tuned_model.model
             if job.tuned_model.endpoint:
-                tags["vertex_endpoint"] = job.tuned_model.endpoint
+                tags["vertex.endpoint"] = job.tuned_model.endpoint
         if job.experiment:
-            tags["vertex_experiment"] = job.experiment
+            tags["vertex.experiment"] = job.experiment
             self._experiments[job.name] = job.experiment
         if job.base_model:
-            tags["vertex_base_model"] = job.base_model
+            tags["vertex.base_model"] = job.base_model
         spec = getattr(job, "supervised_tuning_spec", None)
+        hp: dict[str, Any] = {}
         if spec is not None:
             # What the job was trained with (sync logs these as params) and on which staged files.
             hp = spec.hyper_parameters.model_dump(exclude_none=True, mode="json") if spec.hyper_parameters else {}
             if hp:
-                tags["vertex_hyperparameters"] = json.dumps(hp, sort_keys=True)
+                tags["vertex.hyperparameters"] = json.dumps(hp, sort_keys=True)
             if spec.training_dataset_uri:
-                tags["vertex_training_dataset"] = spec.training_dataset_uri
+                tags["vertex.training_dataset"] = spec.training_dataset_uri
             if spec.validation_dataset_uri:
-                tags["vertex_validation_dataset"] = spec.validation_dataset_uri
+                tags["vertex.validation_dataset"] = spec.validation_dataset_uri
         stats = job.tuning_data_stats.supervised_tuning_data_stats if job.tuning_data_stats else None
         if stats is not None:
             for key, value in (
@@ -521,6 +528,8 @@ class VertexProvider:
             error_message=error_message,
             tags=tags,
             metrics=metrics,
+            base_model=job.base_model.rsplit("/", 1)[-1] if job.base_model else None,
+            hyperparameters=shared_hyperparameters(hp, HYPERPARAMETER_NAMES),
         )
 
     def get_job(self, job_id: str) -> TuningJob:
@@ -542,7 +551,7 @@ class VertexProvider:
         if experiment is None:
             experiment = self._normalize(
                 self._call(lambda: self.client.tunings.get(name=job_id), f"reading tuning job {job_id}").value
-            ).tags.get("vertex_experiment")
+            ).tags.get("vertex.experiment")
         if not experiment:
             return None  # the job has not created its experiment yet
         experiment_id = experiment.rsplit("/", 1)[-1]

@@ -1,0 +1,184 @@
+"""sweep: one tune run per point of the config's `sweep.grid`, as children of one `sweep` parent run.
+
+Prepare runs once and the base model is evaluated once per base model, under the parent; every point's config is
+validated and the whole grid priced before any job starts (nothing launches above `sweep.max_cost_usd`). Children
+run as `tune` processes, at most `max_parallel_jobs` at once; a failed child is reported and does not stop the
+others. Each child carries `finetune.sweep_point`, so rerunning with `--run-id <parent>` skips finished points,
+reattaches unfinished ones to their job (never a second job for a point) and launches only missing points. The
+parent picks the winner (`sweep_plan.winner`), logs the grid as a table (`sweep_grid.json`), the winner's headline
+metrics and a description, and with `-P promote=true` hands the winner to `promote`, gates and all.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from finetune_mlflow.config import Config, read_raw_section, with_overrides
+from finetune_mlflow.errors import ConfigError
+from finetune_mlflow.job_tracking import request_for
+from finetune_mlflow.preparation import Prepared, ensure_prepared
+from finetune_mlflow.providers import get_provider
+from finetune_mlflow.scoring import base_evaluation
+from finetune_mlflow.steps.promote import run_promote
+from finetune_mlflow.summary import HEADLINE_METRICS, describe_tune
+from finetune_mlflow.sweep_plan import SweepPlan, plan_sweep, point_key, winner
+from finetune_mlflow.tracking import log_values, quote, step_run
+
+logger = logging.getLogger(__name__)
+
+POINT_TAG = "finetune.sweep_point"
+
+
+@dataclass(frozen=True)
+class Point:
+    values: dict
+    config: Config
+    run_id: str = ""
+    status: str = ""
+    metrics: dict | None = None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    run_id: str
+    points: list[Point]
+    winner: Point | None
+
+
+def _price(points: list[Point], prepared: Prepared, parent_id: str, plan: SweepPlan) -> float:
+    """Sum of the points' preflight estimates; refuses the grid above `max_cost_usd` before anything launches."""
+    total = 0.0
+    for point in points:
+        provider = get_provider(point.config.tune.provider, point.config)
+        report = provider.preflight(request_for(point.config, parent_id, prepared))
+        total += report.estimated_cost_usd or 0.0
+    if plan.max_cost_usd and total > plan.max_cost_usd:
+        raise ConfigError(f"the grid's {len(points)} jobs are estimated at ${total:.2f}, over sweep.max_cost_usd="
+                          f"${plan.max_cost_usd:.2f}; nothing was launched. Shrink the grid or raise the limit")
+    return total
+
+
+def _children(parent: mlflow.entities.Run) -> dict[str, mlflow.entities.Run]:
+    """The parent's existing children by grid point (a rerun with --run-id <parent> finds them)."""
+    runs = MlflowClient().search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = {quote(parent.info.run_id)}", max_results=1000)
+    return {r.data.tags[POINT_TAG]: r for r in runs if POINT_TAG in r.data.tags}
+
+
+def _child_command(point: Point) -> list[str]:
+    command = [sys.executable, "-m", "finetune_mlflow", "tune"]
+    if point.config.config_file:
+        command += ["--config", point.config.config_file]
+    for key, value in point.values.items():
+        command += ["--set", f"{key}={value}"]
+    return command
+
+
+class _Tally:
+    """One line per child transition and a running tally, from the worker threads."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.failed = total, 0, 0
+        self._lock = threading.Lock()
+
+    def say(self, point: Point, what: str, *, finished: bool = False, failed: bool = False) -> None:
+        with self._lock:
+            self.done += finished or failed
+            self.failed += failed
+            print(f"sweep [{self.done}/{self.total} done, {self.failed} failed] {point.config.run_name('tune')}: "
+                  f"{what}", flush=True)
+
+
+def _run_child(point: Point, parent: mlflow.entities.Run, existing: mlflow.entities.Run | None, logs: Path,
+               tally: _Tally) -> Point:
+    client = MlflowClient()
+    if existing is not None and existing.info.status == "FINISHED":
+        tally.say(point, "finished earlier, kept", finished=True)
+        return Point(point.values, point.config, existing.info.run_id, "FINISHED", dict(existing.data.metrics))
+    run = existing or client.create_run(parent.info.experiment_id, run_name=point.config.run_name("tune"), tags={
+        "mlflow.parentRunId": parent.info.run_id, POINT_TAG: point_key(point.values), "finetune.step": "tune"})
+    run_id = run.info.run_id
+    tally.say(point, f"{'reattaching' if existing else 'launching'} (run {run_id})")
+    log_path = logs / f"{run_id}.log"
+    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_EXPERIMENT_ID": parent.info.experiment_id}
+    with open(log_path, "wb") as log:
+        code = subprocess.run(_child_command(point), env=env, stdout=log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL).returncode
+    finished = client.get_run(run_id)
+    if code != 0:
+        reason = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or ["no output"]
+        tally.say(point, f"FAILED: {reason[0][:300]}", failed=True)
+        return Point(point.values, point.config, run_id, "FAILED", dict(finished.data.metrics))
+    tally.say(point, f"F1 {finished.data.metrics.get('eval_f1', float('nan')):.1f}", finished=True)
+    return Point(point.values, point.config, run_id, "FINISHED", dict(finished.data.metrics))
+
+
+def _record(parent_id: str, points: list[Point], best: Point | None) -> None:
+    client = MlflowClient()
+    grid_keys = sorted({k for p in points for k in p.values})
+    table = {key: [str(p.values.get(key, "")) for p in points] for key in grid_keys}
+    table.update(run_name=[p.config.run_name("tune") for p in points], run_id=[p.run_id for p in points],
+                 status=[p.status for p in points])
+    for metric in ("eval_f1", "eval_exact_match", "eval_f1_delta", "latency_ms_p95", "estimated_cost_usd"):
+        table[metric] = [round((p.metrics or {}).get(metric, float("nan")), 3) for p in points]
+    mlflow.log_table(table, "sweep_grid.json")
+    metrics = {"sweep_n_points": len(points), "sweep_n_failed": sum(p.status != "FINISHED" for p in points)}
+    tags = {"finetune.sweep_failed_runs": ",".join(p.run_id for p in points if p.status != "FINISHED")}
+    if best is not None:
+        metrics.update({k: v for k, v in (best.metrics or {}).items() if k in HEADLINE_METRICS})
+        tags.update({"finetune.winner_run_id": best.run_id, "finetune.winner": best.config.run_name("tune"),
+                     "mlflow.note.content": f"winner: {best.config.run_name('tune')}: "
+                                            f"{describe_tune(best.metrics or {}, best.run_id)}"})
+    log_values(client, parent_id, metrics=metrics, tags=tags)
+
+
+def run_sweep(config: Config, *, promote: bool = False) -> SweepResult:
+    if not config.config_file:
+        raise ConfigError("sweep needs an experiment file with a sweep: block: -P config=experiments/<file>.yaml")
+    plan = plan_sweep(read_raw_section(config.config_file, "sweep"), config.config_file)
+    points = [Point(values, with_overrides(config, values)) for values in plan.points]  # all valid, or nothing runs
+    provider = get_provider(config.tune.provider, config)
+    parallel = plan.max_parallel_jobs or provider.max_parallel_jobs
+    name = f"sweep {config.tune.provider}/{config.tune.base_model} {len(points)} points"
+    with step_run("sweep", run_name=name) as run:
+        parent = MlflowClient().get_run(run.info.run_id)
+        log_values(MlflowClient(), run.info.run_id, params={
+            "provider": config.tune.provider, "config_file": config.config_file, "n_points": len(points),
+            "max_parallel_jobs": parallel, "grid": ",".join(sorted({k for p in plan.points for k in p}))})
+        prepared = ensure_prepared(config)
+        cost = _price(points, prepared, run.info.run_id, plan)
+        log_values(MlflowClient(), run.info.run_id, metrics={"sweep_estimated_cost_usd": round(cost, 4)})
+        for base_model in dict.fromkeys(p.config.tune.base_model for p in points):
+            base_config = next(p.config for p in points if p.config.tune.base_model == base_model)
+            base_evaluation(base_config, prepared, get_provider(base_config.tune.provider, base_config))
+        existing = _children(parent)
+        tally = _Tally(len(points))
+        with tempfile.TemporaryDirectory(prefix="sweep-logs-") as logs, \
+                concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+            done = list(pool.map(lambda p: _run_child(p, parent, existing.get(point_key(p.values)), Path(logs), tally),
+                                 points))
+        best_index = winner([p.metrics or {} if p.status == "FINISHED" else {} for p in done])
+        best = done[best_index] if best_index is not None else None
+        _record(run.info.run_id, done, best)
+        if promote and best is not None:
+            _promote(best)
+        return SweepResult(run.info.run_id, done, best)
+
+
+def _promote(best: Point) -> None:
+    tags = MlflowClient().get_run(best.run_id).data.tags
+    name, _, version = tags.get("finetune.registered_version", "").partition("/")
+    if not version:
+        raise ConfigError(f"the winner {best.run_id} registered no model version; nothing to promote")
+    run_promote(best.config, model_name=name, version=version)

@@ -1,0 +1,89 @@
+"""The pure half of `sweep`: read a `sweep:` block into grid points, refusing what cannot be run, and pick the
+winner of finished points. No MLflow and no network here.
+
+    sweep:
+      grid:                      # each key a list; one tune run per combination
+        epochs: [1, 2, 3]
+        learning_rate: [0.003, 0.01]
+        vertex.adapter_size: [4, 8]   # a provider's own knob, as section.key
+      max_parallel_jobs: 2       # default: the provider's (local: the machine's cores, openai: 3, vertex: 4)
+      max_grid_points: 50
+      max_cost_usd: 20           # the whole grid's estimate must be under it, or nothing launches (0: no limit)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from finetune_mlflow.config import entry_flags
+from finetune_mlflow.errors import ConfigError
+
+SETTINGS = {"grid", "max_parallel_jobs", "max_grid_points", "max_cost_usd"}
+DEFAULT_MAX_GRID_POINTS = 50
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    points: list[dict[str, Any]]  # each: dotted config key -> value
+    max_parallel_jobs: int  # 0: the provider's default
+    max_cost_usd: float
+
+
+def point_key(point: Mapping[str, Any]) -> str:
+    """A stable name for a grid point (the child run's `finetune.sweep_point` tag)."""
+    return json.dumps(dict(sorted(point.items())), sort_keys=True)
+
+
+def _dotted(name: str, source: str) -> str:
+    flags = entry_flags()
+    if name in flags:
+        return flags[name][0]
+    if "." in name:
+        return name
+    raise ConfigError(f"{source}: sweep.grid: unknown key {name!r}; expected one of {', '.join(sorted(flags))} or "
+                      "a section.key such as vertex.adapter_size")
+
+
+def _number(block: Mapping[str, Any], key: str, default: float, source: str) -> float:
+    value = block.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{source}: sweep.{key} is {value!r}; expected a number >= 0")
+    return value
+
+
+def plan_sweep(block: Any, source: str) -> SweepPlan:
+    """The grid points of a `sweep:` block, or a ConfigError naming the file and key."""
+    if not isinstance(block, Mapping) or not isinstance(block.get("grid"), Mapping) or not block["grid"]:
+        raise ConfigError(f"{source}: needs a sweep: block with a non-empty grid: mapping (e.g. grid: {{epochs: "
+                          "[1, 2, 3]}}) for the sweep entry point")
+    unknown = sorted(set(block) - SETTINGS)
+    if unknown:
+        raise ConfigError(f"{source}: sweep: unknown key {unknown[0]!r}; expected one of {', '.join(sorted(SETTINGS))}")
+    axes = {}
+    for name, values in block["grid"].items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{source}: sweep.grid.{name} must be a non-empty list, got {values!r}")
+        if len(set(map(json.dumps, values))) != len(values):
+            raise ConfigError(f"{source}: sweep.grid.{name} lists a value twice: {values!r}")
+        axes[_dotted(str(name), source)] = values
+    size = math.prod(len(v) for v in axes.values())
+    limit = int(_number(block, "max_grid_points", DEFAULT_MAX_GRID_POINTS, source))
+    if size > limit:
+        raise ConfigError(f"{source}: sweep.grid has {size} points, over sweep.max_grid_points={limit}; shrink the "
+                          "grid or raise the limit")
+    points = [dict(zip(axes, combination)) for combination in itertools.product(*axes.values())]
+    return SweepPlan(points, int(_number(block, "max_parallel_jobs", 0, source)),
+                     float(_number(block, "max_cost_usd", 0, source)))
+
+
+def winner(results: list[Mapping[str, float]]) -> int | None:
+    """Index of the best finished point: highest `eval_f1`; ties: lower `latency_ms_p95`, then lower cost."""
+    scored = [(i, r) for i, r in enumerate(results) if math.isfinite(r.get("eval_f1", math.nan))]
+    if not scored:
+        return None
+    return min(scored, key=lambda item: (-round(item[1]["eval_f1"], 6), item[1].get("latency_ms_p95", math.inf),
+                                         item[1].get("cost_total_usd", item[1].get("estimated_cost_usd", 0.0))))[0]
