@@ -14,7 +14,6 @@ import sys
 from typing import Callable
 
 from finetune_mlflow.config import Config, entry_flags, load_config
-from finetune_mlflow.errors import FinetuneError
 from finetune_mlflow.process import run_guarded
 
 DEFAULT_CONFIG = "experiments/squad_local.yaml"

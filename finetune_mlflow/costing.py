@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+from finetune_mlflow.errors import ConfigError
+
 CHARS_PER_TOKEN = 4
 
 
@@ -36,3 +38,17 @@ def price_per_million(model: str, tables: Sequence[Mapping[str, float]]) -> floa
 
 def estimate_cost_usd(billed: int, price: float | None) -> float | None:
     return None if price is None else billed / 1_000_000 * price
+
+
+def check_cost_limit(cost: float | None, limit: float, *, what: str, price_key: str) -> None:
+    """The one cost guard, run before anything is launched: refuse above `limit` (0: no guard), and refuse when a
+    limit is set but the cost cannot be estimated (no price for the model under `price_key`)."""
+    if limit <= 0:
+        return
+    if cost is None:
+        raise ConfigError(f"max_cost_usd is {limit:g} but the cost of {what} cannot be estimated: add the model's USD "
+                          f"price per 1M training tokens under {price_key}, or set max_cost_usd to 0 to launch "
+                          "without the guard")
+    if cost > limit:
+        raise ConfigError(f"estimated cost ${cost:.2f} of {what} exceeds max_cost_usd=${limit:g}; lower "
+                          "data.max_examples or tune.epochs, or raise max_cost_usd")

@@ -24,6 +24,8 @@ Predict = Callable[[str, str], Prediction]
 
 @dataclass(frozen=True)
 class ExampleResult:
+    """One evaluated example: a row of the per-example table (`eval_results.json`)."""
+
     id: str
     question: str
     prediction: str
@@ -35,6 +37,41 @@ class ExampleResult:
     input_tokens: int | None = None
     output_tokens: int | None = None
     retry_wait_ms: float = 0.0
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "ExampleResult":
+        """A row read back from a logged table (older tables lack some columns; a missing error reads as NaN)."""
+        error = row.get("error")
+        return cls(str(row["id"]), str(row.get("question", "")), str(row.get("prediction") or ""),
+                   list(row.get("gold_answers") or []), float(row["em"]), float(row["f1"]),
+                   _number(row.get("latency_ms")), error if isinstance(error, str) and error else None,
+                   _int(row.get("input_tokens")), _int(row.get("output_tokens")),
+                   _number(row.get("retry_wait_ms")) or 0.0)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and value == value else None
+
+
+def _int(value: Any) -> int | None:
+    number = _number(value)
+    return int(number) if number is not None else None
+
+
+@dataclass(frozen=True)
+class QualityMetric:
+    """A per-example score averaged into `eval_<name>` (0-100), with its bootstrap interval, its paired delta
+    against a baseline, and its label where a person reads it. A new quality metric is one entry below."""
+
+    name: str
+    label: str
+    of: Callable[[ExampleResult], float]  # 0-1 per example
+
+
+QUALITY_METRICS = (
+    QualityMetric("f1", "F1", lambda r: r.f1),
+    QualityMetric("exact_match", "EM", lambda r: r.em),
+)
 
 
 def _score_one(predict: Predict, example: dict[str, Any]) -> ExampleResult:
@@ -74,12 +111,11 @@ def summarize(run: EvaluationRun, *, bootstrap_samples: int, seed: int, prefix: 
     metrics: dict[str, float] = {f"{prefix}n": float(len(results))}
     errors = sum(1 for r in results if r.error)
     metrics[f"{prefix}error_count"] = float(errors)
-    for name in ("exact_match", "f1"):
-        values = [100.0 * (r.em if name == "exact_match" else r.f1) for r in results]
-        interval = bootstrap_interval(values, samples=bootstrap_samples, seed=seed)
-        metrics[f"{prefix}{name}"] = interval.estimate
-        metrics[f"{prefix}{name}_ci_low"] = interval.low
-        metrics[f"{prefix}{name}_ci_high"] = interval.high
+    for metric in QUALITY_METRICS:
+        interval = bootstrap_interval([100.0 * metric.of(r) for r in results], samples=bootstrap_samples, seed=seed)
+        metrics[f"{prefix}{metric.name}"] = interval.estimate
+        metrics[f"{prefix}{metric.name}_ci_low"] = interval.low
+        metrics[f"{prefix}{metric.name}_ci_high"] = interval.high
     if run.wall_seconds > 0:
         metrics[f"{prefix}throughput_rps"] = len(results) / run.wall_seconds
     ok = [r for r in results if r.error is None]
@@ -101,23 +137,27 @@ def check_error_rate(run: EvaluationRun, max_error_rate: float) -> None:
         )
 
 
-def delta_against(candidate: Sequence[ExampleResult], baseline: Sequence[dict[str, Any]], *,
-                  bootstrap_samples: int, seed: int) -> dict[str, float]:
-    """`eval_f1_delta` and its paired-bootstrap 95% interval, over questions both evaluations answered."""
-    base_f1 = {row["id"]: float(row["f1"]) for row in baseline}
-    base_em = {row["id"]: float(row["em"]) for row in baseline}
-    shared = [r for r in candidate if r.id in base_f1]
+def delta_against(candidate: Sequence[ExampleResult], baseline: Sequence[ExampleResult], *,
+                  bootstrap_samples: int, seed: int, prefix: str = "eval_") -> dict[str, float]:
+    """`<prefix><metric>_delta` of every quality metric with its paired-bootstrap 95% interval, over the questions
+    both evaluations answered; empty when they share none."""
+    base = {r.id: r for r in baseline}
+    shared = [r for r in candidate if r.id in base]
     if not shared:
         return {}
-    metrics = {"eval_delta_n": float(len(shared))}
-    for name, base in (("f1", base_f1), ("exact_match", base_em)):
-        values = [100.0 * (r.f1 if name == "f1" else r.em) for r in shared]
-        interval = paired_bootstrap_delta(values, [100.0 * base[r.id] for r in shared],
+    metrics = {f"{prefix}delta_n": float(len(shared))}
+    for metric in QUALITY_METRICS:
+        interval = paired_bootstrap_delta([100.0 * metric.of(r) for r in shared],
+                                          [100.0 * metric.of(base[r.id]) for r in shared],
                                           samples=bootstrap_samples, seed=seed)
-        metrics[f"eval_{name}_delta"] = interval.estimate
-        metrics[f"eval_{name}_delta_ci_low"] = interval.low
-        metrics[f"eval_{name}_delta_ci_high"] = interval.high
+        metrics[f"{prefix}{metric.name}_delta"] = interval.estimate
+        metrics[f"{prefix}{metric.name}_delta_ci_low"] = interval.low
+        metrics[f"{prefix}{metric.name}_delta_ci_high"] = interval.high
     return metrics
+
+
+def error_rate(results: Sequence[ExampleResult]) -> float:
+    return sum(1 for r in results if r.error) / len(results) if results else 1.0
 
 
 def result_rows(results: Sequence[ExampleResult]) -> dict[str, list[Any]]:

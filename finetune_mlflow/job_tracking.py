@@ -15,19 +15,19 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
-from finetune_mlflow.errors import ConfigError, TuningJobFailed, TuningTimeout
+from finetune_mlflow.costing import check_cost_limit
+from finetune_mlflow.errors import TuningJobFailed, TuningTimeout
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningJob, TuningRequest
 from finetune_mlflow.registry import RegisteredVersion, register_tuned_model
 from finetune_mlflow.preparation import Prepared
 from finetune_mlflow.progress import Progress
 from finetune_mlflow.scoring import Evaluation, evaluate_and_log
 from finetune_mlflow.summary import describe_tune
-from finetune_mlflow.tracking import MetricSink, log_values, step_run
+from finetune_mlflow.tracking import MetricSink, log_values
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +64,8 @@ def launch(provider: Provider, request: TuningRequest, config: Config, client: M
             "estimated_train_tokens": report.estimated_train_tokens,
             "estimated_billed_tokens": report.estimated_billed_tokens,
             "estimated_cost_usd": round(report.estimated_cost_usd, 4)})
-    limit = config.tune.max_cost_usd
-    if limit and report.estimated_cost_usd is not None and report.estimated_cost_usd > limit:
-        raise ConfigError(f"estimated cost ${report.estimated_cost_usd:.2f} is over tune.max_cost_usd=${limit:.2f}; "
-                          "lower epochs or max_examples, or raise max_cost_usd")
+    check_cost_limit(report.estimated_cost_usd, config.tune.max_cost_usd, price_key=f"{provider.name}."
+                     "training_price_per_million_tokens", what=f"tuning {request.base_model} for {request.epochs} epochs")
     job = provider.start_job(request)
     # First write after creation: everything after this point can crash and a rerun will reattach.
     client.set_tag(request.run_id, JOB_ID_TAG, job.job_id)

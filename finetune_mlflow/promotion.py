@@ -14,8 +14,11 @@ class Evidence:
     candidate_f1: float
     candidate_error_rate: float
     candidate_latency_ms_p95: float | None
-    champion_f1: float | None = None
-    # Paired-bootstrap 95% interval of mean F1(candidate) - F1(champion) over the same questions.
+    # What the candidate is compared with: the champion, else the base model on the same questions; None when
+    # neither has results on them.
+    reference: str | None = None
+    reference_f1: float | None = None
+    # Paired-bootstrap 95% interval of mean F1(candidate) - F1(reference) over the same questions.
     f1_delta: float | None = None
     f1_delta_ci_low: float | None = None
     f1_delta_ci_high: float | None = None
@@ -40,15 +43,18 @@ def decide(evidence: Evidence, gates: PromotionConfig) -> Decision:
         checks["latency"] = latency is not None and latency <= gates.max_latency_ms_p95
         if not checks["latency"]:
             reasons.append(f"latency p95 {latency} ms is over max_latency_ms_p95 {gates.max_latency_ms_p95} ms")
-    if evidence.champion_f1 is not None:
+    if evidence.reference is None:
+        checks["f1_gain"] = False
+        reasons.append("no champion and no base-model results on the same questions to compare with")
+    else:
         low = evidence.f1_delta_ci_low
         checks["f1_gain"] = low is not None and low > gates.min_f1_gain
         if not checks["f1_gain"]:
-            reasons.append(f"F1 gain {evidence.f1_delta:+.2f} (95% CI {low:+.2f} to {evidence.f1_delta_ci_high:+.2f}) "
-                           f"does not clear min_f1_gain {gates.min_f1_gain:+.2f} at the lower bound")
+            reasons.append(f"F1 gain over the {evidence.reference} {evidence.f1_delta:+.2f} (95% CI {low:+.2f} to "
+                           f"{evidence.f1_delta_ci_high:+.2f}) does not clear min_f1_gain {gates.min_f1_gain:+.2f} "
+                           "at the lower bound")
     if reasons:
         return Decision(False, "; ".join(reasons), checks)
-    if evidence.champion_f1 is None:
-        return Decision(True, f"no champion yet and the absolute gates pass (F1 {evidence.candidate_f1:.2f})", checks)
-    return Decision(True, f"F1 gain {evidence.f1_delta:+.2f} (95% CI {evidence.f1_delta_ci_low:+.2f} to "
-                          f"{evidence.f1_delta_ci_high:+.2f}) clears min_f1_gain {gates.min_f1_gain:+.2f}", checks)
+    return Decision(True, f"F1 gain over the {evidence.reference} {evidence.f1_delta:+.2f} (95% CI "
+                          f"{evidence.f1_delta_ci_low:+.2f} to {evidence.f1_delta_ci_high:+.2f}) clears min_f1_gain "
+                          f"{gates.min_f1_gain:+.2f}", checks)

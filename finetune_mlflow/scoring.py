@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from finetune_mlflow.config import Config
 from finetune_mlflow.evaluation import (
     EvaluationRun,
+    ExampleResult,
     check_error_rate,
     delta_against,
     result_rows,
@@ -45,28 +46,34 @@ RESULTS_TABLE = "eval_results.json"
 class Evaluation:
     run_id: str
     metrics: dict[str, float]
-    rows: list[dict[str, Any]]
+    rows: list[ExampleResult]
 
 
-def evaluate_and_log(provider: Provider, model_id: str, examples: list[dict], config: Config,
-                     baseline_rows: list[dict] | None = None) -> Evaluation:
-    """Evaluate in the active run: metrics, per-example table, and the delta against a baseline if given."""
+def score_model(provider: Provider, model_id: str, examples: list[dict], config: Config,
+                baseline: list[ExampleResult] | None = None) -> tuple[EvaluationRun, dict[str, float]]:
+    """Predict every example and summarize (with the paired delta against `baseline` when given); logs nothing."""
     run: EvaluationRun = run_predictions(
         lambda question, context: provider.predict(model_id, question, context), examples,
         min(config.evaluate.max_concurrency, provider.max_concurrency),
     )
     metrics = summarize(run, bootstrap_samples=config.evaluate.bootstrap_samples, seed=config.evaluate.bootstrap_seed)
-    if baseline_rows:
-        metrics.update(delta_against(run.results, baseline_rows, bootstrap_samples=config.evaluate.bootstrap_samples,
+    if baseline:
+        metrics.update(delta_against(run.results, baseline, bootstrap_samples=config.evaluate.bootstrap_samples,
                                      seed=config.evaluate.bootstrap_seed))
+    return run, metrics
+
+
+def evaluate_and_log(provider: Provider, model_id: str, examples: list[dict], config: Config,
+                     baseline: list[ExampleResult] | None = None) -> Evaluation:
+    """Evaluate in the active run: metrics, per-example table, and the delta against a baseline if given."""
+    run, metrics = score_model(provider, model_id, examples, config, baseline)
     active = mlflow.active_run()
     log_values(MlflowClient(), active.info.run_id, metrics=metrics)
     columns = result_rows(run.results)
     if columns:
         log_results_table(active.info.run_id, columns)
     check_error_rate(run, config.evaluate.max_error_rate)
-    rows = [dict(zip(columns, values)) for values in zip(*columns.values())] if columns else []
-    return Evaluation(active.info.run_id, metrics, rows)
+    return Evaluation(active.info.run_id, metrics, run.results)
 
 
 def log_results_table(run_id: str, columns: dict[str, list[Any]]) -> None:
@@ -81,15 +88,16 @@ def log_results_table(run_id: str, columns: dict[str, list[Any]]) -> None:
         mlflow.log_artifact(str(path))
 
 
-def load_rows(run_id: str) -> list[dict[str, Any]]:
+def load_rows(run_id: str) -> list[ExampleResult]:
     """The per-example rows a run logged, read as plain JSON so ids keep their exact strings ("0003" stays
     "0003"; pandas would make it 3); should a table hold an id twice, its last row wins."""
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=RESULTS_TABLE)
-    table = json.loads(Path(path).read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="eval-results-") as folder:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=RESULTS_TABLE, dst_path=folder)
+        table = json.loads(Path(path).read_text(encoding="utf-8"))
     latest = {}
     for values in table["data"]:
-        row = dict(zip(table["columns"], values))
-        latest[str(row["id"])] = row
+        row = ExampleResult.from_row(dict(zip(table["columns"], values)))
+        latest[row.id] = row
     return list(latest.values())
 
 

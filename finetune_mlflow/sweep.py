@@ -25,6 +25,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config, read_raw_section, with_overrides
+from finetune_mlflow.costing import check_cost_limit
 from finetune_mlflow.errors import ConfigError
 from finetune_mlflow.job_tracking import request_for
 from finetune_mlflow.preparation import Prepared, ensure_prepared
@@ -63,9 +64,8 @@ def _price(points: list[Point], prepared: Prepared, parent_id: str, plan: SweepP
         provider = get_provider(point.config.tune.provider, point.config)
         report = provider.preflight(request_for(point.config, parent_id, prepared))
         total += report.estimated_cost_usd or 0.0
-    if plan.max_cost_usd and total > plan.max_cost_usd:
-        raise ConfigError(f"the grid's {len(points)} jobs are estimated at ${total:.2f}, over sweep.max_cost_usd="
-                          f"${plan.max_cost_usd:.2f}; nothing was launched. Shrink the grid or raise the limit")
+    check_cost_limit(total, plan.max_cost_usd, what=f"the sweep's {len(points)} jobs (nothing was launched)",
+                     price_key=f"{points[0].config.tune.provider}.training_price_per_million_tokens")
     return total
 
 

@@ -115,7 +115,7 @@ def test_run_predictions_records_failures_and_keeps_order():
 
 def test_delta_against_baseline_is_paired():
     candidate = [_result(str(i), 1.0) for i in range(50)]
-    baseline = [{"id": str(i), "f1": 0.5, "em": 0.0} for i in range(50)]
+    baseline = [ExampleResult.from_row({"id": str(i), "f1": 0.5, "em": 0.0}) for i in range(50)]
     metrics = delta_against(candidate, baseline, bootstrap_samples=200, seed=0)
     assert metrics["eval_f1_delta"] == pytest.approx(50.0)
     assert metrics["eval_f1_delta_ci_low"] == pytest.approx(50.0)
@@ -124,12 +124,15 @@ def test_delta_against_baseline_is_paired():
 @pytest.mark.parametrize(
     ("evidence", "promote", "reason"),
     [
-        (Evidence(40.0, 0.0, 10.0), True, "no champion yet"),
-        (Evidence(40.0, 0.5, 10.0), False, "error rate"),
-        (Evidence(45.0, 0.0, 10.0, champion_f1=40.0, f1_delta=5.0, f1_delta_ci_low=2.0, f1_delta_ci_high=8.0),
+        (Evidence(40.0, 0.0, 10.0), False, "no base-model results"),
+        (Evidence(40.0, 0.5, 10.0, "base model", 30.0, 10.0, 8.0, 12.0), False, "error rate"),
+        (Evidence(45.0, 0.0, 10.0, "champion v1", 40.0, f1_delta=5.0, f1_delta_ci_low=2.0, f1_delta_ci_high=8.0),
          True, "clears"),
-        (Evidence(41.0, 0.0, 10.0, champion_f1=40.0, f1_delta=1.0, f1_delta_ci_low=-1.0, f1_delta_ci_high=3.0),
+        (Evidence(41.0, 0.0, 10.0, "champion v1", 40.0, f1_delta=1.0, f1_delta_ci_low=-1.0, f1_delta_ci_high=3.0),
          False, "does not clear"),
+        # No champion: the base model is the reference, and a model worse than it is never promoted.
+        (Evidence(25.0, 0.0, 10.0, "base model", 58.3, f1_delta=-33.3, f1_delta_ci_low=-36.0, f1_delta_ci_high=-30.0),
+         False, "over the base model"),
     ],
 )
 def test_promotion_gates(evidence, promote, reason):
@@ -139,8 +142,9 @@ def test_promotion_gates(evidence, promote, reason):
 
 def test_latency_gate():
     gates = PromotionConfig(max_latency_ms_p95=5.0)
-    assert not decide(Evidence(40.0, 0.0, 10.0), gates).promote
-    assert decide(Evidence(40.0, 0.0, 4.0), gates).promote
+    better = dict(reference="base model", reference_f1=30.0, f1_delta=10.0, f1_delta_ci_low=8.0, f1_delta_ci_high=12.0)
+    assert not decide(Evidence(40.0, 0.0, 10.0, **better), gates).promote
+    assert decide(Evidence(40.0, 0.0, 4.0, **better), gates).promote
 
 
 def test_features_do_not_depend_on_the_string_hash_seed():

@@ -10,6 +10,7 @@ import pytest
 
 from finetune_mlflow.providers.openai import data as openai_data
 from finetune_mlflow.config import Config, EvaluateConfig, OpenAIConfig, TuneConfig
+from finetune_mlflow.costing import check_cost_limit
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
 from finetune_mlflow.providers.openai.data import to_openai_chat
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, user_prompt
@@ -155,13 +156,18 @@ def test_preflight_warns_over_context_limit_and_unknown_price(tmp_path, make_pro
     assert any("no training price known for 'my-custom-base'" in w for w in report.warnings)
 
 
+def guard(report, limit: float) -> None:
+    check_cost_limit(report.estimated_cost_usd, limit, what="the job", price_key="openai.training_price_per_million_tokens")
+
+
 def test_preflight_cost_guard(tmp_path, make_provider, server):
     prepared = write_prepared(tmp_path)
-    with pytest.raises(ConfigError, match=r"estimated cost \$.* exceeds tune.max_cost_usd=1e-06"):
-        make_provider(max_cost_usd=0.000001).preflight(make_request(prepared))
-    with pytest.raises(ConfigError, match="no training price for 'my-base'"):
-        make_provider(max_cost_usd=5).preflight(make_request(prepared, base_model="my-base"))
-    ok = make_provider(max_cost_usd=5, prices={"my-base": 1.0}).preflight(make_request(prepared, base_model="my-base"))
+    with pytest.raises(ConfigError, match=r"estimated cost \$.* exceeds max_cost_usd=\$1e-06"):
+        guard(make_provider().preflight(make_request(prepared)), 0.000001)
+    with pytest.raises(ConfigError, match="cannot be estimated: add .*openai.training_price_per_million_tokens"):
+        guard(make_provider().preflight(make_request(prepared, base_model="my-base")), 5)
+    ok = make_provider(prices={"my-base": 1.0}).preflight(make_request(prepared, base_model="my-base"))
+    guard(ok, 5)
     assert ok.estimated_cost_usd is not None and ok.estimated_cost_usd < 5
     assert server.requests == []  # preflight never touches the network
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from finetune_mlflow.config import Config, EvaluateConfig, TuneConfig, VertexConfig
+from finetune_mlflow.costing import check_cost_limit
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
 from finetune_mlflow.providers.vertex.data import to_gemini
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, user_prompt
@@ -291,13 +292,16 @@ def test_data_errors_name_the_line_before_any_http(fake, prepared):
 def test_validation_limit_and_cost_guard(fake, prepared):
     with pytest.raises(DataError, match="max_validation_examples"):
         make_provider(fake, vertex={"max_validation_examples": 1}).preflight(request_for(prepared))
-    with pytest.raises(ConfigError, match="tune.max_cost_usd"):
-        make_provider(fake, tune={"max_cost_usd": 1e-9}).preflight(request_for(prepared))
+    price_key = "vertex.training_price_per_million_tokens"
+    with pytest.raises(ConfigError, match="exceeds max_cost_usd"):
+        check_cost_limit(make_provider(fake).preflight(request_for(prepared)).estimated_cost_usd, 1e-9, what="x",
+                         price_key=price_key)
     with pytest.raises(ConfigError, match="training_price_per_million_tokens"):
-        make_provider(fake, tune={"max_cost_usd": 5.0}).preflight(request_for(prepared, base_model="gemini-x"))
-    report = make_provider(fake, tune={"max_cost_usd": 5.0},
-                           vertex={"training_price_per_million_tokens": {"gemini-x": 2.0}}).preflight(
+        check_cost_limit(make_provider(fake).preflight(request_for(prepared, base_model="gemini-x")).estimated_cost_usd,
+                         5.0, what="x", price_key=price_key)
+    report = make_provider(fake, vertex={"training_price_per_million_tokens": {"gemini-x": 2.0}}).preflight(
         request_for(prepared, base_model="gemini-x"))
+    check_cost_limit(report.estimated_cost_usd, 5.0, what="x", price_key=price_key)
     assert report.estimated_cost_usd == pytest.approx(report.estimated_billed_tokens * 2.0 / 1e6)
     assert fake.requests == []
 

@@ -6,13 +6,44 @@ like model latency. This helper is shared by every remote provider.
 
 from __future__ import annotations
 
+import email.utils
 import time
 from dataclasses import dataclass
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from finetune_mlflow.errors import ProviderError
 
 T = TypeVar("T")
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None, now: Callable[[], float] = time.time) -> float | None:
+    """The wait a server asked for: `retry-after-ms` (OpenAI's), else `retry-after` in seconds or as an HTTP date;
+    None when absent or unreadable. Header names are matched case-insensitively."""
+    if not headers:
+        return None
+    lowered = {str(k).lower(): v for k, v in headers.items()}
+    for header, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = lowered.get(header)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / divisor
+        except ValueError:
+            parsed = email.utils.parsedate_tz(str(value))
+            if parsed is None:
+                continue
+            seconds = float(email.utils.mktime_tz(parsed)) - now()
+        if seconds == seconds and seconds != float("inf"):  # not NaN nor infinite
+            return max(0.0, seconds)
+    return None
+
+
+def error_headers(error: BaseException) -> Mapping[str, str] | None:
+    """Response headers of an SDK error (openai's `.response.headers`, google's `.headers` or `.response`)."""
+    headers: Any = getattr(error, "headers", None)
+    if headers is None:
+        headers = getattr(getattr(error, "response", None), "headers", None)
+    return headers if hasattr(headers, "items") else None
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,8 @@ and `promotion_report.md`. The candidate version gets a `promotion.decision` tag
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
@@ -24,12 +23,11 @@ from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, FinetuneError
-from finetune_mlflow.evaluation import run_predictions, summarize
+from finetune_mlflow.evaluation import ExampleResult, delta_against, error_rate
 from finetune_mlflow.promotion import Decision, Evidence, decide
 from finetune_mlflow.records import read_jsonl
-from finetune_mlflow.stats import paired_bootstrap_delta
 from finetune_mlflow.preparation import PREPARED
-from finetune_mlflow.scoring import RESULTS_TABLE, load_rows, resolve_model
+from finetune_mlflow.scoring import RESULTS_TABLE, load_rows, resolve_model, score_model
 from finetune_mlflow.tracking import log_values, step_run
 
 logger = logging.getLogger(__name__)
@@ -74,12 +72,14 @@ def _validation_examples(run_id: str) -> tuple[str, list[dict]]:
     prepare_run = tags.get("finetune.prepare_run_id")
     if not prepare_run:
         raise FinetuneError(f"run {run_id} records no prepare run, so its validation data is unknown")
-    local = Path(mlflow.artifacts.download_artifacts(run_id=prepare_run, artifact_path=f"{PREPARED}/validation.jsonl"))
-    return tags.get("finetune.data_sha256", ""), read_jsonl(local)
+    with tempfile.TemporaryDirectory(prefix="promote-") as folder:
+        local = mlflow.artifacts.download_artifacts(run_id=prepare_run, artifact_path=f"{PREPARED}/validation.jsonl",
+                                                    dst_path=folder)
+        return tags.get("finetune.data_sha256", ""), read_jsonl(local)
 
 
 def _rows(version: ModelVersion, name: str, data_sha256: str, examples: list[dict], config: Config
-          ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+          ) -> tuple[list[ExampleResult], dict[str, float]]:
     """Per-example rows and summary metrics of a version on the given data, reusing its run's table if it fits."""
     run = MlflowClient().get_run(version.run_id) if version.run_id else None
     if run is not None and run.data.tags.get("finetune.data_sha256") == data_sha256:
@@ -88,21 +88,29 @@ def _rows(version: ModelVersion, name: str, data_sha256: str, examples: list[dic
         logger.info("version %s has no per-example table; evaluating it", version.version)
     logger.info("evaluating %s version %s on the candidate's validation data", name, version.version)
     resolved = resolve_model(f"models:/{name}/{version.version}", config)
-    evaluated = run_predictions(lambda q, c: resolved.provider.predict(resolved.model_id, q, c), examples,
-                                min(config.evaluate.max_concurrency, resolved.provider.max_concurrency))
-    metrics = summarize(evaluated, bootstrap_samples=config.evaluate.bootstrap_samples,
-                        seed=config.evaluate.bootstrap_seed)
-    rows = [{"id": r.id, "f1": r.f1, "em": r.em, "error": r.error} for r in evaluated.results]
-    return rows, metrics
+    evaluated, metrics = score_model(resolved.provider, resolved.model_id, examples, config)
+    return evaluated.results, metrics
 
 
-def _failed(row: dict[str, Any]) -> bool:
-    """A row's error as read back from a logged table is NaN when there was none."""
-    return isinstance(row.get("error"), str) and bool(row["error"])
+def _base_rows(candidate: ModelVersion) -> list[ExampleResult]:
+    """The base model's rows on the candidate's data (its tune run's base evaluation), empty if unknown."""
+    base_run = MlflowClient().get_run(candidate.run_id).data.tags.get("finetune.base_eval_run_id") \
+        if candidate.run_id else None
+    return load_rows(base_run) if base_run else []
 
 
-def _error_rate(rows: list[dict[str, Any]]) -> float:
-    return sum(1 for r in rows if _failed(r)) / len(rows) if rows else 1.0
+def _evidence(candidate_rows: list[ExampleResult], metrics: dict[str, float], reference: list[ExampleResult],
+              reference_name: str, config: Config) -> Evidence:
+    """The candidate against the reference (the champion, else the base model) on the same questions."""
+    delta = delta_against(candidate_rows, reference, bootstrap_samples=config.evaluate.bootstrap_samples,
+                          seed=config.evaluate.bootstrap_seed, prefix="")
+    shared = {r.id for r in candidate_rows} & {r.id for r in reference}
+    reference_f1 = 100.0 * sum(r.f1 for r in reference if r.id in shared) / len(shared) if shared else None
+    return Evidence(
+        candidate_f1=100.0 * sum(r.f1 for r in candidate_rows) / max(len(candidate_rows), 1),
+        candidate_error_rate=error_rate(candidate_rows), candidate_latency_ms_p95=metrics.get("latency_ms_p95"),
+        reference=reference_name if shared else None, reference_f1=reference_f1, f1_delta=delta.get("f1_delta"),
+        f1_delta_ci_low=delta.get("f1_delta_ci_low"), f1_delta_ci_high=delta.get("f1_delta_ci_high"))
 
 
 def _report(name: str, candidate: str, champion: str | None, evidence: Evidence, decision: Decision,
@@ -112,8 +120,8 @@ def _report(name: str, candidate: str, champion: str | None, evidence: Evidence,
              f"- reason: {decision.reason}", f"- champion before: {champion or 'none'}",
              f"- candidate F1: {evidence.candidate_f1:.2f}, error rate {evidence.candidate_error_rate:.2%}, "
              f"latency p95 {evidence.candidate_latency_ms_p95} ms"]
-    if evidence.champion_f1 is not None:
-        lines.append(f"- champion F1: {evidence.champion_f1:.2f}; delta {evidence.f1_delta:+.2f} "
+    if evidence.reference_f1 is not None:
+        lines.append(f"- {evidence.reference} F1: {evidence.reference_f1:.2f}; delta {evidence.f1_delta:+.2f} "
                      f"(95% paired bootstrap CI {evidence.f1_delta_ci_low:+.2f} to {evidence.f1_delta_ci_high:+.2f})")
     lines.append(f"- gates: min_f1_gain {config.promotion.min_f1_gain}, max_latency_ms_p95 "
                  f"{config.promotion.max_latency_ms_p95 or 'off'}, max_error_rate {config.promotion.max_error_rate}")
@@ -173,30 +181,19 @@ def run_promote(config: Config, *, model_name: str = "", version: str = "", forc
         else:
             data_sha256, examples = _validation_examples(candidate.run_id)
             candidate_rows, candidate_metrics = _rows(candidate, name, data_sha256, examples, config)
-            evidence = Evidence(
-                candidate_f1=100.0 * sum(float(r["f1"]) for r in candidate_rows) / max(len(candidate_rows), 1),
-                candidate_error_rate=_error_rate(candidate_rows),
-                candidate_latency_ms_p95=candidate_metrics.get("latency_ms_p95"),
-            )
             if champion is not None:
-                champion_rows, _ = _rows(champion, name, data_sha256, examples, config)
-                by_id = {r["id"]: float(r["f1"]) for r in champion_rows}
-                shared = [r for r in candidate_rows if r["id"] in by_id]
-                delta = paired_bootstrap_delta([100.0 * float(r["f1"]) for r in shared],
-                                               [100.0 * by_id[r["id"]] for r in shared],
-                                               samples=config.evaluate.bootstrap_samples,
-                                               seed=config.evaluate.bootstrap_seed)
-                evidence = Evidence(evidence.candidate_f1, evidence.candidate_error_rate,
-                                    evidence.candidate_latency_ms_p95,
-                                    champion_f1=100.0 * sum(by_id.values()) / max(len(by_id), 1),
-                                    f1_delta=delta.estimate, f1_delta_ci_low=delta.low, f1_delta_ci_high=delta.high)
+                reference, reference_name = _rows(champion, name, data_sha256, examples, config)[0], \
+                    f"champion v{champion_version}"
+            else:  # nothing worse than the base model is promoted, champion or not
+                reference, reference_name = _base_rows(candidate), "base model"
+            evidence = _evidence(candidate_rows, candidate_metrics, reference, reference_name, config)
             decision = decide(evidence, config.promotion)
             if force and not decision.promote:
                 decision = Decision(True, f"forced ({reason}); gates said: {decision.reason}", decision.checks)
             metrics = {k: v for k, v in (("candidate_f1", evidence.candidate_f1),
                                          ("candidate_error_rate", evidence.candidate_error_rate),
                                          ("candidate_latency_ms_p95", evidence.candidate_latency_ms_p95),
-                                         ("champion_f1", evidence.champion_f1), ("f1_delta", evidence.f1_delta),
+                                         ("reference_f1", evidence.reference_f1), ("f1_delta", evidence.f1_delta),
                                          ("f1_delta_ci_low", evidence.f1_delta_ci_low),
                                          ("f1_delta_ci_high", evidence.f1_delta_ci_high)) if v is not None}
             log_values(client, run.info.run_id, metrics=metrics, params={

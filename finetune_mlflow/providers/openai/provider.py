@@ -12,7 +12,6 @@ itself). We log where they came from, never their value, and scrub key-shaped st
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ from finetune_mlflow.providers.base import (
     TuningJob,
     TuningRequest,
 )
-from finetune_mlflow.providers.retry import RetryPolicy, call_with_retries
+from finetune_mlflow.providers.retry import RetryPolicy, call_with_retries, error_headers, retry_after_seconds
 
 if TYPE_CHECKING:
     from finetune_mlflow.config import Config
@@ -94,25 +93,7 @@ def _redact_url(url: str) -> str:
 
 
 def _retry_after_seconds(error: BaseException) -> float | None:
-    """Server-requested wait from `retry-after-ms` or `retry-after` (seconds or HTTP date), as the SDK reads it."""
-    response = getattr(error, "response", None)
-    headers = getattr(response, "headers", None)
-    if headers is None:
-        return None
-    for header, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(header)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) / divisor
-        except ValueError:
-            parsed = email.utils.parsedate_tz(value)
-            if parsed is None:
-                continue
-            seconds = float(email.utils.mktime_tz(parsed) - time.time())
-        if seconds >= 0:
-            return seconds
-    return None
+    return retry_after_seconds(error_headers(error))
 
 
 def _parse_cursor(cursor: str | None) -> tuple[str | None, int | None]:
@@ -253,20 +234,6 @@ class OpenAIProvider(ProviderBase):
                 f"no training price known for {request.base_model!r}; set openai.training_price_per_million_tokens "
                 f"to get a cost estimate"
             )
-        max_cost = self.config.tune.max_cost_usd
-        if max_cost > 0:
-            if cost is None:
-                raise ConfigError(
-                    f"tune.max_cost_usd={max_cost} is set but there is no training price for "
-                    f"{request.base_model!r}; add it under openai.training_price_per_million_tokens "
-                    f"(USD per 1M training tokens) or set tune.max_cost_usd=0 to launch without the guard"
-                )
-            if cost > max_cost:
-                raise ConfigError(
-                    f"estimated cost ${cost:.2f} ({billed:,} billed tokens = ~{train_est.total_tokens:,} tokens x "
-                    f"{request.epochs} epochs at ${price}/1M for {request.base_model}) exceeds tune.max_cost_usd="
-                    f"{max_cost}; reduce data.max_examples or tune.epochs, or raise tune.max_cost_usd"
-                )
         return PreflightReport(
             n_train=len(train),
             n_validation=len(validation),

@@ -31,7 +31,6 @@ The cursor is JSON `{metric key: last step returned}`; only later steps are retu
 
 from __future__ import annotations
 
-import email.utils
 import json
 import os
 import time
@@ -56,7 +55,7 @@ from finetune_mlflow.providers.base import (
     TuningJob,
     TuningRequest,
 )
-from finetune_mlflow.providers.retry import RetryPolicy, call_with_retries
+from finetune_mlflow.providers.retry import RetryPolicy, call_with_retries, error_headers, retry_after_seconds
 
 T = TypeVar("T")
 
@@ -110,20 +109,6 @@ def sanitize_label(value: str) -> str:
     """A GCP label value: lowercase letters, digits, `_` and `-`, at most 63 characters."""
     cleaned = "".join(c if c.isalnum() or c in "_-" else "-" for c in value.lower())
     return cleaned[:63]
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _int(value: Any) -> int | None:
@@ -289,16 +274,7 @@ class VertexProvider(ProviderBase):
 
     @staticmethod
     def _retry_after(error: BaseException) -> float | None:
-        headers = getattr(error, "headers", None)
-        if headers is None:
-            response = getattr(error, "response", None)
-            headers = getattr(response, "headers", None)
-        if headers is None:
-            return None
-        try:
-            return _parse_retry_after(headers.get("retry-after") or headers.get("Retry-After"))
-        except AttributeError:
-            return None
+        return retry_after_seconds(error_headers(error))
 
     def _call(self, call: Callable[[], T], what: str) -> Any:
         return call_with_retries(
@@ -347,11 +323,6 @@ class VertexProvider(ProviderBase):
         return base / "train.jsonl", base / "validation.jsonl"
 
     def preflight(self, request: TuningRequest) -> PreflightReport:
-        if request.batch_size != 0:
-            raise ConfigError(
-                f"batch size {request.batch_size} requested, but Vertex AI Gemini tuning has no batch size setting; "
-                "set tune.batch_size: 0 (or -P batch_size=0)"
-            )
         vertex = self.config.vertex
         train_path, validation_path = self._data_paths(request)
         train = vertex_data.read_dataset(train_path, max_example_tokens=vertex.max_example_tokens)
@@ -366,22 +337,9 @@ class VertexProvider(ProviderBase):
         billed = costing.billed_tokens(train.total_tokens, request.epochs)
         cost = costing.estimate_cost_usd(
             billed, vertex_data.price_per_million(request.base_model, vertex.training_price_per_million_tokens))
-        limit = self.config.tune.max_cost_usd
         if cost is None:
             warnings.append(
                 f"no training price known for {request.base_model}; add it to vertex.training_price_per_million_tokens"
-            )
-            if limit > 0:
-                raise ConfigError(
-                    f"tune.max_cost_usd is {limit} but the cost of tuning {request.base_model} cannot be estimated; "
-                    "add its USD price per 1M training tokens to vertex.training_price_per_million_tokens, "
-                    "or set tune.max_cost_usd: 0 to launch without the guard"
-                )
-        elif limit > 0 and cost > limit:
-            raise ConfigError(
-                f"estimated cost ${cost:.2f} ({billed} billable tokens = ~{train.total_tokens} tokens x "
-                f"{request.epochs} epochs) is above tune.max_cost_usd = ${limit:.2f}; lower data.max_examples or "
-                "tune.epochs, or raise tune.max_cost_usd"
             )
         return PreflightReport(
             n_train=train.n_examples,
