@@ -329,7 +329,7 @@ def _validate(config: Config, origin: Origin) -> None:
         if expected:
             raise ConfigError(f"{origin(key)}: {key} is {value!r}; expected {expected}")
     if config.tune.provider not in provider_sections():
-        raise ConfigError(f"{origin('tune.provider')}: unknown provider {config.tune.provider!r}; expected one of "
+        raise ConfigError(f"{origin('tune.provider')}: tune.provider: unknown provider {config.tune.provider!r}; expected one of "
                           f"{', '.join(provider_sections())}")
     if not MODEL_NAME.fullmatch(config.tune.registered_model_name):
         raise ConfigError(f"{origin('tune.registered_model_name')}: tune.registered_model_name "

@@ -160,9 +160,9 @@ def test_on_invalid_drop_keeps_valid_rows_and_accounts_for_the_drops(capsys, cap
 CONFIG_CASES = [
     ("unknown_key.yaml", 3, r"tune: unknown key 'epoch'; expected one of: .*epochs"),
     ("wrong_type.yaml", 3, r"tune\.epochs: expected int, got 'three'"),
-    ("negative_epochs.yaml", 3, r"tune\.epochs is -1; expected an integer >= 1"),
+    ("negative_epochs.yaml", 3, r"tune\.epochs is -1; expected >= 1 and <= 100"),
     ("bad_syntax.yaml", 4, r"not valid YAML \(expected ',' or '\]'"),
-    ("unknown_provider.yaml", 2, r"tune\.provider: 'huggingface' is not one of 'local', 'openai', 'vertex'"),
+    ("unknown_provider.yaml", 2, r"tune\.provider: unknown provider 'huggingface'; expected one of local, openai, vertex"),
 ]
 
 
@@ -179,7 +179,7 @@ def test_bad_tune_config_fails_before_any_run(capsys, name, line, reason):
 def test_bad_parameter_names_the_parameter(capsys):
     code, stderr = cli(capsys, "tune", "--config", CONFIG, "--epochs", "-2")
     assert code == 2
-    assert error_line(stderr) == "error: parameter epochs: tune.epochs is -2; expected an integer >= 1"
+    assert error_line(stderr) == "error: parameter epochs: tune.epochs is -2; expected >= 1 and <= 100"
     assert_failed_cleanly(runs_expected=False)
 
 
