@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from finetune_mlflow.config import Config
 from finetune_mlflow.costing import check_cost_limit
 from finetune_mlflow.errors import TuningJobFailed, TuningTimeout
-from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningJob, TuningRequest
+from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, MetricsPage, Provider, TuningJob, TuningRequest
 from finetune_mlflow.registry import RegisteredVersion, register_tuned_model
 from finetune_mlflow.preparation import Prepared
 from finetune_mlflow.progress import Progress
@@ -37,14 +37,6 @@ CURSOR_TAG = "finetune.metrics_cursor"
 EVALUATED_TAG = "finetune.evaluated_model"
 # What MLflow raises when the tracking server is down, overloaded or timing out (connection errors included).
 TRANSIENT_TRACKING_ERRORS = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
-
-
-@dataclass(frozen=True)
-class TuneResult:
-    run_id: str
-    job: TuningJob
-    metrics: dict[str, float]
-    version: RegisteredVersion
 
 
 def request_for(config: Config, run_id: str, prepared: Prepared) -> TuningRequest:
@@ -76,6 +68,33 @@ def launch(provider: Provider, request: TuningRequest, config: Config, client: M
     return job.job_id
 
 
+@dataclass
+class _RunState:
+    """What the run already holds of the job: the provider cursor, the last status, the job-level numbers."""
+
+    cursor: str | None
+    status: str | None
+    numbers: dict[str, float]
+
+
+def _record_poll(client: MlflowClient, sink: MetricSink, run_id: str, state: _RunState, job: TuningJob,
+                 page: MetricsPage) -> tuple[int, bool]:
+    """Log one poll's news (new points, moved job-level numbers, a status transition, the new cursor); returns
+    (points logged, status changed). Raises MlflowException with the run state untouched if the store fails."""
+    changed = job.provider_status != state.status
+    # Job-level numbers (steps completed, dataset stats) as they move, so the UI shows progress.
+    moved = {k: float(v) for k, v in job.metrics.items() if state.numbers.get(k) != float(v)}
+    logged = sink.log(page.points)
+    if page.next_cursor != state.cursor or changed or moved:
+        transition = {f"finetune.status.{job.provider_status}": _now_iso()} if changed else {}
+        log_values(client, run_id, metrics=moved, tags={
+            CURSOR_TAG: page.next_cursor or "", "finetune.job_state": job.state.value,
+            "finetune.provider_status": job.provider_status, **transition})
+    state.cursor, state.status = page.next_cursor, job.provider_status
+    state.numbers.update(moved)
+    return logged, changed
+
+
 def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
                sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
                wait: bool = True) -> TuningJob:
@@ -83,28 +102,19 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
 
     `wait=False` (sync) polls once: whatever the job has now is logged and the job is returned in any state."""
     client = MlflowClient()
-    tags = client.get_run(run_id).data.tags
-    cursor = tags.get(CURSOR_TAG)
-    last_status = tags.get("finetune.provider_status")
+    run = client.get_run(run_id)
+    state = _RunState(run.data.tags.get(CURSOR_TAG), run.data.tags.get("finetune.provider_status"),
+                      dict(run.data.metrics))
     sink = MetricSink(client, run_id)
-    progress = dict(client.get_run(run_id).data.metrics)
     deadline = clock() + config.tune.timeout_seconds
     watch = Progress(started=clock())
     interval = config.tune.poll_interval
     while True:
         job = provider.get_job(job_id)
         # Read metrics after the state: once the job is terminal, this read holds every point it will ever have.
-        page = provider.read_metrics(job_id, cursor)
-        changed = job.provider_status != last_status
-        # Job-level numbers (steps completed, dataset stats) as they move, so the UI shows progress.
-        moved = {k: v for k, v in job.metrics.items() if progress.get(k) != float(v)}
+        page = provider.read_metrics(job_id, state.cursor)
         try:
-            logged = sink.log(page.points)
-            if page.next_cursor != cursor or changed or moved:
-                transition = {f"finetune.status.{job.provider_status}": _now_iso()} if changed else {}
-                log_values(client, run_id, metrics=moved, tags={
-                    CURSOR_TAG: page.next_cursor or "", "finetune.job_state": job.state.value,
-                    "finetune.provider_status": job.provider_status, **transition})
+            logged, changed = _record_poll(client, sink, run_id, state, job, page)
         except MlflowException as e:
             # The tracking server stayed unreachable through MLflow's own retries: keep the cursor where it was
             # and read the same points again next poll, so nothing is lost and nothing is logged twice.
@@ -113,10 +123,7 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
             logger.warning("tracking server write failed (%s); retrying on the next poll", e)
             sleep(config.tune.poll_interval)
             continue
-        cursor = page.next_cursor
-        progress.update({k: float(v) for k, v in moved.items()})
         if changed or page.points:
-            last_status = job.provider_status
             watch.update(page.points, clock())
             logger.info("job %s: %s", job_id, watch.line(job, clock()))
         if job.state in TERMINAL_STATES or not wait:

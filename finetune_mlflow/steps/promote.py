@@ -163,6 +163,38 @@ def run_rollback(config: Config, model_name: str) -> PromoteResult:
         return PromoteResult(run.info.run_id, Decision(True, reason), after, before, after)
 
 
+def _gather_evidence(candidate: ModelVersion, champion: ModelVersion | None, name: str, config: Config) -> Evidence:
+    """The candidate against the champion, or against the base model when there is no champion (nothing worse
+    than the base model is promoted), on the candidate's validation questions."""
+    data_sha256, examples = _validation_examples(candidate.run_id)
+    candidate_rows, candidate_metrics = _rows(candidate, name, data_sha256, examples, config)
+    if champion is not None:
+        reference = _rows(champion, name, data_sha256, examples, config)[0]
+        return _evidence(candidate_rows, candidate_metrics, reference, f"champion v{champion.version}", config)
+    return _evidence(candidate_rows, candidate_metrics, _base_rows(candidate), "base model", config)
+
+
+def _log_evidence(run_id: str, evidence: Evidence, config: Config, candidate: str, champion: str | None,
+                  forced: bool) -> None:
+    values = {"candidate_f1": evidence.candidate_f1, "candidate_error_rate": evidence.candidate_error_rate,
+              "candidate_latency_ms_p95": evidence.candidate_latency_ms_p95, "reference_f1": evidence.reference_f1,
+              "f1_delta": evidence.f1_delta, "f1_delta_ci_low": evidence.f1_delta_ci_low,
+              "f1_delta_ci_high": evidence.f1_delta_ci_high}
+    log_values(MlflowClient(), run_id, metrics={k: round(v, 4) for k, v in values.items() if v is not None}, params={
+        "min_f1_gain": config.promotion.min_f1_gain, "max_latency_ms_p95": config.promotion.max_latency_ms_p95,
+        "max_error_rate": config.promotion.max_error_rate, "candidate_version": candidate,
+        "champion_version": champion or "none", "reference": evidence.reference or "none", "forced": forced})
+
+
+def _apply(client: MlflowClient, name: str, alias: str, candidate: str, champion: str | None,
+           decision: Decision) -> None:
+    if decision.promote:
+        _move_aliases(client, name, alias, candidate, champion)
+    else:
+        client.set_registered_model_alias(name, CHALLENGER, candidate)
+    client.set_model_version_tag(name, candidate, "promotion.decision", "promoted" if decision.promote else "rejected")
+
+
 def run_promote(config: Config, *, model_name: str = "", version: str = "", force: bool = False,
                 reason: str = "") -> PromoteResult:
     if force and not reason.strip():
@@ -172,45 +204,24 @@ def run_promote(config: Config, *, model_name: str = "", version: str = "", forc
     client = MlflowClient()
     candidate = _candidate(client, name, version)
     candidate_version = str(candidate.version)
-    with step_run("promote", run_name=f"promote-{name}-v{candidate_version}",
+    with step_run("promote", run_name=f"promote {name} v{candidate_version}",
                   tags={"promotion.model": name, "promotion.candidate": candidate_version}) as run:
         champion = _alias_version(client, name, alias)
         champion_version = str(champion.version) if champion else None
         if champion_version == candidate_version:
             decision = Decision(False, f"version {candidate_version} is already {alias}")
         else:
-            data_sha256, examples = _validation_examples(candidate.run_id)
-            candidate_rows, candidate_metrics = _rows(candidate, name, data_sha256, examples, config)
-            if champion is not None:
-                reference, reference_name = _rows(champion, name, data_sha256, examples, config)[0], \
-                    f"champion v{champion_version}"
-            else:  # nothing worse than the base model is promoted, champion or not
-                reference, reference_name = _base_rows(candidate), "base model"
-            evidence = _evidence(candidate_rows, candidate_metrics, reference, reference_name, config)
+            evidence = _gather_evidence(candidate, champion, name, config)
             decision = decide(evidence, config.promotion)
             if force and not decision.promote:
                 decision = Decision(True, f"forced ({reason}); gates said: {decision.reason}", decision.checks)
-            metrics = {k: v for k, v in (("candidate_f1", evidence.candidate_f1),
-                                         ("candidate_error_rate", evidence.candidate_error_rate),
-                                         ("candidate_latency_ms_p95", evidence.candidate_latency_ms_p95),
-                                         ("reference_f1", evidence.reference_f1), ("f1_delta", evidence.f1_delta),
-                                         ("f1_delta_ci_low", evidence.f1_delta_ci_low),
-                                         ("f1_delta_ci_high", evidence.f1_delta_ci_high)) if v is not None}
-            log_values(client, run.info.run_id, metrics=metrics, params={
-                "min_f1_gain": config.promotion.min_f1_gain,
-                "max_latency_ms_p95": config.promotion.max_latency_ms_p95,
-                "max_error_rate": config.promotion.max_error_rate, "candidate_version": candidate_version,
-                "champion_version": champion_version or "none", "forced": force})
+            _log_evidence(run.info.run_id, evidence, config, candidate_version, champion_version, force)
             mlflow.log_text(_report(name, candidate_version, champion_version, evidence,
                                     decision, config, reason if force else ""), "promotion_report.md")
-            if decision.promote:
-                _move_aliases(client, name, alias, candidate_version, champion_version)
-            else:
-                client.set_registered_model_alias(name, CHALLENGER, candidate_version)
-            client.set_model_version_tag(name, candidate_version, "promotion.decision",
-                                         "promoted" if decision.promote else "rejected")
+            _apply(client, name, alias, candidate_version, champion_version, decision)
         log_values(client, run.info.run_id, tags={"promotion.decision": "promote" if decision.promote else "keep",
-                                                  "promotion.reason": decision.reason[:5000]})
+                                                  "promotion.reason": decision.reason[:5000],
+                                                  "mlflow.note.content": decision.reason[:5000]})
         after = _alias_version(client, name, alias)
         print(f"{name} v{candidate_version}: {'promoted to' if decision.promote else 'not promoted to'} {alias} "
               f"- {decision.reason}")
