@@ -5,7 +5,6 @@ Each returns new lists plus what it dropped, so the step module can log every co
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import unicodedata
@@ -120,30 +119,17 @@ def validate_examples(examples: list[Example], path: str, *, extractive: bool, m
     return Validated(kept, dropped)
 
 
-def _title_rank(title: str) -> str:
-    return hashlib.sha256(title.encode("utf-8")).hexdigest()
-
-
 def split_by_article(examples: list[Example], validation_fraction: float) -> tuple[list[Example], list[Example]]:
-    """Deterministic split on whole articles (title, or context when untitled), ordered by hash, so no article
-    is on both sides and the split does not depend on input order."""
-    def article(example: Example) -> str:
-        return example["title"] or example["context"]
+    """Split on whole articles (title, or context when untitled) with scikit-learn's GroupShuffleSplit and a fixed
+    seed: no article is on both sides, and the split depends on the set of articles, not on input order."""
+    from sklearn.model_selection import GroupShuffleSplit  # imported here: only a split pays its import time
 
-    sizes: dict[str, int] = {}
-    for example in examples:
-        sizes[article(example)] = sizes.get(article(example), 0) + 1
-    target = validation_fraction * len(examples)
-    validation_articles: set[str] = set()
-    taken = 0
-    for name in sorted(sizes, key=_title_rank):
-        if taken >= target or len(validation_articles) == len(sizes) - 1:
-            break
-        validation_articles.add(name)
-        taken += sizes[name]
-    train = [e for e in examples if article(e) not in validation_articles]
-    validation = [e for e in examples if article(e) in validation_articles]
-    return train, validation
+    articles = [example["title"] or example["context"] for example in examples]
+    if len(set(articles)) < 2:
+        return list(examples), []
+    splitter = GroupShuffleSplit(n_splits=1, test_size=validation_fraction, random_state=0)
+    train_index, validation_index = next(splitter.split(articles, groups=articles))
+    return [examples[i] for i in sorted(train_index)], [examples[i] for i in sorted(validation_index)]
 
 
 def take_first(examples: list[Example], limit: int) -> list[Example]:

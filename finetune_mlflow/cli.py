@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Callable
 
-from finetune_mlflow.config import Config, entry_flags, load_config
+from finetune_mlflow.config import Config, entry_flags, knob_table, load_config
 from finetune_mlflow.process import run_guarded
 
 DEFAULT_CONFIG = "experiments/squad_local.yaml"
@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("main", _main, "prepare -> evaluate base -> tune -> promote as child runs")
     sweep = command("sweep", _sweep, "one tune run per point of the config's sweep.grid, under a sweep parent")
     sweep.add_argument("--promote", default="false", help="hand the winner to promote (gates apply)")
+    knobs = commands.add_parser("knobs", help="every config key with its -P name, default, bounds and meaning",
+                                allow_abbrev=False)
+    knobs.set_defaults(handler=lambda args: print(knob_table(), end=""))
     score = commands.add_parser("score", help="SQuAD v1.1 EM/F1 of a predictions file, like evaluate-v1.1.py",
                                 allow_abbrev=False)
     score.add_argument("dataset")
@@ -150,6 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "score":
+    if args.command not in ("score", "knobs"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_guarded(lambda: args.handler(args))

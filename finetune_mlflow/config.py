@@ -51,7 +51,7 @@ class DataConfig:
     validation_data: str = knob("data/squad/validation.json", "validation data; empty: split train_data by "
                                 "article", flag="validation_data")
     validation_fraction: float = knob(0.2, "share of articles held out when validation_data is empty",
-                                      low=0, high=1, open_low=True)
+                                      low=0, high=0.9, open_low=True)
     max_examples: int = knob(0, "first N training examples after cleaning (0: all)", flag="max_examples",
                              low=0, high=10_000_000)
     max_validation_examples: int = knob(0, "first N validation examples after cleaning (0: all)",
@@ -92,6 +92,8 @@ class EvaluateConfig:
     request_retries: int = knob(4, "retries of a failed provider call (429/5xx/reset)", low=0, high=20)
     retry_backoff_seconds: float = knob(0.5, "first wait before a retry; doubles each time; Retry-After wins",
                                         low=0, high=300)
+    trace_samples: int = knob(50, "evaluation requests recorded as MLflow traces (wrong answers first; 0: off)",
+                              low=0, high=10_000)
 
 
 @dataclass(frozen=True)
@@ -205,13 +207,19 @@ def entry_flags() -> dict[str, tuple[str, str]]:
     return {f.metadata["flag"]: (key, f.metadata["help"]) for key, f in _knobs() if f.metadata.get("flag")}
 
 
-def knob_table() -> list[tuple[str, str, str, str]]:
-    """(dotted key, parameter name or "", default, help) of every knob, for `--help` and the README."""
-    rows = []
+def knob_table() -> str:
+    """Every knob as a markdown table (the README's; `finetune-mlflow knobs` prints it): key, `-P` name, default,
+    allowed values, meaning."""
+    lines = ["| key | `-P` name | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
     for key, f in _knobs():
+        meta = f.metadata
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        rows.append((key, f.metadata.get("flag", ""), json.dumps(default), f.metadata.get("help", "")))
-    return rows
+        allowed = ", ".join(map(str, meta["choices"])) if meta.get("choices") else (
+            f"{'>' if meta.get('open_low') else '>='} {meta['low']:g}" + (f", <= {meta['high']:g}" if meta.get(
+                "high") is not None else "") if meta.get("low") is not None else "")
+        flag = f"`{meta['flag']}`" if meta.get("flag") else ""
+        lines.append(f"| `{key}` | {flag} | `{json.dumps(default)}` | {allowed} | {meta.get('help', '')} |")
+    return "\n".join(lines) + "\n"
 
 
 # Where a dotted key's value came from, for error messages: "file.yaml:7", "parameter epochs" or "<defaults>".

@@ -35,6 +35,7 @@ from finetune_mlflow.evaluation import (
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import Provider
 from finetune_mlflow.preparation import Prepared
+from finetune_mlflow.traces import record_traces
 from finetune_mlflow.tracking import code_version, find_finished_run, log_values, step_run
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ def evaluate_and_log(provider: Provider, model_id: str, examples: list[dict], co
     columns = result_rows(run.results)
     if columns:
         log_results_table(active.info.run_id, columns)
+    if config.evaluate.trace_samples:
+        record_traces(run.results, {e["id"]: e["context"] for e in examples}, model=model_id, provider=provider.name,
+                      experiment_id=active.info.experiment_id, run_id=active.info.run_id,
+                      size=config.evaluate.trace_samples)
     check_error_rate(run, config.evaluate.max_error_rate)
     return Evaluation(active.info.run_id, metrics, run.results)
 
