@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -22,7 +23,7 @@ from finetune_mlflow.config import Config
 from finetune_mlflow.costing import check_cost_limit
 from finetune_mlflow.errors import TuningJobFailed, TuningTimeout
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, MetricsPage, Provider, TuningJob, TuningRequest
-from finetune_mlflow.registry import RegisteredVersion, register_tuned_model
+from finetune_mlflow.registry import MODEL_NAME_IN_RUN, RegisteredVersion, register_tuned_model
 from finetune_mlflow.preparation import Prepared
 from finetune_mlflow.progress import Progress
 from finetune_mlflow.scoring import Evaluation, evaluate_and_log
@@ -35,6 +36,7 @@ JOB_ID_TAG = "finetune.job_id"
 CURSOR_TAG = "finetune.metrics_cursor"
 # Set once the tuned model's evaluation completed within its error budget.
 EVALUATED_TAG = "finetune.evaluated_model"
+LOGGED_MODEL_TAG = "finetune.logged_model_id"
 # What MLflow raises when the tracking server is down, overloaded or timing out (connection errors included).
 TRANSIENT_TRACKING_ERRORS = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
 
@@ -153,6 +155,35 @@ def _changed_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float
     return {k: v for k, v in metrics.items() if latest.get(k) != float(v)}
 
 
+def _logged_model(client: MlflowClient, run_id: str, job: TuningJob) -> str:
+    """The run's MLflow 3 LoggedModel for the tuned model, created (PENDING) before its evaluation so the scores are
+    linked to it and show on the model's page; a rerun reuses the one it recorded."""
+    existing = client.get_run(run_id).data.tags.get(LOGGED_MODEL_TAG)
+    if existing:
+        return existing
+    model = mlflow.initialize_logged_model(name=MODEL_NAME_IN_RUN, source_run_id=run_id,
+                                           params=job.hyperparameters or None)
+    client.set_tag(run_id, LOGGED_MODEL_TAG, model.model_id)
+    return model.model_id
+
+
+def _evaluate_tuned(provider: Provider, job: TuningJob, run_id: str, config: Config, prepared: Prepared,
+                    base: Evaluation, logged_model_id: str) -> dict[str, float]:
+    """The tuned model's evaluation against the base (once per run: a rerun after a crash past evaluation
+    reuses what the run holds instead of paying again) and the base's metrics as `base_*`."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    if run.data.tags.get(EVALUATED_TAG) == job.tuned_model:
+        logger.info("run %s already evaluated %s; not paying for it again", run_id, job.tuned_model)
+        return dict(run.data.metrics)
+    tuned = evaluate_and_log(provider, job.tuned_model, prepared.split("validation"), config, base.rows,
+                             linked_model_id=logged_model_id)
+    base_metrics = {f"base_{k}": v for k, v in base.metrics.items() if k.startswith(("eval_", "latency_ms_"))}
+    log_values(client, run_id, metrics=base_metrics,
+               tags={"finetune.base_eval_run_id": base.run_id, EVALUATED_TAG: job.tuned_model})
+    return {**tuned.metrics, **base_metrics}
+
+
 def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, prepared: Prepared,
                base: Evaluation) -> tuple[dict[str, float], RegisteredVersion]:
     """The post-job part shared by tune and sync, in the active run `run_id`: record a failure (tags, then raise
@@ -166,22 +197,12 @@ def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, 
                tags={**job.tags, "finetune.tuned_model": job.tuned_model or "",
                      "finetune.data_sha256": prepared.data_sha256, "finetune.prepare_run_id": prepared.run_id})
 
-    run = client.get_run(run_id)
-    if run.data.tags.get(EVALUATED_TAG) == job.tuned_model:
-        # A rerun after a crash past evaluation: the run already holds this model's complete evaluation.
-        logger.info("run %s already evaluated %s; not paying for it again", run_id, job.tuned_model)
-        metrics = dict(run.data.metrics)
-    else:
-        tuned = evaluate_and_log(provider, job.tuned_model, prepared.split("validation"), config, base.rows)
-        base_metrics = {f"base_{k}": v for k, v in base.metrics.items()
-                        if k.startswith(("eval_", "latency_ms_"))}
-        log_values(client, run_id, metrics=base_metrics,
-                   tags={"finetune.base_eval_run_id": base.run_id, EVALUATED_TAG: job.tuned_model})
-        metrics = {**tuned.metrics, **base_metrics}
-
+    logged_model_id = _logged_model(client, run_id, job)
+    metrics = _evaluate_tuned(provider, job, run_id, config, prepared, base, logged_model_id)
     version = register_tuned_model(
         run_id=run_id, config=config, provider=provider_name, model_id=job.tuned_model,
-        artifacts=provider.model_artifacts(job.tuned_model),
+        logged_model_id=logged_model_id,
+        artifacts=provider.model_artifacts(job.tuned_model), packages=provider.serving_packages,
         tags={**job.tags, "provider": provider_name, "base_model": config.tune.base_model, "job_id": job.job_id,
               "tuned_model": job.tuned_model, "source_run": run_id, "data_sha256": prepared.data_sha256,
               "eval_f1": f"{metrics['eval_f1']:.4f}", "eval_exact_match": f"{metrics['eval_exact_match']:.4f}",

@@ -7,6 +7,8 @@ For the local provider the version carries the trained weights as an artifact.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -19,7 +21,8 @@ from finetune_mlflow.providers.base import MODEL_ARTIFACT
 
 class QAModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
-        settings = dict(context.model_config or {})
+        serving = context.artifacts.get("serving")
+        settings = json.loads(Path(serving).read_text(encoding="utf-8")) if serving else dict(context.model_config or {})
         self.provider_name: str = settings["provider"]
         self.model_id: str = context.artifacts.get(MODEL_ARTIFACT) or settings["model_id"]
         config = load_config(None, {**settings.get("provider_settings", {}), "provider": self.provider_name})

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_NAME_IN_RUN = "model"
+SERVING_ARTIFACT = "serving"  # JSON: provider, model id and non-secret settings, read by qa_model at load time
+# What every registered version needs to serve, besides the provider's own packages.
+BASE_REQUIREMENTS = ("mlflow", "pandas", "pyyaml", "numpy")
 EXAMPLE_INPUT = pd.DataFrame({
     "question": ["Which city is the capital of Poland?"],
     "context": ["Warsaw is the capital and largest city of Poland."],
@@ -40,6 +46,12 @@ def provider_settings(config: Config, provider: str) -> dict:
     return settings
 
 
+def pinned_requirements(packages: tuple[str, ...]) -> list[str]:
+    """Explicit, pinned pip requirements: MLflow would otherwise infer them by re-importing the model in a
+    subprocess (seconds per registration) and could still miss the provider's SDK."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in dict.fromkeys(BASE_REQUIREMENTS + packages)]
+
+
 def existing_version(client: MlflowClient, name: str, run_id: str) -> RegisteredVersion | None:
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if not versions:
@@ -48,8 +60,11 @@ def existing_version(client: MlflowClient, name: str, run_id: str) -> Registered
     return RegisteredVersion(name, first.version, f"models:/{name}/{first.version}")
 
 
-def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id: str,
-                         artifacts: dict[str, str], tags: dict[str, str], description: str) -> RegisteredVersion:
+def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id: str, logged_model_id: str | None,
+                         artifacts: dict[str, str], packages: tuple[str, ...], tags: dict[str, str],
+                         description: str) -> RegisteredVersion:
+    """Log the pyfunc into the run's LoggedModel `logged_model_id` (created before evaluation, so its metrics are
+    linked) and register it as a version of `tune.registered_model_name`; once per run."""
     client = MlflowClient()
     name = config.tune.registered_model_name
     found = existing_version(client, name, run_id)
@@ -57,16 +72,21 @@ def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id
         logger.info("run %s already registered as %s version %s", run_id, name, found.version)
         return found
     signature = infer_signature(EXAMPLE_INPUT, pd.DataFrame({"answer": ["Warsaw"]}))
-    info = mlflow.pyfunc.log_model(
-        name=MODEL_NAME_IN_RUN,
-        python_model=str(PACKAGE_DIR / "serving.py"),
-        model_config={"provider": provider, "model_id": model_id,
-                      "provider_settings": provider_settings(config, provider)},
-        artifacts=artifacts,
-        code_paths=[str(PACKAGE_DIR)],
-        signature=signature,
-        input_example=EXAMPLE_INPUT,
-    )
+    with tempfile.TemporaryDirectory(prefix="serving-") as folder:
+        # An artifact, not `model_config`: MLflow logs a model_config as run params, one per setting.
+        serving = Path(folder) / "serving.json"
+        serving.write_text(json.dumps({"provider": provider, "model_id": model_id,
+                                       "provider_settings": provider_settings(config, provider)}), encoding="utf-8")
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN,
+            python_model=str(PACKAGE_DIR / "serving.py"),
+            artifacts={**artifacts, SERVING_ARTIFACT: str(serving)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature,
+            input_example=EXAMPLE_INPUT,
+            pip_requirements=pinned_requirements(packages),
+            model_id=logged_model_id,
+        )
     try:
         client.create_registered_model(name, description=(
             "Extractive question answering: given a passage (`context`) and a `question`, returns the shortest "

@@ -65,11 +65,12 @@ def score_model(provider: Provider, model_id: str, examples: list[dict], config:
 
 
 def evaluate_and_log(provider: Provider, model_id: str, examples: list[dict], config: Config,
-                     baseline: list[ExampleResult] | None = None) -> Evaluation:
-    """Evaluate in the active run: metrics, per-example table, and the delta against a baseline if given."""
+                     baseline: list[ExampleResult] | None = None, *, linked_model_id: str | None = None) -> Evaluation:
+    """Evaluate in the active run: metrics (linked to the MLflow LoggedModel `linked_model_id` when given, so
+    the model's page shows them), per-example table, traces, and the delta against a baseline if given."""
     run, metrics = score_model(provider, model_id, examples, config, baseline)
     active = mlflow.active_run()
-    log_values(MlflowClient(), active.info.run_id, metrics=metrics)
+    log_values(MlflowClient(), active.info.run_id, metrics=metrics, model_id=linked_model_id)
     columns = result_rows(run.results)
     if columns:
         log_results_table(active.info.run_id, columns)

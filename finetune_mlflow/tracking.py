@@ -66,7 +66,8 @@ class MetricSink:
 
 
 def log_values(client: MlflowClient, run_id: str, *, metrics: dict[str, float] | None = None,
-               params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
+               params: dict[str, str] | None = None, tags: dict[str, str] | None = None,
+               model_id: str | None = None) -> None:
     """One round trip for a step's summary values (params already on the run with the same value are skipped)."""
     now = int(time.time() * 1000)
     existing = client.get_run(run_id).data.params if params else {}
@@ -76,7 +77,7 @@ def log_values(client: MlflowClient, run_id: str, *, metrics: dict[str, float] |
             # --run-id and different values reattaches to the job the first values launched.
             logger.info("param %s stays %r as logged (resolved value %r)", key, existing[key], params[key])
     fresh_params = [Param(k, str(v)) for k, v in (params or {}).items() if k not in existing]
-    metric_list = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+    metric_list = [Metric(k, float(v), now, 0, model_id=model_id, run_id=run_id) for k, v in (metrics or {}).items()]
     tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     client.log_batch(run_id, metrics=metric_list, params=fresh_params, tags=tag_list)
 

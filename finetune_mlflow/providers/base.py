@@ -154,6 +154,8 @@ class ProviderBase:
     name = "provider"
     # How many of this provider's jobs a sweep runs at once by default.
     max_parallel_jobs = 1
+    # Distributions a registered version needs to serve this provider's models (pinned at registration).
+    serving_packages: tuple[str, ...] = ()
 
     def result_file_metrics(self, job_id: str) -> list[MetricPoint]:
         """Step metrics kept outside the event stream (OpenAI's result file); none by default."""

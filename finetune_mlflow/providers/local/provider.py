@@ -90,6 +90,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class LocalProvider(ProviderBase):
+    serving_packages = ("numpy",)
     name = "local"
     max_concurrency = 1  # in-process numpy model: threads would only contend for the GIL
     max_parallel_jobs = os.cpu_count() or 1  # each job trains in its own process, one core each

@@ -137,6 +137,7 @@ def _wall_time_ms(value: Any) -> int:
 
 
 class VertexProvider(ProviderBase):
+    serving_packages = ("google-genai", "google-auth")
     max_parallel_jobs = 4  # concurrent tuning jobs per project and region are quota-limited; 4 stays clear
     """Gemini supervised tuning on Vertex AI (see the module docstring for configuration and assumptions)."""
 
