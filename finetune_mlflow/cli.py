@@ -96,6 +96,27 @@ def _score(args: argparse.Namespace) -> None:
     print(json.dumps({"exact_match": score.exact_match, "f1": score.f1}))
 
 
+def _report(args: argparse.Namespace) -> None:
+    from finetune_mlflow import report
+
+    chosen = [name for name in ("experiment", "runs", "parent") if getattr(args, name)]
+    if len(chosen) != 1:
+        raise FinetuneError("report needs exactly one of --experiment NAME, --runs ID,ID,... or --parent RUN_ID"
+                            + (f" (got {', '.join('--' + name for name in chosen)})" if chosen else ""))
+    if args.experiment:
+        collected, source = report.from_experiment(args.experiment), f"experiment {args.experiment}"
+    elif args.runs:
+        collected, source = report.from_run_ids(args.runs.split(",")), "the given runs"
+    else:
+        collected, source = report.from_parent(args.parent), f"the children of run {args.parent}"
+    built = report.build_report(collected.records, skipped=collected.skipped, source=source)
+    markdown, page = report.write_report(built, args.out)
+    winner = report.pick_winner(collected.records)
+    skipped = sum(collected.skipped.values())
+    print(f"{len(collected.records)} run(s) from {source}, {skipped} skipped; winner {winner.run_name} "
+          f"({winner.run_id}) F1 {winner.metric('eval_f1'):.2f}; wrote {markdown} and {page}")
+
+
 def _flag(value: str) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
 
@@ -128,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     sync = command("sync", _sync, SYNC_OPTIONS, "import existing tuning jobs into runs, evaluate and register them")
     sync.add_argument("--job_id", default="", help="a job id or Vertex job name, or `all` for every listed job")
     command("main", _main, TUNE_OPTIONS, "prepare -> evaluate base -> tune -> promote as child runs")
+    report = commands.add_parser("report", help="compare tune runs: report.md and a self-contained report.html")
+    report.add_argument("--experiment", default="", help="every tune run of this MLflow experiment")
+    report.add_argument("--runs", default="", help="comma-separated run ids")
+    report.add_argument("--parent", default="", help="the tune runs among this run's children (a sweep or main)")
+    report.add_argument("--out", default="report", help="folder for report.md and report.html")
+    report.set_defaults(handler=_report)
     score = commands.add_parser("score", help="SQuAD v1.1 EM/F1 of a predictions file, like evaluate-v1.1.py")
     score.add_argument("dataset")
     score.add_argument("predictions")
@@ -137,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command != "score":
+    if args.command not in ("score", "report"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.handler(args)
