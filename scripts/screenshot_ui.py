@@ -118,8 +118,8 @@ DISMISS_JS = """(() => {
     document.querySelectorAll(`[data-component-id="${id}"]`).forEach(b => b.click());
   }
 })()"""
-SETTLED_JS = """document.readyState === "complete" && document.querySelectorAll(".du-bois-light-spin-spinning").length === 0
-  && document.body.innerText.trim().length > 0"""
+SETTLED_JS = """document.readyState === "complete" && document.body.innerText.trim().length > 0
+  && document.querySelectorAll(".du-bois-light-spin-spinning, [class*='skeleton' i]").length === 0"""
 
 
 @contextlib.contextmanager
@@ -190,12 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-run", default="", help="a run holding report/report.html (a sweep parent)")
     parser.add_argument("--settle-seconds", type=float, default=20.0,
                         help="the longest to wait for a page's spinners to go")
+    parser.add_argument("--only", default="", help="comma-separated view numbers to take (e.g. 01,02); default all")
     parser.add_argument("--dump-dom", action="store_true", help="also save each page's rendered DOM")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pages = views(MlflowClient(args.backend_store_uri), args.experiment,
                   [r for r in args.runs.split(",") if r], args.model, args.report_run)
+    if args.only:
+        pages = {name: route for name, route in pages.items() if name.split("-")[0] in args.only.split(",")}
     with mlflow_ui(args.backend_store_uri, free_port(), out / "mlflow-ui.log") as base, \
             tempfile.TemporaryDirectory() as profile, chromium(Path(profile)) as page:
         for name, route in pages.items():

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.cli import main
 from finetune_mlflow.errors import ConfigError
-from finetune_mlflow.report import from_experiment, from_parent, from_run_ids, log_report
+from finetune_mlflow.report import from_experiment, from_parent, from_run_ids, log_children_report, log_report
 
 EXPERIMENT = "squad-local"
 
@@ -128,6 +128,8 @@ def test_report_command_refuses_no_selection_two_or_an_unknown_one(sweep, capsys
 def test_log_report_attaches_both_files_to_the_parent(sweep):
     collected = from_parent(sweep["parent"])
     log_report(sweep["parent"], collected.records, skipped=collected.skipped)
+    report = log_children_report(sweep["parent"])  # the same, as sweep and main call it
+    assert "Winner: tune local/span-ranker-base e2" in report.markdown
     client = MlflowClient()
     assert {a.path for a in client.list_artifacts(sweep["parent"], "report")} == {"report/report.md",
                                                                                    "report/report.html"}

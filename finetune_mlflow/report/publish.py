@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 
 from mlflow.tracking import MlflowClient
 
+from finetune_mlflow.report.collect import from_parent
 from finetune_mlflow.report.render import Report, build_report
 from finetune_mlflow.report.runs import RunRecord
 
@@ -34,3 +35,10 @@ def log_report(run_id: str, records: Sequence[RunRecord], *, skipped: Mapping[st
     client.log_text(run_id, report.markdown, f"{ARTIFACT_DIR}/{MARKDOWN_FILE}")
     client.log_text(run_id, report.html, f"{ARTIFACT_DIR}/{HTML_FILE}")
     return report
+
+
+def log_children_report(parent_run_id: str) -> Report:
+    """What `sweep` and `main` call last: the report over the parent's tune children, attached to the parent."""
+    collected = from_parent(parent_run_id)
+    return log_report(parent_run_id, collected.records, skipped=collected.skipped,
+                      source=f"the children of run {parent_run_id}")
