@@ -56,8 +56,19 @@ def mlflow_ui(backend_store_uri: str, port: int, log_path: Path) -> Iterator[str
             time.sleep(0.5)
         yield base
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
-        server.wait(timeout=30)
+        stop(server)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End a process started here in its own session and all it started (its process group, nothing else):
+    politely first, then by force for whatever is left after 30 s (an MLflow server's job workers linger)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def _answers(url: str) -> bool:
@@ -142,8 +153,7 @@ def chromium(profile: Path) -> Iterator[Page]:
         with connect(tab["webSocketDebuggerUrl"], max_size=None) as socket:
             yield Page(socket)
     finally:
-        os.killpg(browser.pid, signal.SIGTERM)
-        browser.wait(timeout=30)
+        stop(browser)
 
 
 def _list(values: list[str] | str) -> str:
