@@ -11,4 +11,5 @@ from finetune_mlflow.report.render import Report, build_report
 from finetune_mlflow.report.runs import Curve, RunRecord
 
 __all__ = ["Collected", "Curve", "Report", "RunRecord", "build_report", "from_experiment", "from_parent",
-           "from_run_ids", "log_children_report", "log_report", "pick_winner", "rank_runs", "winner_key", "write_report"]
+           "from_run_ids", "log_children_report", "log_report", "pick_winner", "rank_runs", "winner_key",
+           "write_report"]
