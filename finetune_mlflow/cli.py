@@ -14,6 +14,7 @@ import sys
 from typing import Callable
 
 from finetune_mlflow.config import Config, entry_flags, knob_table, load_config
+from finetune_mlflow.errors import ConfigError
 from finetune_mlflow.process import run_guarded
 
 DEFAULT_CONFIG = "experiments/squad_local.yaml"
@@ -104,6 +105,27 @@ def _score(args: argparse.Namespace) -> None:
     print(json.dumps({"exact_match": score.exact_match, "f1": score.f1}))
 
 
+def _report(args: argparse.Namespace) -> None:
+    from finetune_mlflow import report
+
+    chosen = [name for name in ("experiment", "runs", "parent") if getattr(args, name)]
+    if len(chosen) != 1:
+        raise ConfigError("report needs exactly one of --experiment NAME, --runs ID,ID,... or --parent RUN_ID"
+                            + (f" (got {', '.join('--' + name for name in chosen)})" if chosen else ""))
+    if args.experiment:
+        collected, source = report.from_experiment(args.experiment), f"experiment {args.experiment}"
+    elif args.runs:
+        collected, source = report.from_run_ids(args.runs.split(",")), "the given runs"
+    else:
+        collected, source = report.from_parent(args.parent), f"the children of run {args.parent}"
+    built = report.build_report(collected.records, skipped=collected.skipped, source=source)
+    markdown, page = report.write_report(built, args.out)
+    winner = report.pick_winner(collected.records)
+    skipped = sum(collected.skipped.values())
+    print(f"{len(collected.records)} run(s) from {source}, {skipped} skipped; winner {winner.run_name} "
+          f"({winner.run_id}) F1 {winner.metric('eval_f1'):.2f}; wrote {markdown} and {page}")
+
+
 def _flag(value: str) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
 
@@ -140,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     command("main", _main, "prepare -> evaluate base -> tune -> promote as child runs")
     sweep = command("sweep", _sweep, "one tune run per point of the config's sweep.grid, under a sweep parent")
     sweep.add_argument("--promote", default="false", help="hand the winner to promote (gates apply)")
+    report = commands.add_parser("report", allow_abbrev=False, help="compare tune runs: report.md and a self-contained report.html")
+    report.add_argument("--experiment", default="", help="every tune run of this MLflow experiment")
+    report.add_argument("--runs", default="", help="comma-separated run ids")
+    report.add_argument("--parent", default="", help="the tune runs among this run's children (a sweep or main)")
+    report.add_argument("--out", default="report", help="folder for report.md and report.html")
+    report.set_defaults(handler=_report)
     knobs = commands.add_parser("knobs", help="every config key with its -P name, default, bounds and meaning",
                                 allow_abbrev=False)
     knobs.set_defaults(handler=lambda args: print(knob_table(), end=""))
@@ -153,6 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in ("score", "knobs"):
+    if args.command not in ("score", "knobs", "report"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_guarded(lambda: args.handler(args))

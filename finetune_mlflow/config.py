@@ -176,8 +176,7 @@ class Config:
         tune = self.tune
         return {"provider": tune.provider, "base_model": tune.base_model, "epochs": str(tune.epochs),
                 "learning_rate": str(tune.learning_rate), "batch_size": str(tune.batch_size),
-                "config_file": self.config_file or "<defaults>", "config_sha256": self.sha256()[:16],
-                **self.section_params(tune.provider)}
+                "config_file": self.config_file or "<defaults>", **self.section_params(tune.provider)}
 
     def run_name(self, step: str) -> str:
         """What a person reads in the runs table: `tune openai/gpt-4o-mini e3 lr1.8`."""

@@ -14,6 +14,7 @@ import mlflow
 from finetune_mlflow.config import Config
 from finetune_mlflow.preparation import ensure_prepared
 from finetune_mlflow.providers import get_provider
+from finetune_mlflow.report import log_children_report
 from finetune_mlflow.scoring import base_evaluation
 from finetune_mlflow.steps.promote import PromoteResult, run_promote
 from finetune_mlflow.steps.tune import run_tune
@@ -23,7 +24,7 @@ from finetune_mlflow.tracking import log_values, step_run
 
 def run_main(config: Config) -> PromoteResult:
     with step_run("main", run_name=config.run_name("main")) as run:
-        mlflow.log_params(config.run_params())
+        log_values(mlflow.tracking.MlflowClient(), run.info.run_id, params=config.run_params())
         prepared = ensure_prepared(config)
         base = base_evaluation(config, prepared, get_provider(config.tune.provider, config))
         tuned = run_tune(config, prepared=prepared, base=base)
@@ -35,4 +36,5 @@ def run_main(config: Config) -> PromoteResult:
             "finetune.registered_version": f"{tuned.version.name}/{tuned.version.version}",
             "mlflow.note.content": f"{describe_tune(tuned.metrics, tuned.job.job_id)}; promotion: {decision} "
                                    f"({promoted.decision.reason})"})
+        log_children_report(run.info.run_id)
         return promoted

@@ -5,7 +5,8 @@ validated and the whole grid priced before any job starts (nothing launches abov
 run as `tune` processes, at most `max_parallel_jobs` at once; a failed child is reported and does not stop the
 others. Each child carries `finetune.sweep_point`, so rerunning with `--run-id <parent>` skips finished points,
 reattaches unfinished ones to their job (never a second job for a point) and launches only missing points. The
-parent picks the winner (`sweep_plan.winner`), logs the grid as a table (`sweep_grid.json`), the winner's headline
+parent picks the winner (the report's rule: highest F1, then lower p95 latency, then lower cost), attaches
+the comparison report (`report/report.html`), logs the grid as a table (`sweep_grid.json`), the winner's headline
 metrics and a description, and with `-P promote=true` hands the winner to `promote`, gates and all.
 """
 
@@ -33,7 +34,8 @@ from finetune_mlflow.providers import get_provider
 from finetune_mlflow.scoring import base_evaluation
 from finetune_mlflow.steps.promote import run_promote
 from finetune_mlflow.summary import HEADLINE_METRICS, describe_tune
-from finetune_mlflow.sweep_plan import SweepPlan, plan_sweep, point_key, winner
+from finetune_mlflow.report import from_parent, log_report, pick_winner
+from finetune_mlflow.sweep_plan import SweepPlan, plan_sweep, point_key
 from finetune_mlflow.tracking import log_values, quote, step_run
 
 logger = logging.getLogger(__name__)
@@ -168,9 +170,11 @@ def run_sweep(config: Config, *, promote: bool = False) -> SweepResult:
                 concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
             done = list(pool.map(lambda p: _run_child(p, parent, existing.get(point_key(p.values)), Path(logs), tally),
                                  points))
-        best_index = winner([p.metrics or {} if p.status == "FINISHED" else {} for p in done])
-        best = done[best_index] if best_index is not None else None
+        collected = from_parent(run.info.run_id)
+        best_record = pick_winner(collected.records)  # the report's rule: F1, then p95 latency, then cost
+        best = next((p for p in done if best_record and p.run_id == best_record.run_id), None)
         _record(run.info.run_id, done, best)
+        log_report(run.info.run_id, collected.records, skipped=collected.skipped, source=f"sweep {name}")
         if promote and best is not None:
             _promote(best)
         return SweepResult(run.info.run_id, done, best)

@@ -78,12 +78,3 @@ def plan_sweep(block: Any, source: str) -> SweepPlan:
     points = [dict(zip(axes, combination)) for combination in itertools.product(*axes.values())]
     return SweepPlan(points, int(_number(block, "max_parallel_jobs", 0, source)),
                      float(_number(block, "max_cost_usd", 0, source)))
-
-
-def winner(results: list[Mapping[str, float]]) -> int | None:
-    """Index of the best finished point: highest `eval_f1`; ties: lower `latency_ms_p95`, then lower cost."""
-    scored = [(i, r) for i, r in enumerate(results) if math.isfinite(r.get("eval_f1", math.nan))]
-    if not scored:
-        return None
-    return min(scored, key=lambda item: (-round(item[1]["eval_f1"], 6), item[1].get("latency_ms_p95", math.inf),
-                                         item[1].get("cost_total_usd", item[1].get("estimated_cost_usd", 0.0))))[0]

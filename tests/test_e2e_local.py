@@ -50,10 +50,13 @@ def test_tune_entry_point_through_mlflow_run(small_squad):
     run = client.get_run(submitted.run_id)
     assert run.info.status == "FINISHED"
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    for key in ("provider", "base_model", "epochs", "learning_rate", "batch_size", "n_train", "n_val",
-                "config_sha256"):
-        assert key in params
+    # The knobs that define the run, each under one name, and only the active provider's section.
+    assert {"provider", "base_model", "epochs", "learning_rate", "batch_size", "data_sha256", "config_file"} <= set(params)
+    assert not [k for k in params if k.startswith(("openai.", "vertex.", "provider_settings"))]
     assert params["provider"] == "local" and params["epochs"] == "2"
+    assert run.info.run_name == "tune local/span-ranker-base e2 lr0.005"
+    assert tags["mlflow.note.content"].startswith("F1 ") and tags["finetune.job_id"] in tags["mlflow.note.content"]
+    assert {"n_train", "n_val"} <= set(metrics) and "estimated_billed_tokens" not in metrics  # local bills nothing
     assert EVAL_KEYS <= set(metrics)
     assert {"base_eval_exact_match", "base_eval_f1", "eval_f1_delta", "eval_f1_delta_ci_low"} <= set(metrics)
     assert metrics["eval_f1"] > metrics["base_eval_f1"]

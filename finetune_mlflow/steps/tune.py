@@ -1,9 +1,9 @@
 """tune: launch (or reattach to) a supervised tuning job, stream its losses, evaluate and register the result.
 
 Parameters in: `config` and the tune/data/evaluate overrides (`finetune-mlflow tune --help` lists them).
-Params logged: `provider`, `base_model`, `epochs`, `learning_rate`, `batch_size`, `n_train`, `n_val`,
-`config_file`, `config_sha256`, `data_sha256`, and the active provider's section as `<provider>.<key>`;
-`config.yaml` artifact. Step metrics `train_loss`, `val_loss` (and provider extras such as token accuracy), step =
+Params logged: `provider`, `base_model`, `epochs`, `learning_rate`, `batch_size`,
+`config_file`, `data_sha256`, and the active provider's section as `<provider>.<key>`;
+`config.yaml` artifact; metrics `n_train`, `n_val`; tag `finetune.config_sha256`. Step metrics `train_loss`, `val_loss` (and provider extras such as token accuracy), step =
 training step. Summary metrics: the evaluate set for the tuned model, `base_eval_*` for the base model on the same
 split, `eval_f1_delta` with its paired-bootstrap interval, preflight estimates. Tags: see `job_tracking`.
 The tuned model is registered as a pyfunc version of `registered_model_name`.
@@ -47,9 +47,10 @@ def run_tune(config: Config, *, prepared: Prepared | None = None, base: Evaluati
         provider = get_provider(config.tune.provider, config)
         prepared = prepared or ensure_prepared(config)
         n_train, n_val = len(prepared.split("train")), len(prepared.split("validation"))
-        log_values(client, run_id, params={**config.run_params(), "n_train": n_train, "n_val": n_val,
-                                           "data_sha256": prepared.data_sha256},
-                   tags={"finetune.data_sha256": prepared.data_sha256, "finetune.prepare_run_id": prepared.run_id})
+        log_values(client, run_id, params={**config.run_params(), "data_sha256": prepared.data_sha256[:16]},
+                   metrics={"n_train": n_train, "n_val": n_val},
+                   tags={"finetune.data_sha256": prepared.data_sha256, "finetune.prepare_run_id": prepared.run_id,
+                         "finetune.config_sha256": config.sha256()})
         mlflow.log_text(dump_yaml(config), "config.yaml")
         job_id = client.get_run(run_id).data.tags.get(JOB_ID_TAG)
         if not job_id:
