@@ -185,13 +185,13 @@ def _evaluate_tuned(provider: Provider, job: TuningJob, run_id: str, config: Con
 
 
 def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, prepared: Prepared,
-               base: Evaluation) -> tuple[dict[str, float], RegisteredVersion]:
+               base: Evaluation | None) -> tuple[dict[str, float], RegisteredVersion]:
     """The post-job part shared by tune and sync, in the active run `run_id`: record a failure (tags, then raise
     TuningJobFailed), or log the job's facts, evaluate the tuned model against `base` (the base model on the same
     prepared validation split), and register it (once per run). `config.tune.base_model` is the job's base model."""
     client = MlflowClient()
     provider_name = provider.name
-    if job.state is not JobState.SUCCEEDED:
+    if job.state is not JobState.SUCCEEDED or base is None:
         _finish_failed(client, run_id, job)
     log_values(client, run_id, metrics=_changed_metrics(client, run_id, job.metrics),
                tags={**job.tags, "finetune.tuned_model": job.tuned_model or "",

@@ -134,7 +134,7 @@ def sync_job(provider: Provider, job_id: str, config: Config, prepared: Prepared
             if registered:
                 logger.info("run %s already evaluated and registered %s as %s", run_id, job.tuned_model, registered)
                 return SyncedJob(job_id, run_id, job.state, existing is None, registered)
-            base = base_evaluation(job_config, prepared, provider)
+            base = base_evaluation(job_config, prepared, provider) if job.state is JobState.SUCCEEDED else None
             _, version = finish_job(provider, job, run_id, job_config, prepared, base)
             return SyncedJob(job_id, run_id, job.state, existing is None, f"{version.name}/{version.version}")
     except TuningJobFailed as e:

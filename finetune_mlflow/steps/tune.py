@@ -11,6 +11,7 @@ The tuned model is registered as a pyfunc version of `registered_model_name`.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -22,10 +23,12 @@ from finetune_mlflow.config import Config, dump_yaml
 from finetune_mlflow.job_tracking import JOB_ID_TAG, finish_job, launch, request_for, stream_job
 from finetune_mlflow.preparation import Prepared, ensure_prepared
 from finetune_mlflow.providers import get_provider
-from finetune_mlflow.providers.base import TuningJob
+from finetune_mlflow.providers.base import JobState, TuningJob
 from finetune_mlflow.registry import RegisteredVersion
 from finetune_mlflow.scoring import Evaluation, base_evaluation
 from finetune_mlflow.tracking import log_values, step_run
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,12 @@ def run_tune(config: Config, *, prepared: Prepared | None = None, base: Evaluati
                          "finetune.config_sha256": config.sha256()})
         mlflow.log_text(dump_yaml(config), "config.yaml")
         job_id = client.get_run(run_id).data.tags.get(JOB_ID_TAG)
-        if not job_id:
+        if job_id:
+            logger.info("run %s already has job %s: reattaching instead of launching another", run_id, job_id)
+        else:
             job_id = launch(provider, request_for(config, run_id, prepared), config, client)
         job = stream_job(provider, job_id, run_id, config, sleep=sleep, clock=clock)
-        base = base or base_evaluation(config, prepared, provider)
+        if base is None and job.state is JobState.SUCCEEDED:  # a failed job pays for no evaluation at all
+            base = base_evaluation(config, prepared, provider)
         metrics, version = finish_job(provider, job, run_id, config, prepared, base)
         return TuneResult(run_id, job, metrics, version)
