@@ -20,7 +20,7 @@ import yaml
 
 from finetune_mlflow.errors import ConfigError
 
-ProviderName = Literal["local", "openai", "vertex"]
+ProviderName = Literal["local", "openai", "vertex", "transformers"]
 OnInvalid = Literal["fail", "drop"]
 
 
@@ -128,6 +128,34 @@ class VertexConfig:
 
 
 @dataclass(frozen=True)
+class TransformersConfig:
+    """LoRA fine-tuning of an open-weights causal LM (tune.base_model: a hub id, a model folder or a .gguf file)."""
+
+    # Where background jobs keep status, events, checkpoints and the merged model; empty: ~/.cache/.../hf-jobs.
+    jobs_dir: str = ""
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    # Comma-separated module names (suffixes) LoRA adapts, or "all-linear".
+    target_modules: str = "q_proj,v_proj"
+    # Prompt + answer tokens; an example longer than this is refused before training (truncation would cut the answer).
+    max_seq_length: int = 1024
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gradient_accumulation_steps: int = 1
+    eval_batch_size: int = 8
+    max_new_tokens: int = 32
+    logging_steps: int = 5
+    # val_loss every N steps (and at every epoch end) on the first val_loss_examples validation examples.
+    eval_steps: int = 20
+    val_loss_examples: int = 64
+    # A resumable trainer checkpoint every N steps besides each epoch's; 0: epoch ends only.
+    save_steps: int = 0
+    # How often a rerun may restart a trainer that died (kill -9, OOM) before the job counts as failed.
+    max_restarts: int = 3
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -136,6 +164,7 @@ class Config:
     local: LocalConfig = field(default_factory=LocalConfig)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     vertex: VertexConfig = field(default_factory=VertexConfig)
+    transformers: TransformersConfig = field(default_factory=TransformersConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -276,6 +305,17 @@ def _validate(config: Config, origin: Origin) -> None:
         (config.evaluate.max_concurrency >= 1, "evaluate.max_concurrency", config.evaluate.max_concurrency, ">= 1"),
         (0 <= config.evaluate.max_error_rate <= 1, "evaluate.max_error_rate", config.evaluate.max_error_rate,
          "a fraction between 0 and 1"),
+    ]
+    hf = config.transformers
+    checks += [
+        (hf.lora_r >= 1, "transformers.lora_r", hf.lora_r, "an integer >= 1"),
+        (0 <= hf.lora_dropout < 1, "transformers.lora_dropout", hf.lora_dropout, "a fraction in [0, 1)"),
+        (bool(hf.target_modules.strip()), "transformers.target_modules", hf.target_modules, "module names"),
+        (hf.max_seq_length >= 16, "transformers.max_seq_length", hf.max_seq_length, "an integer >= 16"),
+        (hf.eval_batch_size >= 1, "transformers.eval_batch_size", hf.eval_batch_size, ">= 1"),
+        (hf.max_new_tokens >= 1, "transformers.max_new_tokens", hf.max_new_tokens, ">= 1"),
+        (hf.gradient_accumulation_steps >= 1, "transformers.gradient_accumulation_steps",
+         hf.gradient_accumulation_steps, ">= 1"),
     ]
     for ok, key, value, expected in checks:
         if not ok:

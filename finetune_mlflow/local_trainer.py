@@ -14,6 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 from finetune_mlflow import span_model
 from finetune_mlflow.records import read_jsonl
@@ -70,7 +71,9 @@ def run(job_dir: Path) -> None:
     })
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], train: Callable[[Path], None] | None = None) -> int:
+    """Take the job's lock and run `train` (this module's `run` by default; other job-directory trainers reuse
+    this shell); any exception ends as a failed status."""
     job_dir = Path(argv[1])
     lock = open(job_dir / TRAINER_LOCK, "a")  # held until this process exits, however it exits
     try:
@@ -82,7 +85,7 @@ def main(argv: list[str]) -> int:
         return 0
     write_json_atomic(job_dir / TRAINER_PID, {"pid": os.getpid()})
     try:
-        run(job_dir)
+        (train or run)(job_dir)
     except Exception as e:  # noqa: BLE001 - every failure must end as a readable job status
         traceback.print_exc()
         write_json_atomic(job_dir / "status.json", {

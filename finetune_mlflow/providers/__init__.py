@@ -16,6 +16,7 @@ PROVIDERS: dict[str, str] = {
     "local": "finetune_mlflow.providers.local:LocalProvider",
     "openai": "finetune_mlflow.providers.openai_provider:OpenAIProvider",
     "vertex": "finetune_mlflow.providers.vertex:VertexProvider",
+    "transformers": "finetune_mlflow.providers.transformers.provider:TransformersProvider",
 }
 
 
