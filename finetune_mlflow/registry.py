@@ -13,6 +13,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
+from finetune_mlflow.providers.transformers.requirements import serving_requirements
 from finetune_mlflow.qa_model import WEIGHTS_ARTIFACT
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id
     if found is not None:
         logger.info("run %s already registered as %s version %s", run_id, name, found.version)
         return found
-    artifacts = {WEIGHTS_ARTIFACT: model_id} if provider == "local" else {}
+    # Providers whose tuned model is a local file or folder ship it inside the version.
+    artifacts = {WEIGHTS_ARTIFACT: model_id} if provider in ("local", "transformers") else {}
     signature = infer_signature(EXAMPLE_INPUT, pd.DataFrame({"answer": ["Warsaw"]}))
     info = mlflow.pyfunc.log_model(
         name=MODEL_NAME_IN_RUN,
@@ -68,6 +70,7 @@ def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id
         code_paths=[str(PACKAGE_DIR)],
         signature=signature,
         input_example=EXAMPLE_INPUT,
+        pip_requirements=serving_requirements() if provider == "transformers" else None,
     )
     try:
         client.create_registered_model(name, description=(

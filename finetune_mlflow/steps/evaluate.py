@@ -30,6 +30,7 @@ from finetune_mlflow.evaluation import (
     check_error_rate,
     delta_against,
     result_rows,
+    run_batched_predictions,
     run_predictions,
     summarize,
 )
@@ -53,10 +54,11 @@ class Evaluation:
 def evaluate_and_log(provider: Provider, model_id: str, examples: list[dict], config: Config,
                      baseline_rows: list[dict] | None = None) -> Evaluation:
     """Evaluate in the active run: metrics, per-example table, and the delta against a baseline if given."""
-    run: EvaluationRun = run_predictions(
-        lambda question, context: provider.predict(model_id, question, context), examples,
-        min(config.evaluate.max_concurrency, provider.max_concurrency),
-    )
+    if hasattr(provider, "predict_batch"):
+        run: EvaluationRun = run_batched_predictions(lambda pairs: provider.predict_batch(model_id, pairs), examples)
+    else:
+        run = run_predictions(lambda question, context: provider.predict(model_id, question, context), examples,
+                              min(config.evaluate.max_concurrency, provider.max_concurrency))
     metrics = summarize(run, bootstrap_samples=config.evaluate.bootstrap_samples, seed=config.evaluate.bootstrap_seed)
     if baseline_rows:
         metrics.update(delta_against(run.results, baseline_rows, bootstrap_samples=config.evaluate.bootstrap_samples,

