@@ -94,9 +94,14 @@ def peak_memory_mb() -> dict[str, float]:
     return peaks
 
 
-def run(job_dir: Path) -> None:
-    from transformers.trainer_utils import get_last_checkpoint
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint a killed trainer finished writing: Hugging Face writes trainer_state.json after the
+    weights and optimizer, so a folder without it was cut off mid-save and is passed over."""
+    complete = [d for d in output_dir.glob("checkpoint-*") if (d / "trainer_state.json").exists()]
+    return str(max(complete, key=lambda d: int(d.name.rsplit("-", 1)[1]))) if complete else None
 
+
+def run(job_dir: Path) -> None:
     from finetune_mlflow.providers.transformers.job_events import JobEvents, read_checkpoints
 
     spec = json.loads((job_dir / "spec.json").read_text(encoding="utf-8"))
@@ -109,8 +114,7 @@ def run(job_dir: Path) -> None:
     publish({})
     started = time.monotonic()
     trainer = build_trainer(spec, job_dir, JobEvents(job_dir, spec["save_steps"], publish))
-    output_dir = job_dir / HF_OUTPUT
-    resume = get_last_checkpoint(str(output_dir)) if output_dir.exists() else None
+    resume = last_complete_checkpoint(job_dir / HF_OUTPUT)
     if resume:
         print(f"resuming from {resume}", file=sys.stderr, flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
