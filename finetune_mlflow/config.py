@@ -144,6 +144,32 @@ class VertexConfig:
 
 
 @dataclass(frozen=True)
+class TransformersConfig:
+    """LoRA fine-tuning of an open-weights causal LM (tune.base_model: a hub id, a model folder or a .gguf file)."""
+
+    jobs_dir: str = knob("", "where jobs keep status, events, checkpoints and the merged model; empty: "
+                         "$FINETUNE_MLFLOW_HOME/hf-jobs or ~/.cache/finetune-mlflow/hf-jobs")
+    lora_r: int = knob(8, "LoRA rank", low=1, high=1024)
+    lora_alpha: int = knob(16, "LoRA alpha (scale = alpha / r)", low=1, high=4096)
+    lora_dropout: float = knob(0.05, "dropout on the LoRA path", low=0, high=0.9)
+    target_modules: str = knob("q_proj,v_proj", "comma-separated module names LoRA adapts, or all-linear")
+    max_seq_length: int = knob(1024, "prompt + answer tokens; a longer example is refused before training",
+                               low=16, high=131072)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = knob("auto", "auto: bf16 on a GPU that has it, else fp32")
+    device: Literal["auto", "cpu", "cuda"] = knob("auto", "auto: cuda when there is a GPU, else cpu")
+    gradient_accumulation_steps: int = knob(1, "micro-batches per optimizer step", low=1, high=1024)
+    eval_batch_size: int = knob(8, "questions per batched greedy generation", low=1, high=1024)
+    max_new_tokens: int = knob(32, "longest generated answer", low=1, high=4096)
+    logging_steps: int = knob(5, "train_loss every N steps", low=1, high=100_000)
+    eval_steps: int = knob(20, "val_loss every N steps (and at every epoch end)", low=1, high=1_000_000)
+    val_loss_examples: int = knob(64, "validation examples val_loss is computed on", low=1, high=1_000_000)
+    save_steps: int = knob(0, "a resumable checkpoint every N steps besides each epoch's (0: epoch ends only)",
+                           low=0, high=1_000_000)
+    max_restarts: int = knob(3, "how often a rerun may restart a trainer that died before the job fails",
+                             low=0, high=100)
+
+
+@dataclass(frozen=True)
 class Config:
     experiment: str = knob("", "MLflow experiment the runs go to (created on first use); MLflow's own "
                            "--experiment-name / MLFLOW_EXPERIMENT_NAME win")
@@ -154,6 +180,7 @@ class Config:
     local: LocalConfig = provider_section(LocalConfig)
     openai: OpenAIConfig = provider_section(OpenAIConfig)
     vertex: VertexConfig = provider_section(VertexConfig)
+    transformers: TransformersConfig = provider_section(TransformersConfig)
     # Where this config was loaded from (not a YAML key): logged as the `config_file` param.
     config_file: str = field(default="", metadata={"internal": True})
 

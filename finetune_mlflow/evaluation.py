@@ -74,13 +74,24 @@ QUALITY_METRICS = (
 )
 
 
+PredictBatch = Callable[[list[tuple[str, str]]], list[Prediction]]
+
+
+def _failed(example: dict[str, Any], error: Exception) -> ExampleResult:
+    logger.warning("request for %s failed: %s", example["id"], error)
+    return ExampleResult(example["id"], example["question"], "", list(example["answers"]), 0.0, 0.0, None,
+                         f"{type(error).__name__}: {error}")
+
+
 def _score_one(predict: Predict, example: dict[str, Any]) -> ExampleResult:
     try:
         prediction = predict(example["question"], example["context"])
     except Exception as e:  # noqa: BLE001 - a failed request is a result to count, not a crash
-        logger.warning("request for %s failed: %s", example["id"], e)
-        return ExampleResult(example["id"], example["question"], "", list(example["answers"]), 0.0, 0.0, None,
-                             f"{type(e).__name__}: {e}")
+        return _failed(example, e)
+    return _scored(example, prediction)
+
+
+def _scored(example: dict[str, Any], prediction: Prediction) -> ExampleResult:
     em, f1 = best_over_golds(prediction.text, example["answers"])
     return ExampleResult(
         example["id"], example["question"], prediction.text, list(example["answers"]), em, f1,
@@ -102,6 +113,23 @@ def run_predictions(predict: Predict, examples: Sequence[dict[str, Any]], max_co
     else:
         with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
             results = list(pool.map(lambda example: _score_one(predict, example), examples))
+    return EvaluationRun(results, time.monotonic() - started)
+
+
+def run_batched_predictions(predict_batch: PredictBatch, examples: Sequence[dict[str, Any]],
+                            chunk_size: int = 64) -> EvaluationRun:
+    """Like run_predictions for a provider that answers many requests per call (an in-process model batching on
+    its device); a failed call fails the rows of its chunk only."""
+    started = time.monotonic()
+    results: list[ExampleResult] = []
+    for start in range(0, len(examples), chunk_size):
+        chunk = examples[start:start + chunk_size]
+        try:
+            predictions = predict_batch([(e["question"], e["context"]) for e in chunk])
+        except Exception as e:  # noqa: BLE001 - a failed request is a result to count, not a crash
+            results += [_failed(example, e) for example in chunk]
+            continue
+        results += [_scored(example, prediction) for example, prediction in zip(chunk, predictions)]
     return EvaluationRun(results, time.monotonic() - started)
 
 

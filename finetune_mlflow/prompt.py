@@ -24,3 +24,9 @@ def clean_completion(text: str | None) -> str:
 def training_answer(answers: list[str]) -> str:
     """The target a model is tuned on: the first gold answer, as SQuAD training conventionally does."""
     return answers[0]
+
+
+def chat_messages(question: str, context: str, answer: str) -> list[dict[str, str]]:
+    """The training conversation every chat-tuned provider uses: system instruction, user prompt, the answer."""
+    return [{"role": "system", "content": SYSTEM_INSTRUCTION}, {"role": "user", "content": user_prompt(question, context)},
+            {"role": "assistant", "content": answer}]

@@ -49,7 +49,9 @@ def provider_settings(config: Config, provider: str) -> dict:
 def pinned_requirements(packages: tuple[str, ...]) -> list[str]:
     """Explicit, pinned pip requirements: MLflow would otherwise infer them by re-importing the model in a
     subprocess (seconds per registration) and could still miss the provider's SDK."""
-    return [f"{name}=={importlib.metadata.version(name)}" for name in dict.fromkeys(BASE_REQUIREMENTS + packages)]
+    # A local build tag is not on the package index: torch 2.13.0+cpu -> torch==2.13.0.
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}"
+            for name in dict.fromkeys(BASE_REQUIREMENTS + packages)]
 
 
 def existing_version(client: MlflowClient, name: str, run_id: str) -> RegisteredVersion | None:

@@ -29,6 +29,7 @@ from finetune_mlflow.evaluation import (
     check_error_rate,
     delta_against,
     result_rows,
+    run_batched_predictions,
     run_predictions,
     summarize,
 )
@@ -53,10 +54,11 @@ class Evaluation:
 def score_model(provider: Provider, model_id: str, examples: list[dict], config: Config,
                 baseline: list[ExampleResult] | None = None) -> tuple[EvaluationRun, dict[str, float]]:
     """Predict every example and summarize (with the paired delta against `baseline` when given); logs nothing."""
-    run: EvaluationRun = run_predictions(
-        lambda question, context: provider.predict(model_id, question, context), examples,
-        min(config.evaluate.max_concurrency, provider.max_concurrency),
-    )
+    if provider.batched_prediction:
+        run = run_batched_predictions(lambda pairs: provider.predict_batch(model_id, pairs), examples)
+    else:
+        run = run_predictions(lambda question, context: provider.predict(model_id, question, context), examples,
+                              min(config.evaluate.max_concurrency, provider.max_concurrency))
     metrics = summarize(run, bootstrap_samples=config.evaluate.bootstrap_samples, seed=config.evaluate.bootstrap_seed)
     if baseline:
         metrics.update(delta_against(run.results, baseline, bootstrap_samples=config.evaluate.bootstrap_samples,

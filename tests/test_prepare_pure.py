@@ -104,7 +104,10 @@ def test_provider_formats_share_one_prompt():
     assert gemini["contents"][1]["parts"] == [{"text": "Ada"}]
     assert gemini["systemInstruction"]["parts"][0]["text"] == SYSTEM_INSTRUCTION
     # Each provider with a record format of its own writes it to prepared/<provider name>/.
-    assert training_records() == {"openai": to_openai_chat, "vertex": to_gemini}
+    records = training_records()
+    assert records["openai"] is to_openai_chat and records["vertex"] is to_gemini and set(records) == {
+        "openai", "vertex", "transformers"}
+    assert records["transformers"](row) == to_openai_chat(row)  # the same conversation, in its own folder
     assert set(training_records()) <= set(PROVIDERS)
     json.dumps([to_openai_chat(row), gemini])
 

@@ -3,7 +3,6 @@ children under one parent, and a rerun of the parent that launches nothing new."
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

@@ -18,6 +18,7 @@ PROVIDERS: dict[str, str] = {
     "local": "finetune_mlflow.providers.local",
     "openai": "finetune_mlflow.providers.openai",
     "vertex": "finetune_mlflow.providers.vertex",
+    "transformers": "finetune_mlflow.providers.transformers",
 }
 
 

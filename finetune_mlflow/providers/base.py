@@ -156,6 +156,15 @@ class ProviderBase:
     max_parallel_jobs = 1
     # Distributions a registered version needs to serve this provider's models (pinned at registration).
     serving_packages: tuple[str, ...] = ()
+    # True for an in-process model that answers many questions per call faster than one by one (a GPU batch):
+    # the evaluator then calls `predict_batch` instead of fanning `predict` out over threads.
+    batched_prediction = False
+
+    def predict_batch(self, model: str, pairs: list[tuple[str, str]]) -> list[Prediction]:
+        return [self.predict(model, question, context) for question, context in pairs]
+
+    def predict(self, model: str, question: str, context: str) -> Prediction:
+        raise NotImplementedError
 
     def result_file_metrics(self, job_id: str) -> list[MetricPoint]:
         """Step metrics kept outside the event stream (OpenAI's result file); none by default."""

@@ -12,13 +12,10 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 import time
 import uuid
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -27,12 +24,17 @@ from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, ProviderError
 from finetune_mlflow.records import read_jsonl
+from finetune_mlflow.providers.job_dir import (
+    LAUNCHER_PID,
+    TRAINER_PID,
+    JobDirectoryProvider,
+    launch_trainer,
+    pid_alive,
+    write_json_atomic,
+)
 from finetune_mlflow.providers.base import (
     MODEL_ARTIFACT,
-    ProviderBase,
     JobState,
-    MetricPoint,
-    MetricsPage,
     Prediction,
     PreflightReport,
     TuningJob,
@@ -43,9 +45,6 @@ logger = logging.getLogger(__name__)
 
 BASE_MODEL = "span-ranker-base"
 WEIGHTS_FILE = "weights.npz"
-TRAINER_PID = "pid.json"  # written by the trainer that holds the job's lock
-LAUNCHER_PID = "launch.json"  # written by start_job for the process it launched
-TRAINER_LOCK = "trainer.lock"
 
 
 def default_jobs_dir() -> Path:
@@ -69,27 +68,7 @@ def load_weights(path: str) -> tuple[span_model.Weights, dict[str, float], int]:
         return weights, idf, int(data["max_span_tokens"])
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - someone else's process with that pid
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not alive
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-class LocalProvider(ProviderBase):
+class LocalProvider(JobDirectoryProvider):
     serving_packages = ("numpy",)
     name = "local"
     max_concurrency = 1  # in-process numpy model: threads would only contend for the GIL
@@ -99,9 +78,6 @@ class LocalProvider(ProviderBase):
         self.config = config
         self.jobs_dir = Path(config.local.jobs_dir) if config.local.jobs_dir else default_jobs_dir()
 
-    def _job_dir(self, job_id: str) -> Path:
-        return self.jobs_dir / job_id
-
     def preflight(self, request: TuningRequest) -> PreflightReport:
         if request.base_model != BASE_MODEL:
             raise ConfigError(f"local provider: base_model {request.base_model!r} is unknown; the local provider "
@@ -110,15 +86,6 @@ class LocalProvider(ProviderBase):
         validation = read_jsonl(request.prepared_dir / "validation.jsonl")
         tokens = sum(approx_tokens(r["question"] + r["context"] + r["answers"][0]) for r in train)
         return PreflightReport(len(train), len(validation), tokens, tokens * request.epochs, 0.0)
-
-    def _job_for_run(self, run_id: str) -> str | None:
-        """A job this run already started (a crash between creating it and tagging the run leaves one behind)."""
-        if not self.jobs_dir.exists():
-            return None
-        for spec_path in sorted(self.jobs_dir.glob("*/spec.json")):
-            if json.loads(spec_path.read_text(encoding="utf-8")).get("run_id") == run_id:
-                return spec_path.parent.name
-        return None
 
     def start_job(self, request: TuningRequest) -> TuningJob:
         """Create the job directory and launch its trainer; a job this run already created is resumed instead."""
@@ -150,13 +117,8 @@ class LocalProvider(ProviderBase):
         if not (job_dir / TRAINER_PID).exists():
             if not (job_dir / "status.json").exists():
                 write_json_atomic(job_dir / "status.json", {"state": "pending", "updated": time.time()})
-            with open(job_dir / "trainer.log", "ab") as log:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "finetune_mlflow.providers.local.trainer", str(job_dir)],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                )
-            write_json_atomic(job_dir / LAUNCHER_PID, {"pid": process.pid})
-            logger.info("local job %s started (pid %d, dir %s)", job_id, process.pid, job_dir)
+            pid = launch_trainer(job_dir, "finetune_mlflow.providers.local.trainer")
+            logger.info("local job %s started (pid %d, dir %s)", job_id, pid, job_dir)
         return self.get_job(job_id)
 
     def get_job(self, job_id: str) -> TuningJob:
@@ -171,7 +133,7 @@ class LocalProvider(ProviderBase):
             # The trainer's own pid once it runs; before that, the process launched to become it.
             pid_file = next((job_dir / name for name in (TRAINER_PID, LAUNCHER_PID) if (job_dir / name).exists()),
                             None)
-            if pid_file is not None and not _pid_alive(json.loads(pid_file.read_text())["pid"]):
+            if pid_file is not None and not pid_alive(json.loads(pid_file.read_text())["pid"]):
                 # Re-read: the trainer may have written its final status just before exiting.
                 status = json.loads((job_dir / "status.json").read_text(encoding="utf-8"))
                 state = JobState(status["state"])
@@ -198,21 +160,6 @@ class LocalProvider(ProviderBase):
         return {"hyperparameters": {k: str(spec[k]) for k in ("epochs", "learning_rate", "batch_size") if k in spec},
                 "total_steps": spec.get("total_steps")}
 
-    def read_metrics(self, job_id: str, cursor: str | None) -> MetricsPage:
-        path = self._job_dir(job_id) / "events.jsonl"
-        offset = int(cursor or 0)
-        if not path.exists():
-            return MetricsPage([], cursor)
-        with path.open("rb") as handle:
-            handle.seek(offset)
-            chunk = handle.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written is read next time
-        points = []
-        for line in complete.splitlines():
-            event = json.loads(line)
-            points.append(MetricPoint(event["key"], float(event["value"]), int(event["step"]), int(event["ts"])))
-        return MetricsPage(points, str(offset + len(complete)))
-
     def _model(self, model: str) -> tuple[span_model.Weights, dict[str, float], int]:
         if model == BASE_MODEL:
             size = self.config.local.max_span_tokens
@@ -229,7 +176,3 @@ class LocalProvider(ProviderBase):
 
     def model_artifacts(self, model: str) -> dict[str, str]:
         return {MODEL_ARTIFACT: model}
-
-    def list_jobs(self) -> Iterator[str]:
-        if self.jobs_dir.exists():
-            yield from sorted(p.name for p in self.jobs_dir.iterdir() if (p / "status.json").exists())

@@ -7,17 +7,15 @@ does not kill training.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from finetune_mlflow.providers.local import span_model
 from finetune_mlflow.records import read_jsonl
-from finetune_mlflow.providers.local.provider import TRAINER_LOCK, TRAINER_PID, WEIGHTS_FILE, save_weights, write_json_atomic
+from finetune_mlflow.providers.job_dir import run_trainer, write_json_atomic
+from finetune_mlflow.providers.local.provider import WEIGHTS_FILE, save_weights
 
 
 def _usable(rows: list[dict], idf: dict[str, float], max_span_tokens: int, limit: int = 0) -> tuple[list, int]:
@@ -71,25 +69,7 @@ def run(job_dir: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    job_dir = Path(argv[1])
-    lock = open(job_dir / TRAINER_LOCK, "a")  # held until this process exits, however it exits
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print("another trainer holds this job; exiting", file=sys.stderr)
-        return 0
-    if json.loads((job_dir / "status.json").read_text(encoding="utf-8"))["state"] in ("succeeded", "failed"):
-        return 0
-    write_json_atomic(job_dir / TRAINER_PID, {"pid": os.getpid()})
-    try:
-        run(job_dir)
-    except Exception as e:  # noqa: BLE001 - every failure must end as a readable job status
-        traceback.print_exc()
-        write_json_atomic(job_dir / "status.json", {
-            "state": "failed", "updated": time.time(), "error_code": type(e).__name__, "error_message": str(e),
-        })
-        return 1
-    return 0
+    return run_trainer(Path(argv[1]), run)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping
 from finetune_mlflow import costing
 from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.errors import DataError
-from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, training_answer, user_prompt
+from finetune_mlflow.prompt import chat_messages, training_answer
 from finetune_mlflow.providers.base import MetricPoint
 
 MIN_TRAIN_EXAMPLES = 10
@@ -81,13 +81,7 @@ SHARED_ACCURACY_KEYS: dict[str, str] = {
 
 def to_openai_chat(example: Mapping[str, Any]) -> dict[str, Any]:
     """A canonical example as one chat fine-tuning record (system, user prompt, assistant answer)."""
-    return {
-        "messages": [
-            {"role": "system", "content": SYSTEM_INSTRUCTION},
-            {"role": "user", "content": user_prompt(example["question"], example["context"])},
-            {"role": "assistant", "content": training_answer(example["answers"])},
-        ]
-    }
+    return {"messages": chat_messages(example["question"], example["context"], training_answer(example["answers"]))}
 
 
 def validate_chat_example(example: Any, path: str | Path, line: int) -> None:

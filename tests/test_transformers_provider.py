@@ -1,0 +1,139 @@
+"""The transformers provider on a tiny Llama built on the fly: bad input refused before launch, a background LoRA
+job that streams losses and yields a merged model that learned the toy set, resume after kill -9, batched predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", reason="the transformers provider needs the extra: pip install -e '.[transformers]'")
+pytest.importorskip("trl", reason="the transformers provider needs the extra: pip install -e '.[transformers]'")
+
+from finetune_mlflow.config import load_config  # noqa: E402
+from finetune_mlflow.errors import ConfigError, DataError  # noqa: E402
+from finetune_mlflow.providers import get_provider  # noqa: E402
+from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, TuningRequest  # noqa: E402
+from finetune_mlflow.squad_metrics import best_over_golds  # noqa: E402
+from tests.hf_tiny import FACTS, PASSAGES, build_tiny_model, toy_examples, write_prepared  # noqa: E402
+
+SETTINGS = {"provider": "transformers", "transformers.target_modules": "all-linear", "transformers.lora_r": "16",
+            "transformers.lora_alpha": "32", "transformers.lora_dropout": "0", "transformers.logging_steps": "1",
+            "transformers.eval_steps": "4", "transformers.max_new_tokens": "6", "transformers.device": "cpu",
+            "transformers.eval_batch_size": "16", "transformers.max_seq_length": "256"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), PASSAGES + [a for _, a in FACTS])
+
+
+@pytest.fixture
+def prepared(tmp_path) -> Path:
+    examples = toy_examples(PASSAGES)
+    return write_prepared(tmp_path / "prepared", examples[:12], examples[12:])
+
+
+def provider_for(**overrides: str):
+    return get_provider("transformers", load_config(None, {**SETTINGS, **overrides}))
+
+
+def request(model: Path, prepared: Path, run_id: str = "run-1", epochs: int = 10) -> TuningRequest:
+    return TuningRequest(run_id=run_id, base_model=str(model), prepared_dir=prepared, epochs=epochs,
+                         learning_rate=0.03, batch_size=4, seed=0, suffix="t")
+
+
+def wait(provider, job_id: str, seconds: float = 90.0):
+    deadline = time.monotonic() + seconds
+    while (job := provider.get_job(job_id)).state not in TERMINAL_STATES:
+        assert time.monotonic() < deadline, "transformers job did not finish"
+        time.sleep(0.2)
+    return job
+
+
+def mean_f1(provider, model: str, examples: list[dict]) -> float:
+    predictions = provider.predict_batch(model, [(e["question"], e["context"]) for e in examples])
+    return sum(best_over_golds(p.text, e["answers"])[1] for p, e in zip(predictions, examples)) / len(examples)
+
+
+def test_bad_input_is_one_line_before_any_job(tiny_model, prepared, tmp_path, monkeypatch):
+    provider = provider_for()
+    with pytest.raises(ConfigError, match="does not exist"):
+        provider.preflight(request(tmp_path / "no-such-model", prepared))
+    with pytest.raises(ConfigError, match="no-such.gguf does not exist"):
+        provider.preflight(request(tmp_path / "no-such.gguf", prepared))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="hub id .* offline"):
+        provider.preflight(TuningRequest("r", "some-org/some-model", prepared, 1, 0.1, 1, 0, "t"))
+    with pytest.raises(ConfigError, match="'qkv_proj' matches no module"):
+        provider_for(**{"transformers.target_modules": "q_proj,qkv_proj"}).preflight(request(tiny_model, prepared))
+    with pytest.raises(DataError, match=r"openai/train.jsonl:1: example is \d+ tokens .*max_seq_length=16"):
+        provider_for(**{"transformers.max_seq_length": "16"}).preflight(request(tiny_model, prepared))
+    for error in (ConfigError, DataError):
+        assert "\n" not in str(error)
+    assert not list((tmp_path / "home").glob("hf-jobs/*")), "no job may exist after a refused preflight"
+    report = provider.preflight(request(tiny_model, prepared))
+    assert (report.n_train, report.n_validation) == (12, 4) and report.estimated_train_tokens > 12 * 40
+
+
+def kill_after_first_checkpoint(job_dir: Path) -> None:
+    deadline = time.monotonic() + 90
+    while not list((job_dir / "hf").glob("checkpoint-*/trainer_state.json")) or not (job_dir / "pid.json").exists():
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    os.kill(json.loads((job_dir / "pid.json").read_text())["pid"], signal.SIGKILL)
+    time.sleep(0.3)
+
+
+def test_a_job_streams_losses_survives_kill_9_and_its_merged_model_learned_the_toy_set(tiny_model, prepared):
+    """One job for all of it (each trainer process costs seconds of imports): killed after its first checkpoint,
+    restarted by the rerun's start_job, resumed from that checkpoint, finished, merged, better than the base."""
+    provider = provider_for(**{"transformers.save_steps": "2"})
+    job = provider.start_job(request(tiny_model, prepared))
+    assert job.job_id.startswith("hfjob-")
+    job_dir = Path(job.tags["transformers.job_dir"])
+    kill_after_first_checkpoint(job_dir)
+    rerun = provider.start_job(request(tiny_model, prepared))
+    assert rerun.job_id == job.job_id and rerun.state is JobState.RUNNING
+    final = wait(provider, job.job_id)
+    assert final.state is JobState.SUCCEEDED, (job_dir / "trainer.log").read_text()
+    assert final.metrics["resumed"] == 1.0 and "resuming from" in (job_dir / "trainer.log").read_text()
+    points = provider.read_metrics(job.job_id, None).points
+    train = [p for p in points if p.key == "train_loss"]
+    val = [p for p in points if p.key == "val_loss"]
+    assert [p.step for p in train] == list(range(1, 31))  # 12 examples / batch 4 * 10 epochs, each step once
+    assert final.metrics["completed_step_count"] == 30
+    assert val and val[-1].value < val[0].value and train[-1].value < train[0].value
+    checkpoints = json.loads((job_dir / "status.json").read_text())["checkpoints"]
+    assert [c["epoch"] for c in checkpoints] == list(range(1, 11))
+    assert all(Path(c["path"], "adapter_model.safetensors").exists() and c["val_loss"] > 0 for c in checkpoints)
+    assert Path(final.tuned_model, "config.json").exists() and Path(final.tuned_model, "tokenizer.json").exists()
+    examples = toy_examples(PASSAGES)
+    assert mean_f1(provider, str(tiny_model), examples) < 0.2
+    assert mean_f1(provider, final.tuned_model, examples) > 0.75
+    one = provider.predict(final.tuned_model, FACTS[0][0], PASSAGES[3])
+    assert one.text == "blue" and one.output_tokens >= 1 and one.input_tokens > 20 and one.latency_ms > 0
+
+
+def test_a_trainer_that_keeps_dying_fails_the_job(tiny_model, prepared):
+    provider = provider_for(**{"transformers.max_restarts": "0"})
+    job = provider.start_job(request(tiny_model, prepared, run_id="dies"))
+    job_dir = Path(job.tags["transformers.job_dir"])
+    pid = json.loads((job_dir / "launch.json").read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    final = wait(provider, job.job_id, 10)
+    assert final.state is JobState.FAILED and final.error_code == "trainer_died"
+
+
+def test_predict_batch_keeps_order_and_splits_latency(tiny_model):
+    provider = provider_for(**{"transformers.eval_batch_size": "3"})
+    pairs = [(q, PASSAGES[i % 4] * (1 + i % 3)) for i, (q, _) in enumerate(FACTS * 2)]
+    batch = provider.predict_batch(str(tiny_model), pairs)
+    singles = [provider.predict(str(tiny_model), q, c) for q, c in pairs]
+    assert [p.text for p in batch] == [p.text for p in singles]  # greedy: batching changes no answer
+    assert [p.input_tokens for p in batch] == [p.input_tokens for p in singles]
+    assert len({p.latency_ms for p in batch}) <= 3  # one latency per batch of 3: 8 pairs -> 3 batches
