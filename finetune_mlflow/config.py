@@ -161,7 +161,8 @@ class TransformersConfig:
     eval_batch_size: int = knob(8, "questions per batched greedy generation", low=1, high=1024)
     max_new_tokens: int = knob(32, "longest generated answer", low=1, high=4096)
     logging_steps: int = knob(5, "train_loss every N steps", low=1, high=100_000)
-    eval_steps: int = knob(20, "val_loss every N steps (and at every epoch end)", low=1, high=1_000_000)
+    eval_steps: int = knob(20, "val_loss every N steps and at every epoch end (0: epoch ends only)", low=0,
+                           high=1_000_000)
     val_loss_examples: int = knob(64, "validation examples val_loss is computed on", low=1, high=1_000_000)
     save_steps: int = knob(0, "a resumable checkpoint every N steps besides each epoch's (0: epoch ends only)",
                            low=0, high=1_000_000)

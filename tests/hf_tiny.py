@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune_mlflow.formats import to_openai_chat
+from finetune_mlflow.providers.transformers import to_chat_record
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, user_prompt
 
 # Weights this large give the random model peaked (not uniform) logits, which LoRA can then steer.
@@ -32,12 +32,12 @@ def toy_examples(passages: list[str]) -> list[dict]:
 
 
 def write_prepared(folder: Path, train: list[dict], validation: list[dict]) -> Path:
-    """The layout `prepare` writes: canonical JSONL on top, the chat records under openai/."""
-    (folder / "openai").mkdir(parents=True, exist_ok=True)
+    """The layout `prepare` writes: canonical JSONL on top, the chat records under transformers/."""
+    (folder / "transformers").mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", train), ("validation", validation)):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        (folder / "openai" / f"{split}.jsonl").write_text(
-            "".join(json.dumps(to_openai_chat(r)) + "\n" for r in rows), encoding="utf-8")
+        (folder / "transformers" / f"{split}.jsonl").write_text(
+            "".join(json.dumps(to_chat_record(r)) + "\n" for r in rows), encoding="utf-8")
     return folder
 
 

@@ -100,23 +100,25 @@ def test_rerun_with_the_same_run_id_reattaches_instead_of_training_again(small_s
 def test_promotion_follows_the_evidence_and_rolls_back(small_squad):
     client = MlflowClient()
     alias = lambda name: str(client.get_model_version_by_alias("squad-qa-local", name).version)  # noqa: E731
-    # A deliberately poor model (a few examples, a huge step) is the first champion: nothing to beat yet.
+    # A deliberately poor model (a few examples, a huge step) is worse than the base model: never promoted, even
+    # with no champion to beat.
     weak = {"epochs": "1", "max_examples": "40", "learning_rate": "1.0"}
     first = run_main(small_config(small_squad, **weak))
-    assert first.decision.promote and first.champion_after == "1"
+    assert not first.decision.promote and "over the base model" in first.decision.reason
+    assert first.champion_after is None and alias("challenger") == "1"
     better = run_main(small_config(small_squad, epochs="2"))
-    assert better.decision.promote, better.decision.reason
-    assert alias("champion") == "2" and alias("previous_champion") == "1"
+    assert better.decision.promote and "over the base model" in better.decision.reason
+    assert alias("champion") == "2"
     worse = run_main(small_config(small_squad, **weak))
     assert not worse.decision.promote and worse.champion_after == "2"
     assert alias("challenger") == "3"
     assert client.get_model_version("squad-qa-local", "3").tags["promotion.decision"] == "rejected"
-    rolled = run_rollback(small_config(small_squad), "")
-    assert rolled.champion_after == "1" and alias("champion") == "1" and alias("previous_champion") == "2"
     with pytest.raises(Exception, match="needs a reason"):
         run_promote(small_config(small_squad), version="3", force=True)
     forced = run_promote(small_config(small_squad), version="3", force=True, reason="manual override in test")
-    assert forced.decision.promote and alias("champion") == "3"
+    assert forced.decision.promote and alias("champion") == "3" and alias("previous_champion") == "2"
+    rolled = run_rollback(small_config(small_squad), "")
+    assert rolled.champion_after == "2" and alias("champion") == "2" and alias("previous_champion") == "3"
     # Every decision is a run with its evidence and report.
     experiment = mlflow.get_experiment_by_name("Default").experiment_id
     decisions = client.search_runs([experiment], "tags.`finetune.step` = 'promote'")

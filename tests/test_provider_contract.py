@@ -100,7 +100,7 @@ def _transformers(stack: ExitStack, monkeypatch, prepared: Path) -> Harness:
                                 "transformers.max_seq_length": "4096", "transformers.target_modules": "q_proj,v_proj"})
 
     def failure() -> None:  # a record without its messages: the trainer itself reports failure
-        (prepared / "openai" / "train.jsonl").write_text('{"messages": []}\n', encoding="utf-8")
+        (prepared / "transformers" / "train.jsonl").write_text('{"messages": []}\n', encoding="utf-8")
 
     return Harness(get_provider("transformers", config), str(model), failure, 0.2)
 

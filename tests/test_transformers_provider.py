@@ -71,7 +71,7 @@ def test_bad_input_is_one_line_before_any_job(tiny_model, prepared, tmp_path, mo
         provider.preflight(TuningRequest("r", "some-org/some-model", prepared, 1, 0.1, 1, 0, "t"))
     with pytest.raises(ConfigError, match="'qkv_proj' matches no module"):
         provider_for(**{"transformers.target_modules": "q_proj,qkv_proj"}).preflight(request(tiny_model, prepared))
-    with pytest.raises(DataError, match=r"openai/train.jsonl:1: example is \d+ tokens .*max_seq_length=16"):
+    with pytest.raises(DataError, match=r"transformers/train.jsonl:1: example is \d+ tokens .*max_seq_length=16"):
         provider_for(**{"transformers.max_seq_length": "16"}).preflight(request(tiny_model, prepared))
     for error in (ConfigError, DataError):
         assert "\n" not in str(error)
