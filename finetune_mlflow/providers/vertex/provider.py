@@ -45,6 +45,7 @@ from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, clean_completion, user_prompt
 from finetune_mlflow.providers.base import (
+    Checkpoint,
     ProviderBase,
     shared_hyperparameters,
     JobState,
@@ -466,6 +467,10 @@ class VertexProvider(ProviderBase):
                     metrics[key] = float(value)
             if stats.dropped_example_reasons:
                 metrics["dropped_example_count"] = float(len(stats.dropped_example_reasons))
+        if "total_billable_token_count" in metrics and _int(hp.get("epoch_count")):
+            # Vertex documents the count as the billable tokens "in the tuning dataset" and bills training per
+            # dataset token per epoch: what a run prices into cost_train_usd.
+            metrics["billed_training_tokens"] = metrics["total_billable_token_count"] * _int(hp["epoch_count"])
         meta = getattr(job, "tuning_job_metadata", None)
         if meta is not None:
             if meta.completed_step_count is not None:
@@ -493,6 +498,16 @@ class VertexProvider(ProviderBase):
     def get_job(self, job_id: str) -> TuningJob:
         job = self._call(lambda: self.client.tunings.get(name=job_id), f"reading tuning job {job_id}").value
         return self._normalize(job)
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        """`tunedModel.checkpoints[]` (Gemini jobs export one per epoch by default, each deployed to its own
+        endpoint; the tuned model's endpoint serves the default one), oldest step first; none while unfinished or
+        with `export_last_checkpoint_only` beyond the final one."""
+        job = self._call(lambda: self.client.tunings.get(name=job_id), f"reading tuning job {job_id}").value
+        found = (job.tuned_model.checkpoints or []) if job.tuned_model is not None else []
+        return sorted((Checkpoint(checkpoint_id=str(c.checkpoint_id), model=c.endpoint, step=int(c.step or 0),
+                                  epoch=int(c.epoch) if c.epoch is not None else None)
+                       for c in found if c.endpoint), key=lambda c: c.step)
 
     def list_jobs(self) -> Iterator[str]:
         pager = self._call(lambda: self.client.tunings.list(), "listing tuning jobs").value
