@@ -2,7 +2,7 @@
 `evaluate.checkpoints` are scored on the same validation questions and the evidence picks the model to register.
 
 Choice: `all`, `last`, `best_val_loss` (the lowest validation loss the checkpoint reports, else the run's `val_loss`
-curve at or before its step), `auto` = all when there are at most 4, else best_val_loss and last. A checkpoint that
+curve nearest its step), `auto` = all when there are at most 4, else best_val_loss and last. A checkpoint that
 is the final model itself (the same model id) is not evaluated twice. A checkpoint displaces the final model only
 when the 95% lower bound of its paired-bootstrap F1 gain over the final model is above 0: ties and noise keep the
 final. Logged in the run: `checkpoint_eval_f1`, `checkpoint_eval_exact_match`, `checkpoint_latency_ms_p95` at
@@ -63,12 +63,13 @@ class Selection:
 
 
 def val_loss_at(checkpoint: Checkpoint, curve: Mapping[int, float]) -> float | None:
-    """The checkpoint's own validation loss (full set first), else the run's curve at the last step <= its step."""
+    """The checkpoint's own validation loss (full set first), else the run's curve at the step nearest its own
+    (the earlier one on a tie)."""
     for key in ("full_valid_loss", "val_loss"):
         if key in checkpoint.metrics:
             return float(checkpoint.metrics[key])
-    earlier = [step for step in curve if step <= checkpoint.step]
-    return float(curve[max(earlier)]) if earlier else None
+    nearest = min(curve, key=lambda step: (abs(step - checkpoint.step), step), default=None)
+    return None if nearest is None else float(curve[nearest])
 
 
 def select(checkpoints: Sequence[Checkpoint], choice: str, final_model: str | None,
@@ -85,7 +86,7 @@ def select(checkpoints: Sequence[Checkpoint], choice: str, final_model: str | No
         scored = [(val_loss_at(c, curve), c) for c in ordered]
         scored = [(loss, c) for loss, c in scored if loss is not None]
         if scored:
-            wanted.append(min(scored, key=lambda item: (item[0], -item[1].step))[1])
+            wanted.append(min(scored, key=lambda item: (item[0], item[1].step))[1])  # a tie: less training
         else:
             logger.warning("no checkpoint reports a validation loss: best_val_loss picks none")
     unique = {c.checkpoint_id: c for c in wanted if c.model != final_model}

@@ -18,7 +18,7 @@ with an error status (optionally with `retry-after`), delays the response, or bo
 fires, `fraction` makes it fire at random (seeded), `after_handling` processes the request first and then
 answers with the error (a response lost after the server acted: the job exists but the client saw a 500).
 
-Recording: `uploads`, `created_jobs` (request bodies of jobs created), `chat_requests` and `requests`
+Recording: `uploads`, `created_jobs` (request bodies of jobs created), `chat_requests`, `chat_usage` and `requests`
 (method, path, query, status) for assertions like "exactly one job was created".
 """
 
@@ -156,6 +156,8 @@ class FakeOpenAI(LoopbackServer):
         self._job_order: list[str] = []  # creation order
         self.created_jobs: list[dict[str, Any]] = []
         self.chat_requests: list[dict[str, Any]] = []
+        # (model, prompt_tokens, completion_tokens) of every chat answer, as its `usage` reported them.
+        self.chat_usage: list[tuple[str, int, int]] = []
         self.requests: list[tuple[str, str, dict[str, list[str]], int]] = []
         self.faults: list[Fault] = []
         # Exceptions raised inside route handlers (answered as 500); tests may assert it stays empty.
@@ -613,6 +615,7 @@ class FakeOpenAI(LoopbackServer):
         prompt_chars = sum(len(m.get("content") or "") for m in payload["messages"])
         prompt_tokens = max(1, prompt_chars // 4) + 4 * len(payload["messages"])
         completion_tokens = max(1, len(text) // 4)
+        self.chat_usage.append((payload["model"], prompt_tokens, completion_tokens))
         return 200, {
             "id": self._new_id("chatcmpl-"),
             "object": "chat.completion",
