@@ -129,6 +129,15 @@ def selection_of(final_model: str, final_metrics: Mapping[str, float], chosen: C
                       **{k: v for k, v in over_base.items() if k.startswith("eval_f1_delta")}})
 
 
+def describe(selection: Selection) -> str:
+    """What a run's description adds when a checkpoint displaced the final model."""
+    checkpoint = selection.checkpoint
+    if checkpoint is None:
+        return ""
+    return (f"; registered checkpoint {checkpoint.checkpoint_id} (step {checkpoint.step}, epoch "
+            f"{checkpoint.epoch if checkpoint.epoch is not None else 'n/a'}): F1 {selection.metrics['eval_f1']:.1f}")
+
+
 def selection_tags(selection: Selection) -> dict[str, str]:
     """Tags naming the checkpoint a registered version serves (none when it is the final model)."""
     checkpoint = selection.checkpoint
@@ -203,5 +212,5 @@ def record(run_id: str, selection: Selection, metrics: Mapping[str, float]) -> N
              "checkpoint": dataclasses.asdict(selection.checkpoint) if selection.checkpoint else None}
     log_values(MlflowClient(), run_id, metrics={**{f"selected_{k}": v for k, v in selection.metrics.items()
                                                    if k in HEADLINE}, **metrics},
-               tags={SELECTION_TAG: json.dumps(saved, sort_keys=True)[:5000], "finetune.selected_model": selection.model,
+               tags={SELECTION_TAG: json.dumps(saved, sort_keys=True), "finetune.selected_model": selection.model,
                      **selection_tags(selection)})

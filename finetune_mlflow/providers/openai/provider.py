@@ -358,10 +358,8 @@ class OpenAIProvider(ProviderBase):
             tags["openai.seed"] = str(job.seed)
         metrics: dict[str, float] = {}
         if job.trained_tokens is not None:
-            metrics["trained_tokens"] = float(job.trained_tokens)
-            # OpenAI bills trained_tokens ("the total number of billable tokens processed by this job", epochs
-            # included); the shared key is what a run prices into cost_train_usd.
-            metrics["billed_training_tokens"] = float(job.trained_tokens)
+            # "The total number of billable tokens processed by this job" (epochs included): cost_train_usd.
+            metrics["trained_tokens"] = metrics["billed_training_tokens"] = float(job.trained_tokens)
         if final_details and state is JobState.SUCCEEDED:
             checkpoints = self._checkpoints(job.id)
             if checkpoints:

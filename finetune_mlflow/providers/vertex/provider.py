@@ -119,6 +119,15 @@ def _int(value: Any) -> int | None:
         return None
 
 
+def _billed_training_tokens(metrics: dict[str, float], hyperparameters: dict[str, Any]) -> dict[str, float]:
+    """What a run prices into cost_train_usd: Vertex documents `totalBillableTokenCount` as the billable tokens
+    "in the tuning dataset", and bills training per dataset token per epoch."""
+    epochs = _int(hyperparameters.get("epoch_count"))
+    if "total_billable_token_count" not in metrics or not epochs:
+        return {}
+    return {"billed_training_tokens": metrics["total_billable_token_count"] * epochs}
+
+
 def _wall_time_ms(value: Any) -> int:
     if not value:
         return 0
@@ -467,10 +476,7 @@ class VertexProvider(ProviderBase):
                     metrics[key] = float(value)
             if stats.dropped_example_reasons:
                 metrics["dropped_example_count"] = float(len(stats.dropped_example_reasons))
-        if "total_billable_token_count" in metrics and _int(hp.get("epoch_count")):
-            # Vertex documents the count as the billable tokens "in the tuning dataset" and bills training per
-            # dataset token per epoch: what a run prices into cost_train_usd.
-            metrics["billed_training_tokens"] = metrics["total_billable_token_count"] * _int(hp["epoch_count"])
+        metrics.update(_billed_training_tokens(metrics, hp))
         meta = getattr(job, "tuning_job_metadata", None)
         if meta is not None:
             if meta.completed_step_count is not None:
