@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
+from finetune_mlflow.errors import FinetuneError
 from finetune_mlflow.evaluation import ExampleResult, delta_against, error_rate
 from finetune_mlflow.providers.base import Checkpoint, MetricPoint, Provider, TuningJob
 from finetune_mlflow.scoring import log_results_table, score_model
@@ -169,7 +170,12 @@ def plan(provider: Provider, job: TuningJob, run_id: str, config: Config) -> lis
     client = MlflowClient()
     if previous_selection(client, run_id) is not None:
         return []
-    found = provider.checkpoints(job.job_id) if hasattr(provider, "checkpoints") else []
+    try:
+        found = provider.checkpoints(job.job_id) if hasattr(provider, "checkpoints") else []
+    except FinetuneError as e:  # the final model is still there to evaluate and register
+        logger.warning("could not list the checkpoints of job %s (%s); evaluating the final model only",
+                       job.job_id, e)
+        found = []
     chosen = select(found, config.evaluate.checkpoints, job.tuned_model, _val_loss_curve(client, run_id))
     logger.info("job %s kept %d checkpoint(s); evaluating %d (%s)", job.job_id, len(found), len(chosen),
                 config.evaluate.checkpoints)
