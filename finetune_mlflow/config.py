@@ -94,6 +94,11 @@ class EvaluateConfig:
                                         low=0, high=300)
     trace_samples: int = knob(50, "evaluation requests recorded as MLflow traces (wrong answers first; 0: off)",
                               low=0, high=10_000)
+    checkpoints: CheckpointChoice = knob("auto", "which of a job's checkpoints are evaluated as candidates: all, "
+                                         "last, best_val_loss, or auto (all when at most 4, else best_val_loss "
+                                         "and last)", flag="checkpoints")
+    max_cost_usd: float = knob(0.0, "refuse an evaluation (all its models) estimated above this (0: no limit)",
+                               flag="eval_max_cost_usd", low=0, high=1e6)
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,9 @@ class OpenAIConfig:
     request_timeout_seconds: float = knob(60.0, "per-request timeout", low=1, high=3600)
     training_price_per_million_tokens: dict[str, float] = knob(None, "USD per 1M training tokens by base model "
                                                                "(dated in the YAML)", factory=dict)
+    inference_price_per_million_tokens: dict[str, dict[str, float]] = knob(
+        None, "USD per 1M tokens by model, {input: x, output: y}; tuned models under ft:<base model> (dated in "
+        "the YAML)", factory=dict)
     context_limit_tokens: int = knob(65536, "longest example the base model accepts", low=1, high=10_000_000)
 
 
@@ -139,6 +147,9 @@ class VertexConfig:
     request_timeout_seconds: float = knob(60.0, "per-request timeout", low=1, high=3600)
     training_price_per_million_tokens: dict[str, float] = knob(None, "USD per 1M training tokens by base model "
                                                                "(dated in the YAML)", factory=dict)
+    inference_price_per_million_tokens: dict[str, dict[str, float]] = knob(
+        None, "USD per 1M tokens by base model, {input: x, output: y}; tuned endpoints bill at their base "
+        "model's rate (dated in the YAML)", factory=dict)
     max_example_tokens: int = knob(131072, "longest example the base model accepts", low=1, high=10_000_000)
     max_validation_examples: int = knob(5000, "Vertex's limit on validation examples", low=1, high=1_000_000)
 

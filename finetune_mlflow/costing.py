@@ -24,15 +24,21 @@ def billed_tokens(train_tokens: int, epochs: int) -> int:
     return int(train_tokens) * int(epochs)
 
 
+def matching_key(model: str, table: Mapping[str, object]) -> str | None:
+    """The table key naming `model` exactly or by the longest `key-` prefix (a dated snapshot such as
+    gemini-2.0-flash-001 takes its family's entry); None if none does."""
+    if model in table:
+        return model
+    prefixes = [key for key in table if model.startswith(f"{key}-")]
+    return max(prefixes, key=len) if prefixes else None
+
+
 def price_per_million(model: str, tables: Sequence[Mapping[str, float]]) -> float | None:
-    """USD per 1M training tokens: the first table (in priority order) naming the model exactly or by the longest
-    `key-` prefix (a dated snapshot such as gemini-2.0-flash-001 takes its family's price); None if none does."""
+    """USD per 1M training tokens: the first table (in priority order) with a `matching_key`; None if none."""
     for table in tables:
-        if model in table:
-            return float(table[model])
-        prefixes = [key for key in table if model.startswith(f"{key}-")]
-        if prefixes:
-            return float(table[max(prefixes, key=len)])
+        key = matching_key(model, table)
+        if key is not None:
+            return float(table[key])
     return None
 
 
@@ -40,15 +46,38 @@ def estimate_cost_usd(billed: int, price: float | None) -> float | None:
     return None if price is None else billed / 1_000_000 * price
 
 
-def check_cost_limit(cost: float | None, limit: float, *, what: str, price_key: str) -> None:
-    """The one cost guard, run before anything is launched: refuse above `limit` (0: no guard), and refuse when a
-    limit is set but the cost cannot be estimated (no price for the model under `price_key`)."""
+def check_cost_limit(cost: float | None, limit: float, *, what: str, price_key: str,
+                     priced: str = "training tokens", setting: str = "max_cost_usd",
+                     remedy: str = "lower data.max_examples or tune.epochs") -> None:
+    """The one cost guard, run before anything is launched or requested: refuse above `limit` (0: no guard), and
+    refuse when a limit is set but the cost cannot be estimated (no price for the model under `price_key`)."""
     if limit <= 0:
         return
     if cost is None:
-        raise ConfigError(f"max_cost_usd is {limit:g} but the cost of {what} cannot be estimated: add the model's USD "
-                          f"price per 1M training tokens under {price_key}, or set max_cost_usd to 0 to launch "
+        raise ConfigError(f"{setting} is {limit:g} but the cost of {what} cannot be estimated: add the model's USD "
+                          f"price per 1M {priced} under {price_key}, or set {setting} to 0 to go on "
                           "without the guard")
     if cost > limit:
-        raise ConfigError(f"estimated cost ${cost:.2f} of {what} exceeds max_cost_usd=${limit:g}; lower "
-                          "data.max_examples or tune.epochs, or raise max_cost_usd")
+        raise ConfigError(f"estimated cost ${cost:.2f} of {what} exceeds {setting}=${limit:g}; {remedy}, or raise "
+                          f"{setting}")
+
+
+def token_price(model: str, base_model: str, table: Mapping[str, Mapping[str, float]]) -> tuple[float, float] | None:
+    """USD per 1M (input, output) tokens of `model`, from a config table of {model: {input, output}}: an OpenAI
+    fine-tuned model or checkpoint (`ft:<base>:org:suffix:id[:ckpt-step-N]`) under `ft:<base>`; another tuned
+    model (a Vertex endpoint) at its base model's rate, which is how Vertex bills tuned Gemini models; any other
+    model under its own name. Keys match exactly or as the longest `key-` prefix. None when no entry fits."""
+    if model.startswith("ft:"):
+        name = "ft:" + model.split(":")[1]
+    elif "/endpoints/" in model:
+        name = base_model
+    else:
+        name = model.rsplit("/", 1)[-1]
+    key = matching_key(name, table)
+    if key is None:
+        return None
+    return float(table[key].get("input", 0.0)), float(table[key].get("output", 0.0))
+
+
+def tokens_cost_usd(input_tokens: float, output_tokens: float, price: tuple[float, float]) -> float:
+    return (input_tokens * price[0] + output_tokens * price[1]) / 1_000_000

@@ -19,14 +19,24 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from finetune_mlflow import checkpoints
 from finetune_mlflow.config import Config
 from finetune_mlflow.costing import check_cost_limit
 from finetune_mlflow.errors import TuningJobFailed, TuningTimeout
-from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, MetricsPage, Provider, TuningJob, TuningRequest
+from finetune_mlflow.providers.base import (
+    TERMINAL_STATES,
+    Checkpoint,
+    JobState,
+    MetricsPage,
+    Provider,
+    TuningJob,
+    TuningRequest,
+)
 from finetune_mlflow.registry import MODEL_NAME_IN_RUN, RegisteredVersion, register_tuned_model
 from finetune_mlflow.preparation import Prepared
 from finetune_mlflow.progress import Progress
-from finetune_mlflow.scoring import Evaluation, evaluate_and_log
+from finetune_mlflow.run_cost import check_eval_cost, run_cost, usage_of
+from finetune_mlflow.scoring import Evaluation, evaluate_and_log, load_rows
 from finetune_mlflow.summary import describe_tune
 from finetune_mlflow.tracking import MetricSink, log_values
 
@@ -39,6 +49,14 @@ EVALUATED_TAG = "finetune.evaluated_model"
 LOGGED_MODEL_TAG = "finetune.logged_model_id"
 # What MLflow raises when the tracking server is down, overloaded or timing out (connection errors included).
 TRANSIENT_TRACKING_ERRORS = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    run_id: str
+    job: TuningJob
+    metrics: dict[str, float]
+    version: RegisteredVersion
 
 
 def request_for(config: Config, run_id: str, prepared: Prepared) -> TuningRequest:
@@ -156,8 +174,8 @@ def _changed_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float
 
 
 def _logged_model(client: MlflowClient, run_id: str, job: TuningJob) -> str:
-    """The run's MLflow 3 LoggedModel for the tuned model, created (PENDING) before its evaluation so the scores are
-    linked to it and show on the model's page; a rerun reuses the one it recorded."""
+    """The run's MLflow 3 LoggedModel for the final tuned model, created (PENDING) before its evaluation so the
+    scores are linked to it and show on the model's page; a rerun reuses the one it recorded."""
     existing = client.get_run(run_id).data.tags.get(LOGGED_MODEL_TAG)
     if existing:
         return existing
@@ -167,52 +185,87 @@ def _logged_model(client: MlflowClient, run_id: str, job: TuningJob) -> str:
     return model.model_id
 
 
-def _evaluate_tuned(provider: Provider, job: TuningJob, run_id: str, config: Config, prepared: Prepared,
-                    base: Evaluation, logged_model_id: str) -> dict[str, float]:
-    """The tuned model's evaluation against the base (once per run: a rerun after a crash past evaluation
-    reuses what the run holds instead of paying again) and the base's metrics as `base_*`."""
+def _evaluate_final(provider: Provider, job: TuningJob, run_id: str, config: Config, examples: list[dict],
+                    base: Evaluation, candidates: list[Checkpoint]) -> tuple[dict[str, float], list]:
+    """The final model's metrics and rows: evaluated against `base` (after one cost guard over it and every
+    checkpoint to come), or read back when an earlier attempt of this run already evaluated it."""
     client = MlflowClient()
     run = client.get_run(run_id)
-    if run.data.tags.get(EVALUATED_TAG) == job.tuned_model:
+    done = run.data.tags.get(EVALUATED_TAG) == job.tuned_model
+    check_eval_cost(examples, ([] if done else [job.tuned_model]) + [c.model for c in candidates], config,
+                    provider.name)
+    if done:
+        # A rerun after a crash past evaluation: the run already holds this model's complete evaluation.
         logger.info("run %s already evaluated %s; not paying for it again", run_id, job.tuned_model)
-        return dict(run.data.metrics)
-    tuned = evaluate_and_log(provider, job.tuned_model, prepared.split("validation"), config, base.rows,
-                             linked_model_id=logged_model_id)
+        return dict(run.data.metrics), (load_rows(run_id) if candidates else [])
+    tuned = evaluate_and_log(provider, job.tuned_model, examples, config, base.rows,
+                             linked_model_id=_logged_model(client, run_id, job))
     base_metrics = {f"base_{k}": v for k, v in base.metrics.items() if k.startswith(("eval_", "latency_ms_"))}
     log_values(client, run_id, metrics=base_metrics,
                tags={"finetune.base_eval_run_id": base.run_id, EVALUATED_TAG: job.tuned_model})
-    return {**tuned.metrics, **base_metrics}
+    return {**tuned.metrics, **base_metrics}, tuned.rows
+
+
+def _select_model(provider: Provider, job: TuningJob, run_id: str, config: Config, examples: list[dict],
+                  base: Evaluation, final: tuple[dict[str, float], list], candidates: list[Checkpoint]
+                  ) -> checkpoints.Selection:
+    """Evaluate the checkpoints, pick the model to register, and record the choice with the run's real cost."""
+    previous = checkpoints.previous_selection(MlflowClient(), run_id)
+    if previous is not None:
+        return previous
+    metrics, rows = final
+    evaluated = checkpoints.evaluate(provider, candidates, examples, config, rows)
+    chosen = checkpoints.choose(evaluated)
+    checkpoints.log_candidates(run_id, job, metrics, evaluated, chosen)
+    selection = checkpoints.selection_of(job.tuned_model, metrics, chosen, base.rows, config)
+    usages = [usage_of(job.tuned_model, metrics)] + [usage_of(c.checkpoint.model, c.metrics) for c in evaluated]
+    cost = run_cost(provider.name, job.metrics, config, usages, MlflowClient().get_run(run_id).data.metrics)
+    checkpoints.record(run_id, selection, cost)
+    return selection
 
 
 def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, prepared: Prepared,
                base: Evaluation | None) -> tuple[dict[str, float], RegisteredVersion]:
     """The post-job part shared by tune and sync, in the active run `run_id`: record a failure (tags, then raise
-    TuningJobFailed), or log the job's facts, evaluate the tuned model against `base` (the base model on the same
-    prepared validation split), and register it (once per run). `config.tune.base_model` is the job's base model."""
+    TuningJobFailed), or log the job's facts, evaluate the tuned model and its checkpoints against `base` (the
+    base model on the same prepared validation split), and register the model the evidence picks (once per run).
+    `config.tune.base_model` is the job's base model."""
     client = MlflowClient()
-    provider_name = provider.name
     if job.state is not JobState.SUCCEEDED or base is None:
         _finish_failed(client, run_id, job)
     log_values(client, run_id, metrics=_changed_metrics(client, run_id, job.metrics),
                tags={**job.tags, "finetune.tuned_model": job.tuned_model or "",
                      "finetune.data_sha256": prepared.data_sha256, "finetune.prepare_run_id": prepared.run_id})
+    examples = prepared.split("validation")
+    candidates = checkpoints.plan(provider, job, run_id, config)
+    final = _evaluate_final(provider, job, run_id, config, examples, base, candidates)
+    selection = _select_model(provider, job, run_id, config, examples, base, final, candidates)
+    metrics = {**final[0], **{f"selected_{k}": v for k, v in selection.metrics.items()}}
+    version = _register(provider, job, run_id, config, prepared, base, selection)
+    log_values(client, run_id, tags={"finetune.registered_version": f"{version.name}/{version.version}",
+                                     "mlflow.note.content": describe_tune(metrics, job.job_id)
+                                     + checkpoints.describe(selection)})
+    logger.info("tuned %s: F1 %.2f (base %.2f), registered %s (%s)", job.tuned_model, metrics["eval_f1"],
+                base.metrics.get("eval_f1", float("nan")), version.model_uri, selection.model)
+    return metrics, version
 
-    logged_model_id = _logged_model(client, run_id, job)
-    metrics = _evaluate_tuned(provider, job, run_id, config, prepared, base, logged_model_id)
-    version = register_tuned_model(
-        run_id=run_id, config=config, provider=provider_name, model_id=job.tuned_model,
-        logged_model_id=logged_model_id,
-        artifacts=provider.model_artifacts(job.tuned_model), packages=provider.serving_packages,
-        tags={**job.tags, "provider": provider_name, "base_model": config.tune.base_model, "job_id": job.job_id,
-              "tuned_model": job.tuned_model, "source_run": run_id, "data_sha256": prepared.data_sha256,
-              "eval_f1": f"{metrics['eval_f1']:.4f}", "eval_exact_match": f"{metrics['eval_exact_match']:.4f}",
-              "latency_ms_p95": f"{metrics.get('latency_ms_p95', float('nan')):.3f}"},
-        description=(f"{provider_name} tuning job {job.job_id} of {config.tune.base_model}: validation F1 "
-                     f"{metrics['eval_f1']:.2f}, EM {metrics['eval_exact_match']:.2f} (base F1 "
+
+def _register(provider: Provider, job: TuningJob, run_id: str, config: Config, prepared: Prepared,
+              base: Evaluation, selection: checkpoints.Selection) -> RegisteredVersion:
+    chosen, name = selection.metrics, provider.name
+    what = (f"checkpoint {selection.checkpoint.checkpoint_id} (step {selection.checkpoint.step}) of "
+            if selection.checkpoint else "")
+    # The final model's LoggedModel carries its linked scores; a winning checkpoint gets a LoggedModel of its own.
+    logged = None if selection.checkpoint else MlflowClient().get_run(run_id).data.tags.get(LOGGED_MODEL_TAG)
+    return register_tuned_model(
+        run_id=run_id, config=config, provider=name, model_id=selection.model, logged_model_id=logged,
+        artifacts=provider.model_artifacts(selection.model), packages=provider.serving_packages,
+        tags={**job.tags, "provider": name, "base_model": config.tune.base_model, "job_id": job.job_id,
+              "tuned_model": selection.model, "source_run": run_id, "data_sha256": prepared.data_sha256,
+              "eval_f1": f"{chosen['eval_f1']:.4f}", "eval_exact_match": f"{chosen['eval_exact_match']:.4f}",
+              "latency_ms_p95": f"{chosen.get('latency_ms_p95', float('nan')):.3f}",
+              **checkpoints.selection_tags(selection)},
+        description=(f"{what}{name} tuning job {job.job_id} of {config.tune.base_model}: validation F1 "
+                     f"{chosen['eval_f1']:.2f}, EM {chosen['eval_exact_match']:.2f} (base F1 "
                      f"{base.metrics.get('eval_f1', float('nan')):.2f}); source run {run_id}"),
     )
-    log_values(client, run_id, tags={"finetune.registered_version": f"{version.name}/{version.version}",
-                                     "mlflow.note.content": describe_tune(metrics, job.job_id)})
-    logger.info("tuned %s: F1 %.2f (base %.2f), registered %s", job.tuned_model, metrics["eval_f1"],
-                base.metrics.get("eval_f1", float("nan")), version.model_uri)
-    return metrics, version

@@ -36,6 +36,7 @@ from finetune_mlflow.evaluation import (
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import Provider
 from finetune_mlflow.preparation import Prepared
+from finetune_mlflow.run_cost import check_eval_cost
 from finetune_mlflow.traces import record_traces
 from finetune_mlflow.tracking import code_version, find_finished_run, log_values, step_run
 
@@ -53,7 +54,9 @@ class Evaluation:
 
 def score_model(provider: Provider, model_id: str, examples: list[dict], config: Config,
                 baseline: list[ExampleResult] | None = None) -> tuple[EvaluationRun, dict[str, float]]:
-    """Predict every example and summarize (with the paired delta against `baseline` when given); logs nothing."""
+    """Predict every example and summarize (with the paired delta against `baseline` when given); logs nothing.
+    Refused before the first request when its cost bound exceeds `evaluate.max_cost_usd`."""
+    check_eval_cost(examples, [model_id], config, provider.name)
     if provider.batched_prediction:
         run = run_batched_predictions(lambda pairs: provider.predict_batch(model_id, pairs), examples)
     else:
@@ -84,14 +87,14 @@ def evaluate_and_log(provider: Provider, model_id: str, examples: list[dict], co
     return Evaluation(active.info.run_id, metrics, run.results)
 
 
-def log_results_table(run_id: str, columns: dict[str, list[Any]]) -> None:
-    """The per-example table, replacing an earlier attempt's: `log_table` would append to it (and round-trip the
-    old rows through pandas, turning an id such as "0003" into 3)."""
-    if RESULTS_TABLE not in {a.path for a in MlflowClient().list_artifacts(run_id)}:
-        mlflow.log_table(columns, RESULTS_TABLE)
+def log_results_table(run_id: str, columns: dict[str, list[Any]], artifact_file: str = RESULTS_TABLE) -> None:
+    """A table artifact (the per-example table by default), replacing an earlier attempt's: `log_table` would
+    append to it (and round-trip the old rows through pandas, turning an id such as "0003" into 3)."""
+    if artifact_file not in {a.path for a in MlflowClient().list_artifacts(run_id)}:
+        mlflow.log_table(columns, artifact_file)
         return
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / RESULTS_TABLE
+        path = Path(folder) / artifact_file
         pd.DataFrame(columns).to_json(path, orient="split", index=False, date_format="iso")
         mlflow.log_artifact(str(path))
 

@@ -73,7 +73,7 @@ def openai_fake(monkeypatch, small_squad):
     from tests.fakes.openai_server import FakeOpenAI
 
     with FakeOpenAI() as server:
-        answerer = e2e.Answerer(e2e.gold_answers(small_squad[1]))
+        answerer = e2e.Answerer(e2e.gold_answers(small_squad[1]), checkpoint_step=server.checkpoint_step)
         server.chat_responder = e2e.openai_responder(answerer)
         server.answerer = answerer
         e2e.use_project_python(monkeypatch)

@@ -56,26 +56,45 @@ def is_tuned(model: str) -> bool:
 class Answerer:
     """Answers a prompt from its own text, so EM/F1 are known in advance.
 
-    Per question (by a stable hash bucket 0-3): bucket 0 -> both models give the gold answer; bucket 1 -> the tuned
-    model gives the gold answer plus extra words (partial F1), the base model a wrong answer; bucket 2 -> the tuned
-    model is right, the base model wrong; bucket 3 -> both wrong. So the tuned model beats the base model, its F1
-    is above its EM, and `expected_scores` recomputes both from the questions the fake was actually asked.
+    Per question (by a stable hash bucket 0-3), by the asking model's quality:
+
+    - `base` (a base model): right on bucket 0 only;
+    - `tuned` (a final tuned model): right on 0 and 2, the gold answer plus extra words on 1 (partial F1);
+    - `midway` (an intermediate checkpoint, by default): right on 0, partial on 1: between base and tuned;
+    - `better` (a checkpoint set so in `checkpoint_quality`): right on 0, 1 and 2, clearly above tuned;
+    - `noisy` (likewise): tuned, plus exactly one bucket-3 question right: a higher F1 no paired bootstrap
+      can tell from chance.
+
+    `checkpoint_step(model)` says which models are intermediate checkpoints (the fakes know: pass theirs), and
+    `checkpoint_quality` maps a checkpoint's step to its quality. `expected_scores` recomputes EM/F1 from the
+    questions the fake was actually asked.
     """
 
     WRONG = "no idea at all"
 
-    def __init__(self, golds: dict[str, list[str]]):
+    def __init__(self, golds: dict[str, list[str]],
+                 checkpoint_step: Callable[[str], int | None] = lambda model: None):
         self.golds = golds
         self.asked: list[tuple[str, str]] = []  # (model, question)
+        self.checkpoint_step = checkpoint_step
+        self.checkpoint_quality: dict[int, str] = {}
+        self.lucky_question = min((q for q in golds if bucket(q) == 3), default=None)
+
+    def quality(self, model: str) -> str:
+        step = self.checkpoint_step(model)
+        if step is not None:
+            return self.checkpoint_quality.get(step, "midway")
+        return "tuned" if is_tuned(model) else "base"
 
     def answer_text(self, model: str, question: str) -> str:
         gold = self.golds.get(question)
         if not gold:
             return self.WRONG
-        b, tuned = bucket(question), is_tuned(model)
-        if b == 0 or (tuned and b == 2):
+        b, quality = bucket(question), self.quality(model)
+        right = {"base": {0}, "tuned": {0, 2}, "midway": {0}, "better": {0, 1, 2}, "noisy": {0, 2}}[quality]
+        if b in right or (quality == "noisy" and question == self.lucky_question):
             return gold[0]
-        if tuned and b == 1:
+        if b == 1 and quality in ("tuned", "midway", "noisy"):
             return f"{gold[0]} and some more"
         return self.WRONG
 

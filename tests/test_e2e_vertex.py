@@ -29,7 +29,7 @@ MODEL_NAME = "squad-qa-gemini-e2e"
 def fake(monkeypatch, small_squad):
     with FakeVertexServer(project=PROJECT) as server:
         server.expected_token = TOKEN
-        answerer = e2e.Answerer(e2e.gold_answers(small_squad[1]))
+        answerer = e2e.Answerer(e2e.gold_answers(small_squad[1]), checkpoint_step=server.checkpoint_step)
         server.answer = e2e.vertex_responder(answerer)
         server.answerer = answerer
         e2e.use_project_python(monkeypatch)

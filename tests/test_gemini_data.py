@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune_mlflow.config import load_config
 from finetune_mlflow.providers.vertex import data as gemini_data
 from finetune_mlflow.costing import approx_tokens, billed_tokens, estimate_cost_usd
 from finetune_mlflow.errors import DataError
@@ -89,10 +90,12 @@ def test_validation_set_size_limit(tmp_path):
 
 def test_billable_tokens_and_cost():
     assert billed_tokens(1000, 3) == 3000
-    # Default table, longest prefix: "gemini-2.0-flash-lite-001" is the lite price, not the flash one.
-    assert gemini_data.price_per_million("gemini-2.0-flash-lite-001") == 1.0
-    assert gemini_data.price_per_million("publishers/google/models/gemini-2.0-flash-001") == 3.0
-    assert estimate_cost_usd(2_000_000, gemini_data.price_per_million("gemini-2.0-flash-001")) == pytest.approx(6.0)
-    # Configured prices win over the defaults, even when their key is a shorter prefix.
+    # The experiment YAML's dated table, longest prefix: "gemini-2.0-flash-lite-001" is the lite price.
+    prices = load_config("experiments/squad_gemini_flash.yaml").vertex.training_price_per_million_tokens
+    assert gemini_data.price_per_million("gemini-2.0-flash-lite-001", prices) == 1.0
+    assert gemini_data.price_per_million("publishers/google/models/gemini-2.0-flash-001", prices) == 3.0
+    assert estimate_cost_usd(2_000_000, gemini_data.price_per_million("gemini-2.0-flash-001", prices)) == \
+        pytest.approx(6.0)
     assert gemini_data.price_per_million("gemini-2.0-flash-001", {"gemini-2.0": 7.5}) == 7.5
-    assert gemini_data.price_per_million("unknown-model") is None
+    assert gemini_data.price_per_million("unknown-model", prices) is None
+    assert gemini_data.price_per_million("gemini-2.0-flash-001") is None  # no table, no price: none in code

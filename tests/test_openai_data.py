@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from finetune_mlflow.config import load_config
 from finetune_mlflow.providers.openai import data as openai_data
 from finetune_mlflow.costing import billed_tokens, estimate_cost_usd
 from finetune_mlflow.errors import DataError
@@ -117,15 +118,17 @@ def test_billed_tokens_and_cost():
 
 
 def test_price_lookup():
-    assert openai_data.training_price("gpt-4o-mini-2024-07-18") == 3.0
+    # The prices live in the experiment YAML (dated there), not in code.
+    prices = load_config("experiments/squad_openai.yaml").openai.training_price_per_million_tokens
+    assert openai_data.training_price("gpt-4o-mini-2024-07-18", prices) == 3.0
     # A newer snapshot of a known alias falls back to the alias' price; longest prefix wins.
-    assert openai_data.training_price("gpt-4.1-mini-2099-01-01") == 5.0
-    assert openai_data.training_price("ft:gpt-4o-mini-2024-07-18:org:squad:abc123") == 3.0
-    assert openai_data.training_price("my-model") is None
+    assert openai_data.training_price("gpt-4.1-mini-2099-01-01", prices) == 5.0
+    assert openai_data.training_price("ft:gpt-4o-mini-2024-07-18:org:squad:abc123", prices) == 3.0
+    assert openai_data.training_price("my-model", prices) is None
+    assert openai_data.training_price("gpt-4o-mini-2024-07-18") is None  # no table, no price
     assert openai_data.training_price("my-model", {"my-model": 1.25}) == 1.25
-    assert openai_data.training_price("gpt-4o-mini-2024-07-18", {"gpt-4o-mini-2024-07-18": 9.0}) == 9.0
     # "gpt-4o" must not match "gpt-4o-mini-..." models' keys the wrong way round.
-    assert openai_data.training_price("gpt-4o-2024-11-20") == 25.0
+    assert openai_data.training_price("gpt-4o-2024-11-20", prices) == 25.0
 
 
 CSV = (

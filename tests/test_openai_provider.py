@@ -57,7 +57,8 @@ def make_config(server: FakeOpenAI, *, max_cost_usd: float = 0.0, timeout: float
         tune=TuneConfig(provider="openai", base_model=BASE_MODEL, epochs=3, learning_rate=1.8, max_cost_usd=max_cost_usd),
         evaluate=EvaluateConfig(max_concurrency=3, max_output_tokens=16, request_retries=request_retries),
         openai=OpenAIConfig(base_url=server.base_url, max_retries=max_retries, request_timeout_seconds=timeout,
-                            context_limit_tokens=context_limit, training_price_per_million_tokens=prices or {}),
+                            context_limit_tokens=context_limit,
+                            training_price_per_million_tokens={BASE_MODEL: 3.00} if prices is None else prices),
     )
 
 
@@ -243,7 +244,7 @@ def test_happy_path_job_metrics_step_for_step(tmp_path, make_provider, server):
     assert "full_valid_mean_token_accuracy" in final.metrics
     assert json.loads(final.tags["openai.hyperparameters"]) == {
         "batch_size": 1, "learning_rate_multiplier": 1.8, "n_epochs": 3}
-    assert "ckpt-step-125" in final.tags["openai.checkpoints"]
+    assert "ckpt-step-83" in final.tags["openai.checkpoints"] and "ckpt-step-167" in final.tags["openai.checkpoints"]
     assert final.tags["openai.result_files"].startswith("file-")
     assert len(server.created_jobs) == 1  # polling never creates anything
 
@@ -336,6 +337,24 @@ def test_result_file_metrics(tmp_path, make_provider, server, encoding):
         sorted(((p.key, p.value, p.step) for p in from_events), key=lambda t: (t[2], t[0]))
     finished = server.jobs[job_id].obj["finished_at"]
     assert {p.timestamp_ms for p in from_file} == {finished * 1000}
+
+
+def test_checkpoints_are_usable_models_with_step_epoch_and_metrics(tmp_path, make_provider, server):
+    """The last three epochs' checkpoints through the real client's paginated list, oldest first, with the metrics
+    at their step under the shared keys; the last one is the final model itself."""
+    server.script_next_job(JobScript(statuses=["running", "succeeded"], n_steps=40, valid_every=5))
+    provider = make_provider()
+    job_id = provider.start_job(make_request(write_prepared(tmp_path), epochs=4)).job_id
+    final = provider.get_job(job_id)
+    checkpoints = provider.checkpoints(job_id)
+    assert [(c.step, c.epoch) for c in checkpoints] == [(20, 2), (30, 3), (40, 4)]
+    assert [c.model for c in checkpoints[:2]] == [f"{final.tuned_model}:ckpt-step-20",
+                                                  f"{final.tuned_model}:ckpt-step-30"]
+    assert checkpoints[-1].model == final.tuned_model
+    assert all(c.checkpoint_id.startswith("ftckpt_") for c in checkpoints)
+    assert checkpoints[0].metrics["val_loss"] == pytest.approx(2.2 / 20)
+    assert checkpoints[-1].metrics["full_valid_loss"] == pytest.approx(2.1 / 40)
+    assert final.metrics["billed_training_tokens"] == final.metrics["trained_tokens"] == 12345
 
 
 def test_job_without_full_valid_metrics(tmp_path, make_provider, server):

@@ -47,7 +47,8 @@ def make_config(fake: FakeVertexServer, *, tune: dict | None = None, vertex: dic
         evaluate=EvaluateConfig(max_concurrency=3, request_retries=3, max_output_tokens=16),
         vertex=dataclasses.replace(
             VertexConfig(project=PROJECT, location="us-central1", staging_bucket=BUCKET,
-                         api_endpoint=fake.url, storage_endpoint=fake.url),
+                         api_endpoint=fake.url, storage_endpoint=fake.url,
+                         training_price_per_million_tokens={"gemini-2.0-flash": 3.0}),
             **(vertex or {}),
         ),
     )
@@ -170,9 +171,15 @@ def test_happy_path_one_job_uploads_and_curves(fake, prepared):
     assert job.tags["vertex.experiment"].endswith("/metadataStores/default/contexts/tuning-experiment-" +
                                                   job.job_id.rsplit("/", 1)[-1])
     assert job.metrics["tuning_dataset_example_count"] == 4
-    assert job.metrics["total_billable_token_count"] == 4 * 100 * 2
+    assert job.metrics["total_billable_token_count"] == 4 * 100  # tokens in the dataset
+    assert job.metrics["billed_training_tokens"] == 4 * 100 * 2  # billed per epoch
     assert job.metrics["completed_step_count"] == 8
     assert job.error_code is None
+    # One checkpoint per epoch, each on its own endpoint; the last one is the tuned model's endpoint.
+    checkpoints = provider.checkpoints(started.job_id)
+    assert [(c.checkpoint_id, c.epoch, c.step) for c in checkpoints] == [("1", 1, 4), ("2", 2, 8)]
+    assert checkpoints[-1].model == job.tuned_model and checkpoints[0].model != job.tuned_model
+    assert checkpoints[0].model.startswith(f"projects/{PROJECT}/locations/us-central1/endpoints/")
 
     keys = [(p.key, p.step) for p in points]
     assert len(keys) == len(set(keys)), "a point was returned twice"

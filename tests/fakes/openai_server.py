@@ -18,7 +18,7 @@ with an error status (optionally with `retry-after`), delays the response, or bo
 fires, `fraction` makes it fire at random (seeded), `after_handling` processes the request first and then
 answers with the error (a response lost after the server acted: the job exists but the client saw a 500).
 
-Recording: `uploads`, `created_jobs` (request bodies of jobs created), `chat_requests` and `requests`
+Recording: `uploads`, `created_jobs` (request bodies of jobs created), `chat_requests`, `chat_usage` and `requests`
 (method, path, query, status) for assertions like "exactly one job was created".
 """
 
@@ -79,7 +79,8 @@ class JobScript:
     trained_tokens: int = 12_345
     # "base64" (what the API serves today) or "plain" CSV.
     result_file_encoding: str = "base64"
-    # Steps that get a checkpoint at success (default: the last step and the middle one).
+    # Steps that get a checkpoint at success (default: as OpenAI keeps them, the end of each of the last three
+    # epochs; the last one is the final model itself).
     checkpoint_steps: list[int] | None = None
     organization_id: str = "org-fake"
 
@@ -102,6 +103,14 @@ class JobScript:
                 data["full_valid_mean_token_accuracy"] = round(0.47 + 0.4 * step / self.n_steps, 6)
             out.append(data)
         return out
+
+
+def epoch_end_steps(n_steps: int, n_epochs: int) -> list[int]:
+    """The steps ending each of the last three epochs of a job of `n_steps` steps (OpenAI's checkpoints)."""
+    if n_steps <= 0:
+        return []
+    epochs = max(1, n_epochs)
+    return sorted({round(n_steps * e / epochs) for e in range(max(1, epochs - 2), epochs + 1)} - {0})
 
 
 @dataclass
@@ -147,6 +156,8 @@ class FakeOpenAI(LoopbackServer):
         self._job_order: list[str] = []  # creation order
         self.created_jobs: list[dict[str, Any]] = []
         self.chat_requests: list[dict[str, Any]] = []
+        # (model, prompt_tokens, completion_tokens) of every chat answer, as its `usage` reported them.
+        self.chat_usage: list[tuple[str, int, int]] = []
         self.requests: list[tuple[str, str, dict[str, list[str]], int]] = []
         self.faults: list[Fault] = []
         # Exceptions raised inside route handlers (answered as 500); tests may assert it stays empty.
@@ -210,6 +221,16 @@ class FakeOpenAI(LoopbackServer):
             for _ in range(polls):
                 self._advance(self.jobs[job_id])
             return dict(self.jobs[job_id].obj)
+
+    def checkpoint_step(self, model: str) -> int | None:
+        """The step of an intermediate checkpoint model (`ft:...:ckpt-step-N`), None for any other model (the
+        final model included): lets a test's answerer give checkpoints their own quality."""
+        with self._lock:
+            for job in self.jobs.values():
+                for checkpoint in job.checkpoints:
+                    if checkpoint["fine_tuned_model_checkpoint"] == model != job.obj["fine_tuned_model"]:
+                        return int(checkpoint["step_number"])
+        return None
 
     def events_of(self, job_id: str) -> list[dict[str, Any]]:
         """Every event of a job so far, oldest first (what the API would page through newest-first)."""
@@ -344,9 +365,8 @@ class FakeOpenAI(LoopbackServer):
         obj["finished_at"] = self._now()
         obj["estimated_finish"] = None
         steps = [int(d["step"]) for d in job.metric_data if "step" in d]
-        ckpt_steps = script.checkpoint_steps if script.checkpoint_steps is not None else sorted(
-            {s for s in (steps[len(steps) // 2 - 1] if len(steps) > 1 else None, steps[-1] if steps else None) if s}
-        )
+        ckpt_steps = script.checkpoint_steps if script.checkpoint_steps is not None else epoch_end_steps(
+            max(steps, default=0), int(obj["hyperparameters"]["n_epochs"]))
         by_step = {int(d["step"]): d for d in job.metric_data if "step" in d}
         for step in ckpt_steps:
             model_name = obj["fine_tuned_model"]
@@ -595,6 +615,7 @@ class FakeOpenAI(LoopbackServer):
         prompt_chars = sum(len(m.get("content") or "") for m in payload["messages"])
         prompt_tokens = max(1, prompt_chars // 4) + 4 * len(payload["messages"])
         completion_tokens = max(1, len(text) // 4)
+        self.chat_usage.append((payload["model"], prompt_tokens, completion_tokens))
         return 200, {
             "id": self._new_id("chatcmpl-"),
             "object": "chat.completion",

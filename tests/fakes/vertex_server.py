@@ -86,6 +86,10 @@ class JobScript:
     experiment_from_poll: int = 1
     # Extra supervisedTuningDataStats fields (int64 values are served as strings, like the real API).
     stats: dict[str, Any] = field(default_factory=dict)
+    # Checkpoints at success, as Vertex exports them for Gemini: None = one per epoch (about 10 evenly spread
+    # from 10 epochs on), the last ending training and served by the tuned model's endpoint; only that one when
+    # the job was created with exportLastCheckpointOnly.
+    checkpoint_epochs: list[int] | None = None
 
 
 @dataclass
@@ -230,7 +234,8 @@ class FakeVertexServer(LoopbackServer):
             stats = {
                 "tuningDatasetExampleCount": str(n_examples),
                 "totalTuningCharacterCount": str(n_examples * 400),
-                "totalBillableTokenCount": str(n_examples * 100 * int(spec.get("hyperParameters", {}).get("epochCount", 1))),
+                # "Number of billable tokens in the tuning dataset" (the API reference): one pass, not x epochs.
+                "totalBillableTokenCount": str(n_examples * 100),
                 "tuningStepCount": str(steps),
             }
             stats.update(job.script.stats)
@@ -242,13 +247,43 @@ class FakeVertexServer(LoopbackServer):
         if state == "JOB_STATE_SUCCEEDED":
             out["tunedModel"] = {
                 "model": f"projects/{self.project}/locations/{self.location}/models/{job.job_id}9@1",
-                "endpoint": f"projects/{self.project}/locations/{self.location}/endpoints/{job.job_id}8",
+                "endpoint": self._endpoint(job, None),
+                "checkpoints": self._checkpoints(job, spec),
             }
         if state == "JOB_STATE_FAILED":
             out["error"] = job.script.error or {"code": 3, "message": "Training failed."}
         if state == "JOB_STATE_CANCELLED":
             out["error"] = job.script.error or {"code": 1, "message": "CANCELED"}
         return out
+
+    def _endpoint(self, job: _Job, checkpoint_id: int | None) -> str:
+        """The tuned model's endpoint (None), or the one an intermediate checkpoint was deployed to."""
+        suffix = "8" if checkpoint_id is None else f"7{checkpoint_id}"
+        return f"projects/{self.project}/locations/{self.location}/endpoints/{job.job_id}{suffix}"
+
+    def _checkpoints(self, job: _Job, spec: dict[str, Any]) -> list[dict[str, Any]]:
+        """`tunedModel.checkpoints[]`: int64 epoch and step served as strings; the last is the default one."""
+        total = max((s for s, _ in job.script.series.get("/train_total_loss", [])), default=0)
+        epochs = int(spec.get("hyperParameters", {}).get("epochCount", 1))
+        marks = job.script.checkpoint_epochs or sorted({max(1, round(epochs * i / min(epochs, 10)))
+                                                        for i in range(1, min(epochs, 10) + 1)})
+        if spec.get("exportLastCheckpointOnly"):
+            marks = marks[-1:]
+        return [{"checkpointId": str(i), "epoch": str(epoch), "step": str(round(total * epoch / epochs)),
+                 "endpoint": self._endpoint(job, None if epoch == marks[-1] else i)}
+                for i, epoch in enumerate(marks, start=1)]
+
+    def checkpoint_step(self, model: str) -> int | None:
+        """The step of an intermediate checkpoint's endpoint, None for any other model (the tuned model's endpoint
+        included): lets a test's answerer give checkpoints their own quality."""
+        with self.lock:
+            for job in self._jobs.values():
+                if self._state(job) != "JOB_STATE_SUCCEEDED":
+                    continue
+                for checkpoint in self._checkpoints(job, job.request.get("supervisedTuningSpec", {})):
+                    if model.endswith(checkpoint["endpoint"]) and checkpoint["endpoint"] != self._endpoint(job, None):
+                        return int(checkpoint["step"])
+        return None
 
     def _count_lines(self, gcs_uri: str) -> int:
         if not gcs_uri.startswith("gs://"):

@@ -34,6 +34,7 @@ from finetune_mlflow.providers.job_dir import (
 )
 from finetune_mlflow.providers.base import (
     MODEL_ARTIFACT,
+    Checkpoint,
     JobState,
     Prediction,
     PreflightReport,
@@ -173,6 +174,25 @@ class LocalProvider(JobDirectoryProvider):
         started = time.monotonic()
         answer = span_model.predict_span(span_model.features(question, context, idf, size), weights)
         return Prediction(answer, (time.monotonic() - started) * 1000.0)
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        """The per-epoch checkpoints the trainer lists in status.json (`checkpoints: [{checkpoint_id, epoch, step,
+        path, val_loss}]`), oldest first; none when the trainer keeps none or an entry is unreadable."""
+        try:
+            status = json.loads((self._job_dir(job_id) / "status.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
+        found = []
+        for entry in status.get("checkpoints") or [] if isinstance(status, dict) else []:
+            try:
+                val_loss = entry.get("val_loss")
+                found.append(Checkpoint(
+                    checkpoint_id=str(entry["checkpoint_id"]), model=str(entry["path"]), step=int(entry["step"]),
+                    epoch=int(entry["epoch"]) if entry.get("epoch") is not None else None,
+                    metrics={"val_loss": float(val_loss)} if isinstance(val_loss, (int, float)) else {}))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                logger.warning("local job %s: skipping an unreadable checkpoint entry %r", job_id, entry)
+        return sorted(found, key=lambda c: c.step)
 
     def model_artifacts(self, model: str) -> dict[str, str]:
         return {MODEL_ARTIFACT: model}

@@ -41,22 +41,6 @@ ALLOWED_EXAMPLE_KEYS = frozenset({"messages", "tools", "parallel_tool_calls", "f
 TOKENS_PER_MESSAGE = 4
 TOKENS_PER_EXAMPLE = 3
 
-# USD per 1M training tokens (list prices when this was written; config `openai.training_price_per_million_tokens`
-# overrides and extends it). A dated snapshot name also matches its alias prefix, e.g. "gpt-4o-mini".
-DEFAULT_TRAINING_PRICES: dict[str, float] = {
-    "gpt-4o-mini-2024-07-18": 3.00,
-    "gpt-4o-mini": 3.00,
-    "gpt-4o-2024-08-06": 25.00,
-    "gpt-4o": 25.00,
-    "gpt-4.1-2025-04-14": 25.00,
-    "gpt-4.1": 25.00,
-    "gpt-4.1-mini-2025-04-14": 5.00,
-    "gpt-4.1-mini": 5.00,
-    "gpt-4.1-nano-2025-04-14": 1.50,
-    "gpt-4.1-nano": 1.50,
-    "gpt-3.5-turbo": 8.00,
-}
-
 # Result-file / event metric names -> the shared keys every provider logs.
 METRIC_KEYS: dict[str, str] = {
     "train_loss": "train_loss",
@@ -206,9 +190,10 @@ def _strip_fine_tuned(model: str) -> str:
     return model
 
 
-def training_price(model: str, overrides: Mapping[str, float] | None = None) -> float | None:
-    """USD per 1M training tokens for `model` (configured prices first, then the list prices above)."""
-    return costing.price_per_million(_strip_fine_tuned(model), [overrides or {}, DEFAULT_TRAINING_PRICES])
+def training_price(model: str, prices: Mapping[str, float] | None = None) -> float | None:
+    """USD per 1M training tokens for `model` from the config's table (`openai.training_price_per_million_tokens`,
+    dated in the experiment YAML: prices change, so none live in code)."""
+    return costing.price_per_million(_strip_fine_tuned(model), [prices or {}])
 
 
 # ------------------------------------------------------------------------------------------------- metrics

@@ -29,6 +29,7 @@ from finetune_mlflow.providers.openai import data as openai_data
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, clean_completion, user_prompt
 from finetune_mlflow.providers.base import (
+    Checkpoint,
     ProviderBase,
     shared_hyperparameters,
     JobState,
@@ -106,6 +107,12 @@ def _parse_cursor(cursor: str | None) -> tuple[str | None, int | None]:
         return event_id, int(step)
     except ValueError:
         return cursor, None
+
+
+def _checkpoint_metrics(metrics: Any) -> dict[str, float]:
+    """A checkpoint's metrics under the shared keys (`valid_loss` -> `val_loss`, `full_valid_loss`, ...)."""
+    data = metrics.model_dump(exclude_none=True) if metrics is not None else {}
+    return {p.key: p.value for p in openai_data.metrics_from_data(data, 0, step=0)}
 
 
 class OpenAIProvider(ProviderBase):
@@ -352,7 +359,8 @@ class OpenAIProvider(ProviderBase):
             tags["openai.seed"] = str(job.seed)
         metrics: dict[str, float] = {}
         if job.trained_tokens is not None:
-            metrics["trained_tokens"] = float(job.trained_tokens)
+            # "The total number of billable tokens processed by this job" (epochs included): cost_train_usd.
+            metrics["trained_tokens"] = metrics["billed_training_tokens"] = float(job.trained_tokens)
         if final_details and state is JobState.SUCCEEDED:
             checkpoints = self._checkpoints(job.id)
             if checkpoints:
@@ -390,6 +398,23 @@ class OpenAIProvider(ProviderBase):
             page = self._value(f"fine_tuning.jobs.checkpoints.list({job_id}) next page", page.get_next_page)
             out.extend(page.data)
         return sorted(out, key=lambda c: c.step_number)
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        """The job's checkpoints (OpenAI keeps one at the end of each of the last three epochs, each a usable
+        `ft:...:ckpt-step-N` model), oldest first. Epochs are not reported: they are placed by step, the last
+        checkpoint ending the job's last epoch (`n_epochs`), so each is `round(step * n_epochs / last step)`."""
+        raw = self._checkpoints(job_id)
+        if not raw:
+            return []
+        job = self._value(f"fine_tuning.jobs.retrieve({job_id})", lambda: self._client.fine_tuning.jobs.retrieve(job_id))
+        hp = job.method.supervised.hyperparameters if job.method and job.method.supervised else job.hyperparameters
+        epochs = getattr(hp, "n_epochs", None) if hp is not None else None
+        last = max(c.step_number for c in raw)
+        return [Checkpoint(
+            checkpoint_id=c.id, model=c.fine_tuned_model_checkpoint, step=int(c.step_number),
+            epoch=round(c.step_number * epochs / last) if isinstance(epochs, int) and last else None,
+            metrics=_checkpoint_metrics(c.metrics),
+        ) for c in raw]
 
     def _final_metrics(self, job: Any, checkpoints: list[Any]) -> dict[str, float]:
         """full_valid_* at success: newest metrics event carrying them, else the last checkpoint, else result file."""

@@ -28,16 +28,6 @@ from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.errors import DataError
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, training_answer, user_prompt
 
-# USD per 1M *training* tokens (tokens in the dataset x epochs), as listed on the Vertex AI pricing page when this
-# was written. Prices change: `vertex.training_price_per_million_tokens` in the experiment config overrides these.
-# Keys match a base model exactly or as a prefix (the longest matching key wins), e.g. "gemini-2.0-flash-001".
-DEFAULT_TRAINING_PRICE_PER_MILLION: dict[str, float] = {
-    "gemini-2.0-flash": 3.0,
-    "gemini-2.0-flash-lite": 1.0,
-    "gemini-2.5-flash": 5.0,
-    "gemini-2.5-pro": 25.0,
-}
-
 _ROLES = ("user", "model")
 _TOP_LEVEL_KEYS = frozenset({"contents", "systemInstruction"})
 
@@ -163,6 +153,7 @@ def check_validation_size(stats: DatasetStats, max_validation_examples: int) -> 
 
 
 def price_per_million(base_model: str, prices: Mapping[str, float] | None = None) -> float | None:
-    """The price for `base_model`: configured prices first, then the defaults."""
+    """USD per 1M training tokens (dataset tokens x epochs) for `base_model` from the config's table
+    (`vertex.training_price_per_million_tokens`, dated in the experiment YAML; none live in code)."""
     model = base_model.rsplit("/", 1)[-1]  # "publishers/google/models/gemini-..." -> "gemini-..."
-    return costing.price_per_million(model, [prices or {}, DEFAULT_TRAINING_PRICE_PER_MILLION])
+    return costing.price_per_million(model, [prices or {}])

@@ -45,6 +45,7 @@ from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, DataError, ProviderError
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, clean_completion, user_prompt
 from finetune_mlflow.providers.base import (
+    Checkpoint,
     ProviderBase,
     shared_hyperparameters,
     JobState,
@@ -116,6 +117,15 @@ def _int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _billed_training_tokens(metrics: dict[str, float], hyperparameters: dict[str, Any]) -> dict[str, float]:
+    """What a run prices into cost_train_usd: Vertex documents `totalBillableTokenCount` as the billable tokens
+    "in the tuning dataset", and bills training per dataset token per epoch."""
+    epochs = _int(hyperparameters.get("epoch_count"))
+    if "total_billable_token_count" not in metrics or not epochs:
+        return {}
+    return {"billed_training_tokens": metrics["total_billable_token_count"] * epochs}
 
 
 def _wall_time_ms(value: Any) -> int:
@@ -467,6 +477,7 @@ class VertexProvider(ProviderBase):
                     metrics[key] = float(value)
             if stats.dropped_example_reasons:
                 metrics["dropped_example_count"] = float(len(stats.dropped_example_reasons))
+        metrics.update(_billed_training_tokens(metrics, hp))
         meta = getattr(job, "tuning_job_metadata", None)
         if meta is not None:
             if meta.completed_step_count is not None:
@@ -494,6 +505,16 @@ class VertexProvider(ProviderBase):
     def get_job(self, job_id: str) -> TuningJob:
         job = self._call(lambda: self.client.tunings.get(name=job_id), f"reading tuning job {job_id}").value
         return self._normalize(job)
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        """`tunedModel.checkpoints[]` (Gemini jobs export one per epoch by default, each deployed to its own
+        endpoint; the tuned model's endpoint serves the default one), oldest step first; none while unfinished or
+        with `export_last_checkpoint_only` beyond the final one."""
+        job = self._call(lambda: self.client.tunings.get(name=job_id), f"reading tuning job {job_id}").value
+        found = (job.tuned_model.checkpoints or []) if job.tuned_model is not None else []
+        return sorted((Checkpoint(checkpoint_id=str(c.checkpoint_id), model=c.endpoint, step=int(c.step or 0),
+                                  epoch=int(c.epoch) if c.epoch is not None else None)
+                       for c in found if c.endpoint), key=lambda c: c.step)
 
     def list_jobs(self) -> Iterator[str]:
         pager = self._call(lambda: self.client.tunings.list(), "listing tuning jobs").value
