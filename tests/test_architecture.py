@@ -14,7 +14,8 @@ LAYERS = {
     0: {"errors", "prompt", "costing", "squad_metrics", "stats", "records", "cleaning", "config"},
     1: {"providers"},
     2: {"evaluation", "tracking", "progress", "summary", "scorefile", "registry", "qa_model", "serving",
-        "preparation", "scoring", "job_tracking", "promotion", "sweep_plan", "traces", "report"},
+        "preparation", "scoring", "job_tracking", "promotion", "sweep_plan", "traces", "report", "checkpoints",
+        "run_cost"},
     3: {"steps"},
     4: {"pipeline", "sweep", "cli", "process", "__main__", "__init__"},
 }
