@@ -7,6 +7,7 @@ For the local provider the version carries the trained weights as an artifact.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -22,8 +23,13 @@ class QAModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         settings = dict(context.model_config or {})
         self.provider_name: str = settings["provider"]
-        self.model_id: str = context.artifacts.get(WEIGHTS_ARTIFACT) or settings["model_id"]
-        config = load_config(None, {**settings.get("provider_settings", {}), "provider": self.provider_name})
+        overrides = {**settings.get("provider_settings", {}), "provider": self.provider_name}
+        self.model_id: str = settings["model_id"]
+        weights = context.artifacts.get(WEIGHTS_ARTIFACT)
+        if weights:  # local: the weights shipped inside the model, named as a model id within its own folder
+            overrides["local.jobs_dir"] = str(Path(weights).parent.parent)
+            self.model_id = f"{Path(weights).parent.name}/{Path(weights).name}"
+        config = load_config(None, overrides)
         self.provider = get_provider(self.provider_name, config)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:

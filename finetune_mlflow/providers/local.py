@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
 import uuid
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import numpy as np
@@ -43,11 +45,30 @@ WEIGHTS_FILE = "weights.npz"
 TRAINER_PID = "pid.json"  # written by the trainer that holds the job's lock
 LAUNCHER_PID = "launch.json"  # written by start_job for the process it launched
 TRAINER_LOCK = "trainer.lock"
+# A job id as a path component: one plain name, never "." or "..".
+JOB_ID = re.compile(r"(?!\.\.?$)[A-Za-z0-9._-]+")
 
 
 def default_jobs_dir() -> Path:
     home = os.environ.get("FINETUNE_MLFLOW_HOME")
     return Path(home) / "local-jobs" if home else Path.home() / ".cache" / "finetune-mlflow" / "local-jobs"
+
+
+def weights_file(jobs_dir: Path, model_id: str) -> Path:
+    """A tuned model id, `<job_id>/weights.npz`, as its file inside the jobs home. Model ids come from run tags and
+    registry metadata, so anything that could name a file elsewhere (absolute, `..`, a symlink out) is refused."""
+    parts = PurePosixPath(model_id).parts
+    if len(parts) != 2 or parts[1] != WEIGHTS_FILE or not JOB_ID.fullmatch(parts[0]) or "\\" in model_id:
+        raise ConfigError(f"local provider: model {model_id!r} is neither {BASE_MODEL!r} nor "
+                          f"'<job_id>/{WEIGHTS_FILE}' inside the local jobs home")
+    root = jobs_dir.resolve()
+    path = (root / parts[0] / WEIGHTS_FILE).resolve()
+    if path.parent.parent != root:
+        raise ConfigError(f"local provider: model {model_id!r} resolves outside the local jobs home")
+    if not path.is_file():
+        raise ConfigError(f"local provider: model {model_id!r} has no weights under the local jobs home {root} "
+                          "(local jobs live on the machine that ran them; see the README's team section)")
+    return path
 
 
 def save_weights(path: Path, weights: span_model.Weights, idf: dict[str, float], max_span_tokens: int) -> None:
@@ -97,6 +118,9 @@ class LocalProvider:
     def _job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 
+    def weights_file(self, model_id: str) -> Path:
+        return weights_file(self.jobs_dir, model_id)
+
     def preflight(self, request: TuningRequest) -> PreflightReport:
         if request.base_model != BASE_MODEL:
             raise ConfigError(f"local provider: base_model {request.base_model!r} is unknown; the local provider "
@@ -122,12 +146,17 @@ class LocalProvider:
             logger.info("run %s already created local job %s: adopting it", request.run_id, job_id)
         else:
             job_id = f"localjob-{uuid.uuid4().hex[:12]}"
-            (self._job_dir(job_id)).mkdir(parents=True)
-            write_json_atomic(self._job_dir(job_id) / "spec.json", {
+            job_dir = self._job_dir(job_id)
+            job_dir.mkdir(parents=True)
+            # The job keeps its own copy of the data: the prepared folder is a scratch copy gone when tune exits,
+            # and a resumed trainer reads the data again.
+            for split in ("train", "validation"):
+                shutil.copyfile(request.prepared_dir / f"{split}.jsonl", job_dir / f"{split}.jsonl")
+            write_json_atomic(job_dir / "spec.json", {
                 "job_id": job_id,
                 "run_id": request.run_id,
-                "train": str((request.prepared_dir / "train.jsonl").resolve()),
-                "validation": str((request.prepared_dir / "validation.jsonl").resolve()),
+                "train": str((job_dir / "train.jsonl").resolve()),
+                "validation": str((job_dir / "validation.jsonl").resolve()),
                 "epochs": request.epochs,
                 "learning_rate": request.learning_rate,
                 "batch_size": request.batch_size or 32,
@@ -170,12 +199,12 @@ class LocalProvider:
                 if state in (JobState.PENDING, JobState.RUNNING):
                     return TuningJob(job_id, JobState.FAILED, "process_died", error_code="trainer_died",
                                      error_message=f"the trainer process exited without a final status; see "
-                                                   f"{job_dir / 'trainer.log'}")
+                                                   f"{job_id}/trainer.log in the local jobs home")
         return TuningJob(
             job_id=job_id, state=state, provider_status=status["state"],
-            tuned_model=status.get("tuned_model"), error_code=status.get("error_code"),
-            error_message=status.get("error_message"),
-            tags={"local.job_dir": str(job_dir)},
+            # Named relative to the jobs home, never by this machine's absolute path (see weights_file).
+            tuned_model=f"{job_id}/{WEIGHTS_FILE}" if status.get("tuned_model") else None,
+            error_code=status.get("error_code"), error_message=status.get("error_message"),
             metrics={k: float(v) for k, v in status.get("metrics", {}).items()},
         )
 
@@ -198,9 +227,7 @@ class LocalProvider:
         if model == BASE_MODEL:
             size = self.config.local.max_span_tokens
             return span_model.initial_weights(size), {}, size
-        if not Path(model).exists():
-            raise ConfigError(f"local provider: model {model!r} is neither {BASE_MODEL!r} nor a weights file")
-        return load_weights(str(Path(model).resolve()))
+        return load_weights(str(self.weights_file(model)))
 
     def predict(self, model: str, question: str, context: str) -> Prediction:
         weights, idf, size = self._model(model)

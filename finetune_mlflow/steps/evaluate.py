@@ -35,6 +35,7 @@ from finetune_mlflow.evaluation import (
 )
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import Provider
+from finetune_mlflow.scratch import download_artifacts, scratch_dir
 from finetune_mlflow.steps.prepare import Prepared, data_fingerprint, ensure_prepared
 from finetune_mlflow.tracking import find_finished_run, git_commit, log_values, step_run
 
@@ -86,8 +87,8 @@ def log_results_table(run_id: str, columns: dict[str, list[Any]]) -> None:
 def load_rows(run_id: str) -> list[dict[str, Any]]:
     """The per-example rows a run logged, read as plain JSON so ids keep their exact strings ("0003" stays
     "0003"; pandas would make it 3); should a table hold an id twice, its last row wins."""
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=RESULTS_TABLE)
-    table = json.loads(Path(path).read_text(encoding="utf-8"))
+    path = download_artifacts(run_id=run_id, artifact_path=RESULTS_TABLE)
+    table = json.loads(path.read_text(encoding="utf-8"))
     latest = {}
     for values in table["data"]:
         row = dict(zip(table["columns"], values))
@@ -148,7 +149,7 @@ def resolve_model(reference: str, config: Config) -> ResolvedModel:
     else:
         # A provider's own model id, e.g. an existing `ft:gpt-4o-mini-...` model or a Vertex endpoint.
         return ResolvedModel(get_provider(config.tune.provider, config), reference, config.tune.base_model)
-    loaded = mlflow.pyfunc.load_model(reference).unwrap_python_model()
+    loaded = mlflow.pyfunc.load_model(reference, dst_path=str(scratch_dir("model"))).unwrap_python_model()
     return ResolvedModel(loaded.provider, loaded.model_id, base_model)
 
 

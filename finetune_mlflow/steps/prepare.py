@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.errors import DataError
 from finetune_mlflow.formats import FORMATS
 from finetune_mlflow.records import read_examples, read_jsonl, write_jsonl
+from finetune_mlflow.scratch import download_artifacts, scratch_dir
 from finetune_mlflow.tracking import find_finished_run, git_commit, log_values, step_run
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Prepared:
 def resolve_input(uri: str) -> Path:
     """A local path, or any URI MLflow can download (`runs:/<id>/prepared/train.jsonl`, `s3://...`)."""
     if "://" in uri or uri.startswith("runs:/") or uri.startswith("models:/"):
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        return download_artifacts(artifact_uri=uri)
     return Path(uri)
 
 
@@ -142,7 +142,7 @@ def run_prepare(config: Config) -> Prepared:
         if not train or not validation:
             raise DataError(config.data.train_data, None, f"after cleaning, train has {len(train)} and validation "
                             f"{len(validation)} examples; both need at least one")
-        directory = Path(tempfile.mkdtemp(prefix="prepared-")) / PREPARED
+        directory = scratch_dir("prepared") / PREPARED
         write_prepared(directory, train, validation, dropped)
         manifest = {"data_sha256": fingerprint, "counts": counts, "git_commit": git_commit(),
                     "train_data": config.data.train_data, "validation_data": config.data.validation_data}
@@ -169,5 +169,5 @@ def ensure_prepared(config: Config) -> Prepared:
     if previous is None:
         return run_prepare(config)
     logger.info("reusing prepare run %s (same data fingerprint and commit)", previous.info.run_id)
-    local = mlflow.artifacts.download_artifacts(run_id=previous.info.run_id, artifact_path=PREPARED)
-    return Prepared(previous.info.run_id, Path(local), fingerprint)
+    local = download_artifacts(run_id=previous.info.run_id, artifact_path=PREPARED)
+    return Prepared(previous.info.run_id, local, fingerprint)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -27,6 +26,7 @@ from finetune_mlflow.errors import ConfigError, FinetuneError
 from finetune_mlflow.evaluation import run_predictions, summarize
 from finetune_mlflow.promotion import Decision, Evidence, decide
 from finetune_mlflow.records import read_jsonl
+from finetune_mlflow.scratch import download_artifacts
 from finetune_mlflow.stats import paired_bootstrap_delta
 from finetune_mlflow.steps.evaluate import RESULTS_TABLE, load_rows, resolve_model
 from finetune_mlflow.steps.prepare import PREPARED
@@ -74,7 +74,7 @@ def _validation_examples(run_id: str) -> tuple[str, list[dict]]:
     prepare_run = tags.get("finetune.prepare_run_id")
     if not prepare_run:
         raise FinetuneError(f"run {run_id} records no prepare run, so its validation data is unknown")
-    local = Path(mlflow.artifacts.download_artifacts(run_id=prepare_run, artifact_path=f"{PREPARED}/validation.jsonl"))
+    local = download_artifacts(run_id=prepare_run, artifact_path=f"{PREPARED}/validation.jsonl")
     return tags.get("finetune.data_sha256", ""), read_jsonl(local)
 
 
