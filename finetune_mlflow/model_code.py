@@ -10,12 +10,16 @@ looked up), so it follows the code as modules move.
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import re
 import shutil
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE = PACKAGE_DIR.name
+DISTRIBUTION = "finetune-mlflow"
 MODULE_NAME = re.compile(rf"\b{PACKAGE}(?:\.\w+)*")
 
 
@@ -66,3 +70,20 @@ def stage_package(entry: Path, destination: Path, root: Path = PACKAGE_DIR.paren
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
     return destination / PACKAGE
+
+
+def serving_requirements(distribution: str = DISTRIBUTION) -> list[str] | None:
+    """The package's own runtime dependencies, pinned to the installed versions, as the model's pip requirements.
+
+    Without them MLflow infers requirements by loading the model in a child process, most of the time a version
+    took to log, and lists this unpublished package itself as a requirement. None when the package is not
+    installed (MLflow then infers, as before)."""
+    try:
+        declared = importlib.metadata.requires(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    pinned = []
+    for requirement in map(Requirement, declared):
+        if requirement.marker is None:  # extras (server, test) are not needed to serve
+            pinned.append(f"{requirement.name}=={importlib.metadata.version(requirement.name)}")
+    return pinned

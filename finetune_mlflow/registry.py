@@ -13,7 +13,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
-from finetune_mlflow.model_code import stage_package
+from finetune_mlflow.model_code import serving_requirements, stage_package
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.qa_model import WEIGHTS_ARTIFACT
 from finetune_mlflow.scratch import scratch_dir
@@ -83,6 +83,7 @@ def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id
                       "provider_settings": provider_settings(config, provider)},
         artifacts=artifacts,
         code_paths=[str(stage_package(PACKAGE_DIR / "serving.py", scratch_dir("model-code")))],
+        pip_requirements=serving_requirements(),
         signature=signature,
         input_example=EXAMPLE_INPUT,
     )

@@ -47,3 +47,14 @@ def test_scratch_folders_are_removed_when_the_process_exits(tmp_path):
                           env={**os.environ, "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert Path(done.stdout.strip()).parent == tmp_path and list(tmp_path.iterdir()) == []
+
+
+def test_requirements_are_the_declared_dependencies_pinned_without_the_package_itself():
+    import importlib.metadata
+
+    from finetune_mlflow.model_code import serving_requirements
+
+    pinned = serving_requirements()
+    assert f"mlflow=={importlib.metadata.version('mlflow')}" in pinned
+    assert not [r for r in pinned if r.startswith(("finetune-mlflow", "pytest", "moto", "boto3", "psycopg2"))]
+    assert serving_requirements("no-such-distribution") is None  # not installed: MLflow infers, as before
