@@ -116,6 +116,11 @@ def s3_client(endpoint: str):
                         region_name=S3_CREDENTIALS["AWS_DEFAULT_REGION"])
 
 
+def bucket_keys(endpoint: str) -> list[str]:
+    pages = s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
 @contextlib.contextmanager
 def tracking_server(database: str, s3_endpoint: str, folder: Path) -> Iterator[str]:
     """`mlflow server` on the database, proxying artifacts to `s3://<bucket>/mlflow`; yields its URL."""

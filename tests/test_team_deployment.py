@@ -10,6 +10,7 @@ temp folders behind. Skipped (with the reason) only when no PostgreSQL is reacha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -37,17 +38,14 @@ def team_server(tmp_path_factory):
     psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 (the [server] extra) is needed for this test")
     pytest.importorskip("moto.server", reason="moto[server] (the [test] extra) is needed for this test")
     folder = tmp_path_factory.mktemp("team")
-    try:
-        database = team.fresh_database()
-        name = database.__enter__()
-    except psycopg2.OperationalError as e:
-        pytest.skip(f"no PostgreSQL reachable at {team.PG['host']}:{team.PG['port']} as {team.PG['user']}: "
-                    f"{str(e).strip()}")
-    try:
-        with team.s3_store(folder) as endpoint, team.tracking_server(name, endpoint, folder) as url:
-            yield url, endpoint
-    finally:
-        database.__exit__(None, None, None)
+    with contextlib.ExitStack() as stack:
+        try:
+            database = stack.enter_context(team.fresh_database())
+        except psycopg2.OperationalError as e:
+            pytest.skip(f"no PostgreSQL reachable at {team.PG['host']}:{team.PG['port']} as {team.PG['user']}: "
+                        f"{str(e).strip()}")
+        endpoint = stack.enter_context(team.s3_store(folder))
+        yield stack.enter_context(team.tracking_server(database, endpoint, folder)), endpoint
 
 
 def command(step: str, small_squad) -> list[str]:
@@ -56,11 +54,6 @@ def command(step: str, small_squad) -> list[str]:
             "--train_data", str(train), "--validation_data", str(validation), "--max_examples", "200",
             "--epochs", "1", "--poll_interval", "0.2", "--set", "data.max_validation_examples=60",
             "--set", "evaluate.bootstrap_samples=200"]
-
-
-def bucket_keys(endpoint: str) -> list[str]:
-    pages = team.s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=team.BUCKET)
-    return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
 def run_clients(small_squad, env: dict[str, str], folder: Path) -> None:
@@ -138,7 +131,7 @@ def test_main_and_parallel_tunes_on_postgres_and_s3_then_serve_without_the_jobs_
     assert expected[0]
     assert serve(f"models:/{MODEL_NAME}@champion", env, tmp_path) == expected
 
-    keys = bucket_keys(endpoint)
+    keys = team.bucket_keys(endpoint)
     logged_model = champion.source.rsplit("/", 1)[-1]  # models:/<model id>
     model_prefix = next(k for k in keys if k.endswith(f"/{logged_model}/artifacts/MLmodel"))[:-len("MLmodel")]
     shipped = sorted(k[len(model_prefix):] for k in keys if k.startswith(model_prefix))

@@ -104,7 +104,7 @@ def bench_registration(url: str, endpoint: str, folder: Path, reps: int) -> None
                     register_tuned_model(run_id=run.info.run_id, config=config, provider="local",
                                          model_id="localjob-bench/weights.npz", tags={}, description="")
                 times[name].append(time.perf_counter() - started)
-    keys = [k for k in _bucket_keys(endpoint) if "/models/m-" in k]
+    keys = [k for k in team.bucket_keys(endpoint) if "/models/m-" in k]
     per_model: dict[str, int] = {}
     for key in keys:
         model = key.split("/models/")[1].split("/")[0]
@@ -114,11 +114,6 @@ def bench_registration(url: str, endpoint: str, folder: Path, reps: int) -> None
         counts = sorted({per_model[v.source.rsplit("/", 1)[-1]]
                          for v in client.search_model_versions(f"name = '{registered}'")})
         print(f"  {name:24s} log+register {spread(times[name])}; objects per model: {counts}")
-
-
-def _bucket_keys(endpoint: str) -> list[str]:
-    pages = team.s3_client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=team.BUCKET)
-    return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
 def main() -> None:
