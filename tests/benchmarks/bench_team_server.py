@@ -121,11 +121,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small main (200 examples, 1 epoch)")
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="bench-team-"))
-    data = quick_data(folder) if args.quick else ["--train_data", str(SQUAD_TRAIN),
-                                                  "--validation_data", str(SQUAD_VALIDATION)]
-    with team.fresh_database() as database, team.s3_store(folder) as endpoint, \
-            team.tracking_server(database, endpoint, folder) as url:
+    with tempfile.TemporaryDirectory(prefix="bench-team-") as name, team.fresh_database() as database, \
+            team.s3_store(Path(name)) as endpoint, team.tracking_server(database, endpoint, Path(name)) as url:
+        folder = Path(name)
+        data = quick_data(folder) if args.quick else ["--train_data", str(SQUAD_TRAIN),
+                                                      "--validation_data", str(SQUAD_VALIDATION)]
         print(f"server {url} (PostgreSQL database {database}, artifacts s3://{team.BUCKET}/mlflow on {endpoint})")
         print(f"register a local model, {args.reps + 2} reps each:")
         bench_registration(url, endpoint, folder, args.reps + 2)
