@@ -69,6 +69,11 @@ def _answers(url: str) -> bool:
         return False
 
 
+def healthy(url: str) -> bool:
+    """Whether the MLflow server at `url` answers its health check."""
+    return _answers(f"{url}/health")
+
+
 @contextlib.contextmanager
 def background(command: list[str], *, env: dict[str, str], log: Path, ready_url: str,
                timeout: float = 120) -> Iterator[subprocess.Popen]:
