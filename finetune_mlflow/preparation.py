@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.errors import DataError
 from finetune_mlflow.providers import training_records
 from finetune_mlflow.records import read_examples, read_jsonl, write_jsonl
+from finetune_mlflow.scratch import download_artifacts, scratch_dir
 from finetune_mlflow.tracking import code_version, find_finished_run, log_values, step_run
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Prepared:
 def resolve_input(uri: str) -> Path:
     """A local path, or any URI MLflow can download (`runs:/<id>/prepared/train.jsonl`, `s3://...`)."""
     if "://" in uri or uri.startswith("runs:/") or uri.startswith("models:/"):
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        return download_artifacts(artifact_uri=uri)
     return Path(uri)
 
 
@@ -147,7 +147,7 @@ def prepare_data(config: Config, fingerprint: str | None = None) -> Prepared:
         if not train or not validation:
             raise DataError(config.data.train_data, None, f"after cleaning, train has {len(train)} and validation "
                             f"{len(validation)} examples; both need at least one")
-        directory = Path(tempfile.mkdtemp(prefix="prepared-")) / PREPARED
+        directory = scratch_dir("prepared") / PREPARED
         write_prepared(directory, train, validation, dropped)
         manifest = {"data_sha256": fingerprint, "counts": counts, "code_version": code_version(),
                     "train_data": config.data.train_data, "validation_data": config.data.validation_data}
@@ -164,8 +164,7 @@ def prepare_data(config: Config, fingerprint: str | None = None) -> Prepared:
 
 
 def load_prepared(run_id: str, fingerprint: str) -> Prepared:
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREPARED)
-    return Prepared(run_id, Path(local), fingerprint)
+    return Prepared(run_id, download_artifacts(run_id=run_id, artifact_path=PREPARED), fingerprint)
 
 
 def ensure_prepared(config: Config, fingerprint: str | None = None) -> Prepared:

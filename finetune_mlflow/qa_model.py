@@ -15,7 +15,7 @@ import mlflow
 import pandas as pd
 
 from finetune_mlflow.config import load_config
-from finetune_mlflow.providers import get_provider
+from finetune_mlflow.providers import get_provider, provider_class
 from finetune_mlflow.providers.base import MODEL_ARTIFACT
 
 
@@ -24,8 +24,13 @@ class QAModel(mlflow.pyfunc.PythonModel):
         serving = context.artifacts.get("serving")
         settings = json.loads(Path(serving).read_text(encoding="utf-8")) if serving else dict(context.model_config or {})
         self.provider_name: str = settings["provider"]
-        self.model_id: str = context.artifacts.get(MODEL_ARTIFACT) or settings["model_id"]
-        config = load_config(None, {**settings.get("provider_settings", {}), "provider": self.provider_name})
+        overrides = {**settings.get("provider_settings", {}), "provider": self.provider_name}
+        self.model_id: str = settings["model_id"]
+        shipped = context.artifacts.get(MODEL_ARTIFACT)
+        if shipped:  # the model travels inside the version (local weights, a merged transformers model)
+            self.model_id, located = provider_class(self.provider_name).model_from_artifact(shipped)
+            overrides.update(located)
+        config = load_config(None, overrides)
         self.provider = get_provider(self.provider_name, config)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:

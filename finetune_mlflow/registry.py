@@ -16,6 +16,8 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
+from finetune_mlflow.model_code import stage_package
+from finetune_mlflow.scratch import scratch_dir
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +26,10 @@ MODEL_NAME_IN_RUN = "model"
 SERVING_ARTIFACT = "serving"  # JSON: provider, model id and non-secret settings, read by qa_model at load time
 # What every registered version needs to serve, besides the provider's own packages.
 BASE_REQUIREMENTS = ("mlflow", "pandas", "pyyaml", "numpy")
+# Where the tune run keeps a model it ships (local weights, a merged transformers model): `tuned_model/<...>`.
+TUNED_MODEL_DIR = "tuned_model"
+# Settings that name this machine's folders: a served model gets its files from the model itself.
+MACHINE_LOCAL_SETTINGS = {"jobs_dir"}
 EXAMPLE_INPUT = pd.DataFrame({
     "question": ["Which city is the capital of Poland?"],
     "context": ["Warsaw is the capital and largest city of Poland."],
@@ -39,7 +45,8 @@ class RegisteredVersion:
 
 def provider_settings(config: Config, provider: str) -> dict:
     """The provider's non-secret settings as `section.key` overrides, so serving rebuilds the same client."""
-    settings = {f"{provider}.{k}": v for k, v in dataclasses.asdict(getattr(config, provider)).items()}
+    settings = {f"{provider}.{k}": v for k, v in dataclasses.asdict(getattr(config, provider)).items()
+                if k not in MACHINE_LOCAL_SETTINGS}
     settings["evaluate.max_output_tokens"] = config.evaluate.max_output_tokens
     settings["evaluate.request_retries"] = config.evaluate.request_retries
     settings["evaluate.retry_backoff_seconds"] = config.evaluate.retry_backoff_seconds
@@ -62,6 +69,21 @@ def existing_version(client: MlflowClient, name: str, run_id: str) -> Registered
     return RegisteredVersion(name, first.version, f"models:/{name}/{first.version}")
 
 
+def _upload(run_id: str, artifacts: dict[str, str]) -> dict[str, str]:
+    """Put the files a version ships on the run (`tuned_model/<parent>/<name>`) and name them by `runs:/` URI, so
+    the model's metadata names a run artifact, never a path on the machine that trained it."""
+    client, uris = MlflowClient(), {}
+    for name, local in artifacts.items():
+        path = Path(local)
+        folder = f"{TUNED_MODEL_DIR}/{path.parent.name}"
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), f"{folder}/{path.name}")
+        else:
+            client.log_artifact(run_id, str(path), folder)
+        uris[name] = f"runs:/{run_id}/{folder}/{path.name}"
+    return uris
+
+
 def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id: str, logged_model_id: str | None,
                          artifacts: dict[str, str], packages: tuple[str, ...], tags: dict[str, str],
                          description: str) -> RegisteredVersion:
@@ -82,8 +104,9 @@ def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
             python_model=str(PACKAGE_DIR / "serving.py"),
-            artifacts={**artifacts, SERVING_ARTIFACT: str(serving)},
-            code_paths=[str(PACKAGE_DIR)],
+            artifacts={**_upload(run_id, artifacts), SERVING_ARTIFACT: str(serving)},
+            # Only what serving imports, not the whole package (tests, __pycache__): fewer objects per version.
+            code_paths=[str(stage_package(PACKAGE_DIR / "serving.py", scratch_dir("model-code")))],
             signature=signature,
             input_example=EXAMPLE_INPUT,
             pip_requirements=pinned_requirements(packages),

@@ -37,6 +37,7 @@ from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import Provider
 from finetune_mlflow.preparation import Prepared
 from finetune_mlflow.run_cost import check_eval_cost
+from finetune_mlflow.scratch import download_artifacts, scratch_dir
 from finetune_mlflow.traces import record_traces
 from finetune_mlflow.tracking import code_version, find_finished_run, log_values, step_run
 
@@ -102,9 +103,7 @@ def log_results_table(run_id: str, columns: dict[str, list[Any]], artifact_file:
 def load_rows(run_id: str) -> list[ExampleResult]:
     """The per-example rows a run logged, read as plain JSON so ids keep their exact strings ("0003" stays
     "0003"; pandas would make it 3); should a table hold an id twice, its last row wins."""
-    with tempfile.TemporaryDirectory(prefix="eval-results-") as folder:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=RESULTS_TABLE, dst_path=folder)
-        table = json.loads(Path(path).read_text(encoding="utf-8"))
+    table = json.loads(download_artifacts(run_id=run_id, artifact_path=RESULTS_TABLE).read_text(encoding="utf-8"))
     latest = {}
     for values in table["data"]:
         row = ExampleResult.from_row(dict(zip(table["columns"], values)))
@@ -163,5 +162,5 @@ def resolve_model(reference: str, config: Config) -> ResolvedModel:
     else:
         # A provider's own model id, e.g. an existing `ft:gpt-4o-mini-...` model or a Vertex endpoint.
         return ResolvedModel(get_provider(config.tune.provider, config), reference, config.tune.base_model)
-    loaded = mlflow.pyfunc.load_model(reference).unwrap_python_model()
+    loaded = mlflow.pyfunc.load_model(reference, dst_path=str(scratch_dir("model"))).unwrap_python_model()
     return ResolvedModel(loaded.provider, loaded.model_id, base_model)

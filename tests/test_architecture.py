@@ -15,7 +15,7 @@ LAYERS = {
     1: {"providers"},
     2: {"evaluation", "tracking", "progress", "summary", "scorefile", "registry", "qa_model", "serving",
         "preparation", "scoring", "job_tracking", "promotion", "sweep_plan", "traces", "report", "checkpoints",
-        "run_cost"},
+        "run_cost", "model_code", "scratch"},
     3: {"steps"},
     4: {"pipeline", "sweep", "cli", "process", "__main__", "__init__"},
 }

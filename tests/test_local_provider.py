@@ -17,6 +17,7 @@ from finetune_mlflow.errors import ConfigError, ProviderError
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningRequest
 from finetune_mlflow.preparation import build_splits, write_prepared
+from finetune_mlflow.providers.local.provider import weights_file
 
 
 @pytest.fixture
@@ -59,7 +60,9 @@ def test_job_runs_in_the_background_and_pages_events_with_a_cursor(prepared):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     final = provider.get_job(job.job_id)
-    assert final.state is JobState.SUCCEEDED and Path(final.tuned_model).exists()
+    assert final.state is JobState.SUCCEEDED and final.tuned_model == f"{job.job_id}/weights.npz"
+    assert provider.weights_file(final.tuned_model) == (provider.jobs_dir / job.job_id / "weights.npz").resolve()
+    assert final.tags == {}  # nothing naming this machine's folders reaches the run
     train_steps = [p.step for p in points if p.key == "train_loss"]
     assert train_steps == list(range(1, len(train_steps) + 1))  # every step once, in order
     assert provider.read_metrics(job.job_id, cursor).points == []  # nothing is read twice
@@ -121,3 +124,27 @@ def test_unknown_models_and_jobs_are_clear_errors(prepared):
         provider.predict("/no/such/weights.npz", "q", "c")
     with pytest.raises(ConfigError, match="unknown provider 'azure'"):
         get_provider("azure", load_config(None))
+
+
+@pytest.mark.parametrize("model_id", ["/etc/weights.npz", "../weights.npz", "../../x/weights.npz", "a/../weights.npz",
+                                      "job/../../weights.npz", "job/other.npz", "weights.npz", "a/b/weights.npz",
+                                      "..\\x\\weights.npz", "./weights.npz"])
+def test_a_model_id_never_names_a_file_outside_the_jobs_home(model_id, tmp_path):
+    jobs = tmp_path / "jobs"
+    (tmp_path / "weights.npz").write_bytes(b"not in the jobs home")
+    jobs.mkdir()
+    with pytest.raises(ConfigError, match="neither 'span-ranker-base' nor '<job_id>/weights.npz'"):
+        weights_file(jobs, model_id)
+
+
+def test_a_job_folder_linking_out_of_the_jobs_home_is_refused(tmp_path):
+    jobs, outside = tmp_path / "jobs", tmp_path / "outside"
+    jobs.mkdir()
+    outside.mkdir()
+    (outside / "weights.npz").write_bytes(b"elsewhere")
+    (jobs / "localjob-link").symlink_to(outside)
+    with pytest.raises(ConfigError, match="resolves outside the local jobs home"):
+        weights_file(jobs, "localjob-link/weights.npz")
+    (jobs / "localjob-real").mkdir()
+    (jobs / "localjob-real" / "weights.npz").write_bytes(b"w")
+    assert weights_file(jobs, "localjob-real/weights.npz") == (jobs / "localjob-real" / "weights.npz").resolve()

@@ -19,7 +19,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT
-from tests.test_tracking_server import free_port, healthy
+from tests.team_servers import free_port, healthy
 
 
 def start_server(folder: Path, port: int) -> subprocess.Popen:

@@ -30,10 +30,14 @@ def _package(name: str) -> ModuleType:
                           "(set tune.provider or -P provider=)") from None
 
 
+def provider_class(name: str) -> type:
+    module_name, class_name = _package(name).PROVIDER_CLASS.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def get_provider(name: str, config: "Config") -> "Provider":
     """Build the named provider from the resolved config (credentials are resolved in its constructor)."""
-    module_name, class_name = _package(name).PROVIDER_CLASS.split(":")
-    return getattr(importlib.import_module(module_name), class_name)(config)
+    return provider_class(name)(config)
 
 
 def training_records() -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:

@@ -181,6 +181,12 @@ class ProviderBase:
         """Local files a registered version must carry to serve `model` (name -> path); none for hosted models."""
         return {}
 
+    @classmethod
+    def model_from_artifact(cls, path: str) -> tuple[str, dict[str, str]]:
+        """The model id to predict with when a served version carries its model at `path`, and the config
+        overrides that make it resolvable there."""
+        return path, {}
+
 def shared_hyperparameters(values: dict, names: dict[str, str]) -> dict[str, str]:
     """A provider's hyperparameters renamed to the shared knob names (unknown ones keep their own), as strings;
     unset values and "auto" placeholders left for the provider to choose are dropped."""

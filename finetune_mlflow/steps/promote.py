@@ -13,7 +13,6 @@ and `promotion_report.md`. The candidate version gets a `promotion.decision` tag
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass
 
 import mlflow
@@ -28,6 +27,7 @@ from finetune_mlflow.promotion import Decision, Evidence, decide
 from finetune_mlflow.records import read_jsonl
 from finetune_mlflow.preparation import PREPARED
 from finetune_mlflow.scoring import RESULTS_TABLE, load_rows, resolve_model, score_model
+from finetune_mlflow.scratch import download_artifacts
 from finetune_mlflow.tracking import log_values, step_run
 
 logger = logging.getLogger(__name__)
@@ -72,10 +72,8 @@ def _validation_examples(run_id: str) -> tuple[str, list[dict]]:
     prepare_run = tags.get("finetune.prepare_run_id")
     if not prepare_run:
         raise FinetuneError(f"run {run_id} records no prepare run, so its validation data is unknown")
-    with tempfile.TemporaryDirectory(prefix="promote-") as folder:
-        local = mlflow.artifacts.download_artifacts(run_id=prepare_run, artifact_path=f"{PREPARED}/validation.jsonl",
-                                                    dst_path=folder)
-        return tags.get("finetune.data_sha256", ""), read_jsonl(local)
+    local = download_artifacts(run_id=prepare_run, artifact_path=f"{PREPARED}/validation.jsonl")
+    return tags.get("finetune.data_sha256", ""), read_jsonl(local)
 
 
 def _rows(version: ModelVersion, name: str, data_sha256: str, examples: list[dict], config: Config

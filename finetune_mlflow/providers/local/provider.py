@@ -15,7 +15,9 @@ import os
 import time
 import uuid
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+import re
+import shutil
 
 import numpy as np
 
@@ -46,11 +48,33 @@ logger = logging.getLogger(__name__)
 
 BASE_MODEL = "span-ranker-base"
 WEIGHTS_FILE = "weights.npz"
+# A job id as a path component: one plain name, never "." or "..".
+JOB_ID = re.compile(r"(?!\.\.?$)[A-Za-z0-9._-]+")
+WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.npz")
 
 
 def default_jobs_dir() -> Path:
     home = os.environ.get("FINETUNE_MLFLOW_HOME")
     return Path(home) / "local-jobs" if home else Path.home() / ".cache" / "finetune-mlflow" / "local-jobs"
+
+
+def weights_file(jobs_dir: Path, model_id: str) -> Path:
+    """A tuned model id, `<job_id>/<file>.npz` (the final `weights.npz` or an epoch checkpoint), as its file inside
+    the jobs home. Model ids come from run tags and registry metadata, so anything that could name a file elsewhere
+    (absolute, `..`, a symlink out) is refused."""
+    parts = PurePosixPath(model_id).parts
+    if (len(parts) != 2 or not WEIGHTS_NAME.fullmatch(parts[1]) or not JOB_ID.fullmatch(parts[0])
+            or "\\" in model_id):
+        raise ConfigError(f"local provider: model {model_id!r} is neither {BASE_MODEL!r} nor "
+                          f"'<job_id>/{WEIGHTS_FILE}' inside the local jobs home")
+    root = jobs_dir.resolve()
+    path = (root / parts[0] / parts[1]).resolve()
+    if path.parent.parent != root:
+        raise ConfigError(f"local provider: model {model_id!r} resolves outside the local jobs home")
+    if not path.is_file():
+        raise ConfigError(f"local provider: model {model_id!r} has no weights under the local jobs home {root} "
+                          "(local jobs live on the machine that ran them; see the README's team section)")
+    return path
 
 
 def save_weights(path: Path, weights: span_model.Weights, idf: dict[str, float], max_span_tokens: int) -> None:
@@ -79,6 +103,9 @@ class LocalProvider(JobDirectoryProvider):
         self.config = config
         self.jobs_dir = Path(config.local.jobs_dir) if config.local.jobs_dir else default_jobs_dir()
 
+    def weights_file(self, model_id: str) -> Path:
+        return weights_file(self.jobs_dir, model_id)
+
     def preflight(self, request: TuningRequest) -> PreflightReport:
         if request.base_model != BASE_MODEL:
             raise ConfigError(f"local provider: base_model {request.base_model!r} is unknown; the local provider "
@@ -95,15 +122,20 @@ class LocalProvider(JobDirectoryProvider):
             logger.info("run %s already created local job %s: adopting it", request.run_id, job_id)
         else:
             job_id = f"localjob-{uuid.uuid4().hex[:12]}"
-            (self._job_dir(job_id)).mkdir(parents=True)
-            n_train = len(read_jsonl(request.prepared_dir / "train.jsonl"))
+            job_dir = self._job_dir(job_id)
+            job_dir.mkdir(parents=True)
+            # The job keeps its own copy of the data: the prepared folder is a scratch copy gone when tune exits,
+            # and a resumed trainer reads the data again.
+            for split in ("train", "validation"):
+                shutil.copyfile(request.prepared_dir / f"{split}.jsonl", job_dir / f"{split}.jsonl")
+            n_train = len(read_jsonl(job_dir / "train.jsonl"))
             batch_size = request.batch_size or 32
-            write_json_atomic(self._job_dir(job_id) / "spec.json", {
+            write_json_atomic(job_dir / "spec.json", {
                 "total_steps": request.epochs * math.ceil(n_train / batch_size),
                 "job_id": job_id,
                 "run_id": request.run_id,
-                "train": str((request.prepared_dir / "train.jsonl").resolve()),
-                "validation": str((request.prepared_dir / "validation.jsonl").resolve()),
+                "train": str((job_dir / "train.jsonl").resolve()),
+                "validation": str((job_dir / "validation.jsonl").resolve()),
                 "epochs": request.epochs,
                 "learning_rate": request.learning_rate,
                 "batch_size": batch_size,
@@ -141,12 +173,12 @@ class LocalProvider(JobDirectoryProvider):
                 if state in (JobState.PENDING, JobState.RUNNING):
                     return TuningJob(job_id, JobState.FAILED, "process_died", error_code="trainer_died",
                                      error_message=f"the trainer process exited without a final status; see "
-                                                   f"{job_dir / 'trainer.log'}")
+                                                   f"{job_id}/trainer.log in the local jobs home")
         return TuningJob(
             job_id=job_id, state=state, provider_status=status["state"],
-            tuned_model=status.get("tuned_model"), error_code=status.get("error_code"),
-            error_message=status.get("error_message"),
-            tags={"local.job_dir": str(job_dir)},
+            # Named relative to the jobs home, never by this machine's absolute path (see weights_file).
+            tuned_model=f"{job_id}/{WEIGHTS_FILE}" if status.get("tuned_model") else None,
+            error_code=status.get("error_code"), error_message=status.get("error_message"),
             metrics={k: float(v) for k, v in status.get("metrics", {}).items()},
             base_model=BASE_MODEL, **self._job_facts(job_dir),
         )
@@ -165,9 +197,7 @@ class LocalProvider(JobDirectoryProvider):
         if model == BASE_MODEL:
             size = self.config.local.max_span_tokens
             return span_model.initial_weights(size), {}, size
-        if not Path(model).exists():
-            raise ConfigError(f"local provider: model {model!r} is neither {BASE_MODEL!r} nor a weights file")
-        return load_weights(str(Path(model).resolve()))
+        return load_weights(str(self.weights_file(model)))
 
     def predict(self, model: str, question: str, context: str) -> Prediction:
         weights, idf, size = self._model(model)
@@ -187,7 +217,8 @@ class LocalProvider(JobDirectoryProvider):
             try:
                 val_loss = entry.get("val_loss")
                 found.append(Checkpoint(
-                    checkpoint_id=str(entry["checkpoint_id"]), model=str(entry["path"]), step=int(entry["step"]),
+                    checkpoint_id=str(entry["checkpoint_id"]), model=f"{job_id}/{Path(entry['path']).name}",
+                    step=int(entry["step"]),
                     epoch=int(entry["epoch"]) if entry.get("epoch") is not None else None,
                     metrics={"val_loss": float(val_loss)} if isinstance(val_loss, (int, float)) else {}))
             except (KeyError, TypeError, ValueError, AttributeError):
@@ -195,4 +226,11 @@ class LocalProvider(JobDirectoryProvider):
         return sorted(found, key=lambda c: c.step)
 
     def model_artifacts(self, model: str) -> dict[str, str]:
-        return {MODEL_ARTIFACT: model}
+        return {MODEL_ARTIFACT: str(self.weights_file(model))}
+
+    @classmethod
+    def model_from_artifact(cls, path: str) -> tuple[str, dict[str, str]]:
+        """A served version's weights are `<folder>/<job_id>/<file>.npz`: the same model id, in a jobs home of its
+        own."""
+        weights = Path(path)
+        return f"{weights.parent.name}/{weights.name}", {"local.jobs_dir": str(weights.parent.parent)}
