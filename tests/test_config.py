@@ -98,3 +98,14 @@ def test_registered_model_name_follows_the_provider_unless_set():
     assert switched.tune.registered_model_name == "squad-qa-openai"
     named = load_config(None, {"provider": "vertex", "registered_model_name": "my-qa"})
     assert named.tune.registered_model_name == "my-qa"
+
+
+def test_readme_knob_table_is_the_generated_one():
+    """The README's table of settings is `finetune-mlflow knobs`' output, so help, bounds and docs never drift."""
+    import re
+
+    from finetune_mlflow.config import knob_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = re.search(r"<!-- knobs:start -->\n(.*?)<!-- knobs:end -->", readme, re.S)
+    assert table and table.group(1) == knob_table(), "regenerate the README table with `finetune-mlflow knobs`"
