@@ -21,7 +21,8 @@ from typing import Iterator
 
 import numpy as np
 
-from finetune_mlflow import span_model
+from finetune_mlflow import span_features, span_model
+from finetune_mlflow.passage_cache import BoundedCache
 from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, ProviderError
@@ -43,6 +44,8 @@ WEIGHTS_FILE = "weights.npz"
 TRAINER_PID = "pid.json"  # written by the trainer that holds the job's lock
 LAUNCHER_PID = "launch.json"  # written by start_job for the process it launched
 TRAINER_LOCK = "trainer.lock"
+PASSAGE_CACHE_ENTRIES = 256
+PASSAGE_CACHE_BYTES = 64 << 20
 
 
 def default_jobs_dir() -> Path:
@@ -50,18 +53,26 @@ def default_jobs_dir() -> Path:
     return Path(home) / "local-jobs" if home else Path.home() / ".cache" / "finetune-mlflow" / "local-jobs"
 
 
+WEIGHTS_FORMAT = 2  # 2: sparse span ranker (blocks of (features, 1 + question types)); 1 had no format key
+
+
 def save_weights(path: Path, weights: span_model.Weights, idf: dict[str, float], max_span_tokens: int) -> None:
     """Write to a temporary name and rename, so a reader never loads half a file."""
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **weights.arrays(), idf_words=np.array(list(idf), dtype=object).astype(str),
-             idf_values=np.array(list(idf.values()), dtype=float), max_span_tokens=np.array(max_span_tokens))
+    np.savez(tmp, **{f"w_{k}": v for k, v in weights.blocks.items()}, format=np.array(WEIGHTS_FORMAT),
+             idf_words=np.array(list(idf), dtype=str), idf_values=np.array(list(idf.values()), dtype=float),
+             max_span_tokens=np.array(max_span_tokens))
     os.replace(tmp, path)
 
 
 @lru_cache(maxsize=8)
 def load_weights(path: str) -> tuple[span_model.Weights, dict[str, float], int]:
     with np.load(path) as data:
-        weights = span_model.Weights(**{name: data[name] for name in span_model.Weights.__dataclass_fields__})
+        if "format" not in data.files or int(data["format"]) != WEIGHTS_FORMAT:
+            raise ConfigError(f"local provider: {path} was written by another version of the local model "
+                              f"(weights format {int(data['format']) if 'format' in data.files else 1}, this one "
+                              f"reads {WEIGHTS_FORMAT}); retrain it with tune")
+        weights = span_model.Weights({k[2:]: data[k] for k in data.files if k.startswith("w_")})
         idf = dict(zip(data["idf_words"].tolist(), data["idf_values"].tolist()))
         return weights, idf, int(data["max_span_tokens"])
 
@@ -93,6 +104,9 @@ class LocalProvider:
     def __init__(self, config: Config):
         self.config = config
         self.jobs_dir = Path(config.local.jobs_dir) if config.local.jobs_dir else default_jobs_dir()
+        # Featurized contexts for predict: questions about one context featurize it once; memory stays bounded.
+        self._passages = BoundedCache(span_features.passage, span_features.approx_bytes,
+                                      PASSAGE_CACHE_ENTRIES, PASSAGE_CACHE_BYTES)
 
     def _job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
@@ -203,9 +217,10 @@ class LocalProvider:
         return load_weights(str(Path(model).resolve()))
 
     def predict(self, model: str, question: str, context: str) -> Prediction:
+        """An empty (or punctuation-only) context answers "" for its row instead of failing the batch."""
         weights, idf, size = self._model(model)
         started = time.monotonic()
-        answer = span_model.predict_span(span_model.features(question, context, idf, size), weights)
+        answer = span_model.answer(self._passages.get(context), question, idf, weights, size)
         return Prediction(answer, (time.monotonic() - started) * 1000.0)
 
     def list_jobs(self) -> Iterator[str]:
