@@ -210,8 +210,9 @@ def passage(text: str) -> Passage:
     next_suffix = _shift(suffix, -1, FUNCTION_WIDTH + 2 * LEXICAL_BUCKETS + SUFFIX_BUCKETS - 2)
     return Passage(
         text, np.array([m.span() for m in matches], dtype=np.int32).reshape(n, 2), vocab, inverse, stem_vocab, sentence,
-        t["punct"].astype(bool), t["shape"], word, start.reshape(n, -1).astype(np.uint8),
-        end.reshape(n, -1).astype(np.uint8), inside.reshape(n, -1).astype(np.uint8),
+        t["punct"].astype(bool), t["shape"], word, start.reshape(n, len(STATIC_START_NAMES)).astype(np.uint8),
+        end.reshape(n, len(STATIC_END_NAMES)).astype(np.uint8),
+        inside.reshape(n, len(STATIC_INSIDE_NAMES)).astype(np.uint8),
         np.column_stack([_shift(t["function"], 1, none), prev_word, same_word, prev_suffix,
                          suffix + SUFFIX_BUCKETS]).reshape(n, 5).astype(np.int32),
         np.column_stack([_shift(t["function"], -1, none), next_word, same_word, next_suffix,

@@ -84,9 +84,11 @@ def _clipped_sum(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarr
 def _distance_buckets(matched: np.ndarray, sentence: np.ndarray, direction: int) -> np.ndarray:
     """(T, buckets): is the nearest matched token on one side (+1 left, -1 right) in the same sentence <= d away."""
     n = len(matched)
+    if n == 0:
+        return np.zeros((0, len(DISTANCE_BUCKETS)), dtype=bool)
     index = np.arange(n) if direction > 0 else np.arange(n)[::-1]
     marks = np.where(matched[index], np.arange(n), -1)
-    seen = np.maximum.accumulate(marks) if n else marks
+    seen = np.maximum.accumulate(marks)
     previous = np.r_[-1, seen[:-1]]  # nearest matched strictly before, in scan order (scan index)
     distance = np.arange(n) - previous
     same = (previous >= 0) & (sentence[index[np.maximum(previous, 0)]] == sentence[index])
@@ -353,6 +355,8 @@ def train(train_set: Corpus, val_set: Corpus | None, start: Weights, *, epochs: 
 
 def answer(p: sf.Passage, question: str, idf: dict[str, float], w: Weights, max_span_tokens: int) -> str:
     """The best span's text; "" when the context has no candidate span (empty, or punctuation only)."""
+    if not len(p.sentence):
+        return ""
     q = sf.question(question, p, idf, (), max_span_tokens)
     best = predict_spans(build_corpus([p], [(0, q)]), w, max_span_tokens)[0]
     return "" if best is None else p.text[p.offsets[best[0], 0]: p.offsets[best[1], 1]]

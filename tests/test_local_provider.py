@@ -14,6 +14,7 @@ import pytest
 
 from finetune_mlflow.config import load_config
 from finetune_mlflow.errors import ConfigError, ProviderError
+from finetune_mlflow.passage_cache import BoundedCache
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningRequest
 from finetune_mlflow.steps.prepare import build_splits, write_prepared
@@ -68,6 +69,47 @@ def test_job_runs_in_the_background_and_pages_events_with_a_cursor(prepared):
     assert list(provider.list_jobs()) == [job.job_id]
     prediction = provider.predict(final.tuned_model, "Who?", "Ada Lovelace wrote the notes.")
     assert prediction.text and prediction.latency_ms >= 0
+
+
+def test_each_epoch_is_a_checkpoint_and_the_best_by_val_loss_is_the_tuned_model(prepared):
+    provider = get_provider("local", load_config(None))
+    job = wait(provider, provider.start_job(request(prepared, epochs=3)).job_id)
+    status = json.loads((provider.jobs_dir / job.job_id / "status.json").read_text())
+    checkpoints = status["checkpoints"]
+    assert [c["epoch"] for c in checkpoints] == [1, 2, 3]
+    assert [c["checkpoint_id"] for c in checkpoints] == ["epoch-1", "epoch-2", "epoch-3"]
+    assert checkpoints[-1]["step"] == job.metrics["completed_step_count"]
+    assert all(Path(c["path"]).exists() and c["val_loss"] > 0 for c in checkpoints)
+    best = min(checkpoints, key=lambda c: c["val_loss"])
+    assert job.metrics["best_epoch"] == best["epoch"] and job.metrics["best_step"] == best["step"]
+    assert job.metrics["best_val_loss"] == best["val_loss"]
+    assert job.tags["local.best_checkpoint"] == best["checkpoint_id"]
+    assert Path(job.tuned_model).read_bytes() == Path(best["path"]).read_bytes()
+    for checkpoint in checkpoints:  # every checkpoint is a usable model
+        assert provider.predict(checkpoint["path"], "Who?", "Ada Lovelace wrote the notes.").text
+
+
+def test_serving_answers_an_empty_context_with_an_empty_string_and_keeps_its_cache_bounded():
+    provider = get_provider("local", load_config(None))
+    assert provider.predict("span-ranker-base", "Who wrote it?", "").text == ""
+    assert provider.predict("span-ranker-base", "Who wrote it?", " ... ").text == ""
+    cache = provider.passage_cache
+    big = " ".join(f"Ada Lovelace wrote note {k} in 1843." for k in range(40_000))  # ~1.3 MB, ~280k tokens
+    assert provider.predict("span-ranker-base", "When did Ada write note 7?", big).text
+    assert len(cache) == 2 and big not in cache  # larger than the whole byte budget: answered, never kept
+    for k in range(cache.max_entries + 20):
+        provider.predict("span-ranker-base", "Who wrote it?", f"Context number {k} was written by Ada.")
+    assert len(cache) == cache.max_entries and cache.total_bytes <= cache.max_bytes
+
+
+def test_the_passage_cache_evicts_by_entries_and_by_bytes():
+    cache = BoundedCache(lambda key: "x" * key, len, max_entries=3, max_bytes=10)
+    assert cache.get(4) == "xxxx" and cache.get(5) == "xxxxx" and cache.total_bytes == 9
+    cache.get(3)  # 12 bytes > 10: the least recently used (4) goes
+    assert 4 not in cache and 5 in cache and cache.total_bytes == 8
+    cache.get(5), cache.get(1), cache.get(2)  # 4 entries > 3: 3 goes (5 was used more recently)
+    assert len(cache) == 3 and 3 not in cache and 5 in cache
+    assert cache.get(11) == "x" * 11 and 11 not in cache  # over the byte budget on its own: not kept
 
 
 def test_starting_twice_for_one_run_adopts_the_first_job(prepared):

@@ -105,7 +105,7 @@ class LocalProvider:
         self.config = config
         self.jobs_dir = Path(config.local.jobs_dir) if config.local.jobs_dir else default_jobs_dir()
         # Featurized contexts for predict: questions about one context featurize it once; memory stays bounded.
-        self._passages = BoundedCache(span_features.passage, span_features.approx_bytes,
+        self.passage_cache = BoundedCache(span_features.passage, span_features.approx_bytes,
                                       PASSAGE_CACHE_ENTRIES, PASSAGE_CACHE_BYTES)
 
     def _job_dir(self, job_id: str) -> Path:
@@ -189,7 +189,8 @@ class LocalProvider:
             job_id=job_id, state=state, provider_status=status["state"],
             tuned_model=status.get("tuned_model"), error_code=status.get("error_code"),
             error_message=status.get("error_message"),
-            tags={"local.job_dir": str(job_dir)},
+            tags={"local.job_dir": str(job_dir), **({"local.best_checkpoint": status["best_checkpoint"]}
+                                                    if "best_checkpoint" in status else {})},
             metrics={k: float(v) for k, v in status.get("metrics", {}).items()},
         )
 
@@ -220,7 +221,7 @@ class LocalProvider:
         """An empty (or punctuation-only) context answers "" for its row instead of failing the batch."""
         weights, idf, size = self._model(model)
         started = time.monotonic()
-        answer = span_model.answer(self._passages.get(context), question, idf, weights, size)
+        answer = span_model.answer(self.passage_cache.get(context), question, idf, weights, size)
         return Prediction(answer, (time.monotonic() - started) * 1000.0)
 
     def list_jobs(self) -> Iterator[str]:
