@@ -3,7 +3,7 @@
 Every figure is measured for this checkout AND for a reference commit (default 85b5ea3, the code before the
 sparse rewrite) in the same run, each in fresh subprocesses, on the same prepared shipped data:
 
-    python benchmarks/bench_local_model.py --quick        # under a minute: this checkout only, one repetition
+    python benchmarks/bench_local_model.py --quick        # about a minute on a quiet machine: this checkout, once
     python benchmarks/bench_local_model.py                 # both trees, 3 repetitions, 87k-question scale test
 
 Memory is the trainer process's peak RSS (ru_maxrss); "per 1,000 questions" is the slope between the smallest
@@ -64,9 +64,9 @@ def _featurize(prepared: str, n: str, reps: str) -> dict:
     from finetune_mlflow.records import read_jsonl
 
     rows = read_jsonl(Path(prepared) / "train.jsonl")[: int(n)]
-    times = []
+    times, cpu = [], []
     for _ in range(int(reps)):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         if hasattr(local_trainer, "featurize_rows"):  # this checkout: nothing cached across calls
             local_trainer.featurize_rows(rows, local_trainer.idf_of(rows), 8)
         else:  # the reference: its passages are lru_cached
@@ -74,7 +74,8 @@ def _featurize(prepared: str, n: str, reps: str) -> dict:
             idf = span_model.document_frequencies([r["context"] for r in rows], 8)
             local_trainer._usable(rows, idf, 8)
         times.append((time.perf_counter() - started) / len(rows) * 1000)
-    return {"s_per_1000": times}
+        cpu.append((time.process_time() - started_cpu) / len(rows) * 1000)
+    return {"s_per_1000": times, "cpu_s_per_1000": cpu}
 
 
 def _replicated(rows: list[dict], total: int) -> list[dict]:
@@ -141,28 +142,42 @@ def _range(values: list[float], fmt: str = "{:.2f}") -> str:
         f"{fmt.format(min(values))}-{fmt.format(max(values))}"
 
 
-def curve(tree: Path, prepared: Path, sizes: list[int], reps: int) -> list[dict]:
-    rows = []
-    for n in sizes:
-        runs = [worker(tree, "train", str(prepared), str(n), "3", "1") for _ in range(reps if n == sizes[-1] else 1)]
-        rows.append({"n": runs[0]["n"], "f1": runs[0]["f1"], "em": runs[0]["em"],
-                     "seconds": [r["seconds"] for r in runs], "rss": [r["peak_rss_mb"] for r in runs],
-                     "best": {k: v for k, v in runs[0]["metrics"].items() if k.startswith("best_")}})
-    return rows
+def measure(trees: dict[str, Path], prepared: Path, sizes: list[int], reps: int) -> dict[str, dict]:
+    """Per tree: one run per smaller size, then `reps` runs of the full size and of featurization, the trees
+    interleaved rep by rep so that load from elsewhere on the machine hits both alike."""
+    out = {label: {"rows": {}, "full": [], "featurize": []} for label in trees}
+    for n in sizes[:-1]:
+        for label, tree in trees.items():
+            out[label]["rows"][n] = [worker(tree, "train", str(prepared), str(n), "3", "1")]
+    for _ in range(reps):
+        for label, tree in trees.items():
+            out[label]["full"].append(worker(tree, "train", str(prepared), str(sizes[-1]), "3", "1"))
+            out[label]["featurize"].append(worker(tree, "featurize", str(prepared), "100000", "1"))
+    for result in out.values():
+        result["rows"][sizes[-1]] = result["full"]
+    return out
 
 
-def report(label: str, tree: Path, prepared: Path, sizes: list[int], reps: int) -> dict:
-    rows = curve(tree, prepared, sizes, reps)
-    feat = worker(tree, "featurize", str(prepared), "100000", str(reps))["s_per_1000"]
-    per_1000 = (min(rows[-1]["rss"]) - rows[0]["rss"][0]) / (rows[-1]["n"] - rows[0]["n"]) * 1000
-    print(f"\n== {label} ({tree})")
-    print(f"{'train questions':>16} {'F1':>6} {'EM':>6} {'train s (3 epochs)':>20} {'peak RSS MB':>12}  best")
-    for r in rows:
-        print(f"{r['n']:>16} {r['f1']:>6.1f} {r['em']:>6.1f} {_range(r['seconds'], '{:.1f}'):>20} "
-              f"{_range(r['rss'], '{:.0f}'):>12}  {r['best'] or '-'}")
-    print(f"trainer memory: {per_1000:.1f} MB per 1,000 training questions (RSS slope {rows[0]['n']}->{rows[-1]['n']})")
-    print(f"featurization: {_range(feat, '{:.3f}')} s per 1,000 questions ({reps} repetitions)")
-    return {"rows": rows, "mb_per_1000": per_1000, "featurize": feat}
+def report(label: str, result: dict) -> None:
+    runs_by_size = result["rows"]
+    print(f"\n== {label}")
+    print(f"{'train questions':>16} {'F1':>6} {'EM':>6} {'wall s':>12} {'CPU s':>12} {'peak RSS MB':>12}  "
+          "best checkpoint")
+    for n, runs in runs_by_size.items():
+        best = {k: int(v) for k, v in runs[0]["metrics"].items() if k in ("best_epoch", "best_step")}
+        print(f"{runs[0]['n']:>16} {runs[0]['f1']:>6.1f} {runs[0]['em']:>6.1f} "
+              f"{_range([r['seconds'] for r in runs], '{:.1f}'):>12} "
+              f"{_range([r['cpu_seconds'] for r in runs], '{:.1f}'):>12} "
+              f"{_range([r['peak_rss_mb'] for r in runs], '{:.0f}'):>12}  {best or 'last epoch'}")
+    small, full = next(iter(runs_by_size.values()))[0], runs_by_size[max(runs_by_size)]
+    per_1000 = (min(r["peak_rss_mb"] for r in full) - small["peak_rss_mb"]) / (full[0]["n"] - small["n"]) * 1000
+    print(f"trainer memory: {per_1000:.1f} MB per 1,000 training questions "
+          f"(peak RSS slope {small['n']}->{full[0]['n']})")
+    wall = [x for r in result["featurize"] for x in r["s_per_1000"]]
+    cpu = [x for r in result["featurize"] for x in r["cpu_s_per_1000"]]
+    print(f"featurization (idf + features): {_range(wall, '{:.3f}')} s wall, {_range(cpu, '{:.3f}')} s CPU "
+          f"per 1,000 questions ({len(wall)} repetitions)")
+    result["mb_per_1000"], result["featurize_cpu"] = per_1000, cpu
 
 
 def main() -> None:
@@ -182,15 +197,23 @@ def main() -> None:
     sizes = [1000, 2000, 4000, n_train]
     print(f"machine: {os.cpu_count()} CPUs, {os.uname().machine}, python {sys.version.split()[0]}; "
           f"load average {os.getloadavg()[0]:.2f}")
-    report("this checkout", REPO, prepared, sizes, 1 if args.quick else args.reps)
-    if args.quick:
-        return
-    report(f"reference {args.reference}", export_tree(args.reference, work / "reference"), prepared, sizes,
-           args.reps)
-    if args.scale_rows:
+    trees = {"this checkout": REPO}
+    if not args.quick:
+        trees[f"reference {args.reference}"] = export_tree(args.reference, work / "reference")
+    results = measure(trees, prepared, sizes, 1 if args.quick else args.reps)
+    for label, result in results.items():
+        report(label, result)
+    if len(results) == 2:
+        mine, ref = results.values()
+        print(f"\nratios (reference / this checkout): memory per 1,000 questions "
+              f"{ref['mb_per_1000'] / mine['mb_per_1000']:.1f}x, featurization CPU "
+              f"{min(ref['featurize_cpu']) / min(mine['featurize_cpu']):.1f}x (best of each)")
+    if args.scale_rows and not args.quick:
         big = worker(REPO, "train", str(prepared), str(args.scale_rows), "1", "0")
-        print(f"\nscale test (this checkout): {big['n']} questions, 1 epoch: {big['seconds']:.0f} s, "
+        print(f"\nscale test (this checkout): {big['n']} questions (training rows replicated, contexts suffixed), "
+              f"1 epoch: {big['seconds']:.0f} s wall, {big['cpu_seconds']:.0f} s CPU, "
               f"peak RSS {big['peak_rss_mb']:.0f} MB")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

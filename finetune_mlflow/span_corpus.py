@@ -138,7 +138,8 @@ def batch(c: Corpus, examples: np.ndarray, max_span_tokens: int) -> Batch:
         end_ids=c.end_ids[rows], suffix=c.suffix[rows], example=example, first=base[example],
         last=(base + lengths)[example], sentence=c.sentence[rows] + sentence_base[example], punct=c.punct[rows],
         shape=c.shape[rows], word=c.word[rows], qtype=c.qtype[examples][example].astype(np.int64),
-        head=c.head[examples][example].astype(np.int64), form=c.form[examples][example].astype(float), weight=weight, match_key=match_key, after=after,
+        head=c.head[examples][example].astype(np.int64), form=c.form[examples][example].astype(float),
+        weight=weight, match_key=match_key, after=after,
         gold_key=(gold[:, 0] + base[g_example]) * max_span_tokens + gold[:, 1] - gold[:, 0],
         n_examples=len(examples),
     )

@@ -13,6 +13,7 @@ import math
 import re
 import zlib
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -71,9 +72,10 @@ def question_type(question: str) -> int:
     return QUESTION_TYPES.index("other")
 
 
-def question_head(question: str) -> str:
-    """The word that says what is asked for ("year" in "what year", "many" in "how many"), else the wh-word."""
-    words = [w.lower() for w in TOKEN.findall(question)]
+def question_head(question: str, words: Sequence[str] | None = None) -> str:
+    """The word that says what is asked for ("year" in "what year", "many" in "how many"), else the wh-word.
+    `words`: the question's lowercased tokens, when the caller has them already."""
+    words = words if words is not None else TOKEN.findall(question.lower())
     for index, word in enumerate(words):
         if word in ("what", "which", "how", "who", "when", "where", "why", "whose", "whom"):
             following = [w for w in words[index + 1:] if w not in ("the", "a", "an", "is", "was", "of", "did")]
@@ -105,6 +107,7 @@ def _after_wh(words: Sequence[str], q_stems: Sequence[str]) -> list[int]:
     return [int(first.get(s, 0) > wh) for s in q_stems]
 
 
+@lru_cache(maxsize=1 << 17)
 def stem(word: str) -> str:
     word = word.lower()
     return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
@@ -194,7 +197,8 @@ def passage(text: str) -> Passage:
     for w, k in vocab.items():
         stem_vocab.setdefault(stem(w), []).append(k)
     sentence = _sentences(tokens)
-    t = {k: v.astype(np.uint8) if k not in ("shape", "function", "word", "suffix") else v for k, v in _token_table(tokens).items()}
+    t = {k: v if k in ("shape", "function", "word", "suffix") else v.astype(np.uint8)
+         for k, v in _token_table(tokens).items()}
     first = np.r_[1, (sentence[1:] != sentence[:-1])].astype(np.uint8) if n else np.zeros(0, np.uint8)
     ones = np.ones(n, np.uint8)
     common = (t["cap"], t["digit"], t["stop"], t["year"], t["month"])
@@ -259,9 +263,12 @@ def question(text: str, p: Passage, idf: dict[str, float], answers: Sequence[str
     token_stem = word_stem[p.inverse]
     matched = np.flatnonzero(token_stem >= 0)
     matched_stem = token_stem[matched]
-    weight = np.array([idf.get(s, 1.0) / total for s in q_stems])[matched_stem] if len(matched) else np.zeros(0)
-    after = np.array(_after_wh(words, q_stems), dtype=np.int8)[matched_stem] if len(matched) else np.zeros(0, np.int8)
-    return Question(question_type(text), bucket("h:" + question_head(text)), asks_object(words),
+    if len(matched):
+        weight = np.array([idf.get(s, 1.0) / total for s in q_stems])[matched_stem]
+        after = np.array(_after_wh(words, q_stems), dtype=np.int8)[matched_stem]
+    else:
+        weight, after = np.zeros(0), np.zeros(0, np.int8)
+    return Question(question_type(text), bucket("h:" + question_head(text, words)), asks_object(words),
                     matched.astype(np.int32),
                     matched_stem.astype(np.int32), weight.astype(np.float32), after,
                     gold_spans(p, answers, max_span_tokens))
@@ -271,8 +278,8 @@ def gold_spans(p: Passage, answers: Sequence[str], max_span_tokens: int) -> np.n
     """(start, end) token pairs of candidate spans equal to a gold answer's tokens (every occurrence counts)."""
     hits = set()
     n = len(p.inverse)
-    for answer in answers:
-        target = [p.vocab.get(t.lower(), -1) for t in TOKEN.findall(answer)]
+    for answer in dict.fromkeys(answers):
+        target = [p.vocab.get(t, -1) for t in TOKEN.findall(answer.lower())]
         size = len(target)
         if not 0 < size <= max_span_tokens or min(target) < 0:
             continue

@@ -67,7 +67,8 @@ def initial_weights(max_span_tokens: int) -> Weights:
         put("start", START_NAMES, name, value)
     for name, value in (("match_right3", 0.3), ("stop", -1.0), ("next_punct", 0.3)):
         put("end", END_NAMES, name, value)
-    for name, value, qtype in (("q_match", -3.0, None), ("length", -0.1, None), ("stop", -0.2, None), ("year", 1.5, "when"),
+    for name, value, qtype in (("q_match", -3.0, None), ("length", -0.1, None), ("stop", -0.2, None),
+                               ("year", 1.5, "when"),
                                ("month", 1.0, "when"), ("digit", 1.5, "number"), ("number_word", 1.0, "number"),
                                ("cap", 0.5, "who"), ("cap", 0.3, "where")):
         put("inside", INSIDE_NAMES, name, value, qtype)
