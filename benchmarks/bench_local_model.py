@@ -50,9 +50,9 @@ def _prepare(out_dir: str) -> dict:
     from finetune_mlflow.config import load_config
     from finetune_mlflow.steps.prepare import build_splits, write_prepared
 
-    config = load_config(str(REPO / "experiments" / "squad_local.yaml"))
-    config.data.train_data = str(REPO / config.data.train_data)
-    config.data.validation_data = str(REPO / config.data.validation_data)
+    config = load_config(str(REPO / "experiments" / "squad_local.yaml"), {
+        "train_data": str(REPO / "data" / "squad" / "train.json"),
+        "validation_data": str(REPO / "data" / "squad" / "validation.json")})
     train, validation, _, dropped = build_splits(config)
     write_prepared(Path(out_dir), train, validation, dropped)
     return {"train": len(train), "validation": len(validation)}
