@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,7 @@ def _train(prepared: str, n: str, epochs: str, evaluate: str) -> dict:
               "peak_rss_mb": usage.ru_maxrss / 1024, "metrics": status.get("metrics", {})}
     if evaluate == "1":
         result.update(_score(status["tuned_model"], Path(prepared) / "validation.jsonl"))
+    shutil.rmtree(job)
     return result
 
 

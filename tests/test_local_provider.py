@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from finetune_mlflow.config import load_config
@@ -151,6 +152,14 @@ def test_a_redundant_trainer_launch_leaves_the_running_job_alone(prepared):
     assert json.loads((job_dir / "pid.json").read_text())["pid"] == first
     steps = [p.step for p in provider.read_metrics(job.job_id, None).points if p.key == "train_loss"]
     assert steps == sorted(set(steps))
+
+
+def test_weights_from_the_previous_model_format_are_a_clear_error(tmp_path):
+    old = tmp_path / "weights.npz"
+    np.savez(old, start=np.zeros((9, 3)), idf_words=np.array(["a"]), idf_values=np.ones(1),
+             max_span_tokens=np.array(8))
+    with pytest.raises(ConfigError, match="another version of the local model .*retrain"):
+        get_provider("local", load_config(None)).predict(str(old), "q", "c")
 
 
 def test_unknown_models_and_jobs_are_clear_errors(prepared):
