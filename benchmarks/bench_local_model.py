@@ -3,7 +3,7 @@
 Every figure is measured for this checkout AND for a reference commit (default 85b5ea3, the code before the
 sparse rewrite) in the same run, each in fresh subprocesses, on the same prepared shipped data:
 
-    python benchmarks/bench_local_model.py --quick        # about a minute on a quiet machine: this checkout, once
+    python benchmarks/bench_local_model.py --quick        # this checkout only, once: 49 s on 2 cores (load 3)
     python benchmarks/bench_local_model.py                 # both trees, 3 repetitions, 87k-question scale test
 
 Memory is the trainer process's peak RSS (ru_maxrss); "per 1,000 questions" is the slope between the smallest
