@@ -75,8 +75,7 @@ def test_job_runs_in_the_background_and_pages_events_with_a_cursor(prepared):
 def test_each_epoch_is_a_checkpoint_and_the_best_by_val_loss_is_the_tuned_model(prepared):
     provider = get_provider("local", load_config(None))
     job = wait(provider, provider.start_job(request(prepared, epochs=3)).job_id)
-    status = json.loads((provider.jobs_dir / job.job_id / "status.json").read_text())
-    checkpoints = status["checkpoints"]
+    checkpoints = provider.checkpoints(job.job_id)
     assert [c["epoch"] for c in checkpoints] == [1, 2, 3]
     assert [c["checkpoint_id"] for c in checkpoints] == ["epoch-1", "epoch-2", "epoch-3"]
     assert checkpoints[-1]["step"] == job.metrics["completed_step_count"]

@@ -194,6 +194,12 @@ class LocalProvider:
             metrics={k: float(v) for k, v in status.get("metrics", {}).items()},
         )
 
+    def checkpoints(self, job_id: str) -> list[dict]:
+        """The job's per-epoch checkpoints so far (each a usable `predict` model path), oldest first:
+        `checkpoint_id`, `epoch`, `step`, `path`, `val_loss`, as the trainer lists them in status.json."""
+        status = json.loads((self._job_dir(job_id) / "status.json").read_text(encoding="utf-8"))
+        return list(status.get("checkpoints", []))
+
     def read_metrics(self, job_id: str, cursor: str | None) -> MetricsPage:
         path = self._job_dir(job_id) / "events.jsonl"
         offset = int(cursor or 0)
