@@ -209,5 +209,7 @@ def test_local_provider_reads_its_checkpoints_defensively(tmp_path):
         {"checkpoint_id": "epoch-1", "epoch": 1, "step": 10, "path": "/w/e1.npz"},
         {"checkpoint_id": "broken", "epoch": 3}]}))
     found = provider.checkpoints("localjob-1")
+    # Models are named inside the jobs home (`<job>/checkpoints/<file>`), whatever path the trainer wrote.
     assert [(c.checkpoint_id, c.step, c.epoch, c.model, c.metrics) for c in found] == [
-        ("epoch-1", 10, 1, "/w/e1.npz", {}), ("epoch-2", 20, 2, "/w/e2.npz", {"val_loss": 0.4})]
+        ("epoch-1", 10, 1, "localjob-1/checkpoints/e1.npz", {}),
+        ("epoch-2", 20, 2, "localjob-1/checkpoints/e2.npz", {"val_loss": 0.4})]

@@ -10,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from finetune_mlflow.config import load_config
 from finetune_mlflow.errors import ConfigError, ProviderError
+from finetune_mlflow.providers.local.passage_cache import BoundedCache
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningRequest
 from finetune_mlflow.preparation import build_splits, write_prepared
@@ -62,7 +64,7 @@ def test_job_runs_in_the_background_and_pages_events_with_a_cursor(prepared):
     final = provider.get_job(job.job_id)
     assert final.state is JobState.SUCCEEDED and final.tuned_model == f"{job.job_id}/weights.npz"
     assert provider.weights_file(final.tuned_model) == (provider.jobs_dir / job.job_id / "weights.npz").resolve()
-    assert final.tags == {}  # nothing naming this machine's folders reaches the run
+    assert final.tags == {"local.best_checkpoint": "epoch-2"}  # nothing naming this machine's folders
     train_steps = [p.step for p in points if p.key == "train_loss"]
     assert train_steps == list(range(1, len(train_steps) + 1))  # every step once, in order
     assert provider.read_metrics(job.job_id, cursor).points == []  # nothing is read twice
@@ -71,6 +73,48 @@ def test_job_runs_in_the_background_and_pages_events_with_a_cursor(prepared):
     assert list(provider.list_jobs()) == [job.job_id]
     prediction = provider.predict(final.tuned_model, "Who?", "Ada Lovelace wrote the notes.")
     assert prediction.text and prediction.latency_ms >= 0
+
+
+def test_each_epoch_is_a_checkpoint_and_the_best_by_val_loss_is_the_tuned_model(prepared):
+    provider = get_provider("local", load_config(None))
+    job = wait(provider, provider.start_job(request(prepared, epochs=3)).job_id)
+    checkpoints = provider.checkpoints(job.job_id)
+    assert [c.epoch for c in checkpoints] == [1, 2, 3]
+    assert [c.checkpoint_id for c in checkpoints] == ["epoch-1", "epoch-2", "epoch-3"]
+    assert checkpoints[-1].step == job.metrics["completed_step_count"]
+    # Checkpoint models are named inside the jobs home like the tuned model, never by an absolute path.
+    assert [c.model for c in checkpoints] == [f"{job.job_id}/checkpoints/epoch-{e}.npz" for e in (1, 2, 3)]
+    assert all(provider.weights_file(c.model).exists() and c.metrics["val_loss"] > 0 for c in checkpoints)
+    best = min(checkpoints, key=lambda c: c.metrics["val_loss"])
+    assert job.metrics["best_epoch"] == best.epoch and job.metrics["best_step"] == best.step
+    assert job.metrics["best_val_loss"] == best.metrics["val_loss"]
+    assert job.tags["local.best_checkpoint"] == best.checkpoint_id
+    assert provider.weights_file(job.tuned_model).read_bytes() == provider.weights_file(best.model).read_bytes()
+    for checkpoint in checkpoints:  # every checkpoint is a usable model
+        assert provider.predict(checkpoint.model, "Who?", "Ada Lovelace wrote the notes.").text
+
+
+def test_serving_answers_an_empty_context_with_an_empty_string_and_keeps_its_cache_bounded():
+    provider = get_provider("local", load_config(None))
+    assert provider.predict("span-ranker-base", "Who wrote it?", "").text == ""
+    assert provider.predict("span-ranker-base", "Who wrote it?", " ... ").text == ""
+    cache = provider.passage_cache
+    big = " ".join(f"Ada Lovelace wrote note {k} in 1843." for k in range(40_000))  # ~1.3 MB, ~280k tokens
+    assert provider.predict("span-ranker-base", "When did Ada write note 7?", big).text
+    assert len(cache) == 2 and big not in cache  # larger than the whole byte budget: answered, never kept
+    for k in range(cache.max_entries + 20):
+        provider.predict("span-ranker-base", "Who wrote it?", f"Context number {k} was written by Ada.")
+    assert len(cache) == cache.max_entries and cache.total_bytes <= cache.max_bytes
+
+
+def test_the_passage_cache_evicts_by_entries_and_by_bytes():
+    cache = BoundedCache(lambda key: "x" * key, len, max_entries=3, max_bytes=10)
+    assert cache.get(4) == "xxxx" and cache.get(5) == "xxxxx" and cache.total_bytes == 9
+    cache.get(3)  # 12 bytes > 10: the least recently used (4) goes
+    assert 4 not in cache and 5 in cache and cache.total_bytes == 8
+    cache.get(5), cache.get(1), cache.get(2)  # 4 entries > 3: 3 goes (5 was used more recently)
+    assert len(cache) == 3 and 3 not in cache and 5 in cache
+    assert cache.get(11) == "x" * 11 and 11 not in cache  # over the byte budget on its own: not kept
 
 
 def test_starting_twice_for_one_run_adopts_the_first_job(prepared):
@@ -114,6 +158,15 @@ def test_a_redundant_trainer_launch_leaves_the_running_job_alone(prepared):
     assert steps == sorted(set(steps))
 
 
+def test_weights_from_the_previous_model_format_are_a_clear_error(tmp_path):
+    (tmp_path / "localjob-old").mkdir()
+    np.savez(tmp_path / "localjob-old" / "weights.npz", start=np.zeros((9, 3)), idf_words=np.array(["a"]),
+             idf_values=np.ones(1), max_span_tokens=np.array(8))
+    provider = get_provider("local", load_config(None, {"local.jobs_dir": str(tmp_path)}))
+    with pytest.raises(ConfigError, match="another version of the local model .*retrain"):
+        provider.predict("localjob-old/weights.npz", "q", "c")
+
+
 def test_unknown_models_and_jobs_are_clear_errors(prepared):
     provider = get_provider("local", load_config(None))
     with pytest.raises(ConfigError, match="base_model 'gpt-4' is unknown"):
@@ -127,7 +180,7 @@ def test_unknown_models_and_jobs_are_clear_errors(prepared):
 
 
 @pytest.mark.parametrize("model_id", ["/etc/weights.npz", "../weights.npz", "../../x/weights.npz", "a/../weights.npz",
-                                      "job/../../weights.npz", "job/other.npz", "weights.npz", "a/b/weights.npz",
+                                      "job/../../weights.npz", "job/other.txt", "weights.npz", "a/b/weights.npz",
                                       "..\\x\\weights.npz", "./weights.npz"])
 def test_a_model_id_never_names_a_file_outside_the_jobs_home(model_id, tmp_path):
     jobs = tmp_path / "jobs"

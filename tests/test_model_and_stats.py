@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from finetune_mlflow.providers.local import span_model
+from finetune_mlflow.providers.local import span_features, span_model
+from finetune_mlflow.providers.local.span_corpus import batch, build_corpus, spans
 from finetune_mlflow.config import PromotionConfig
 from finetune_mlflow.evaluation import EvaluationRun, ExampleResult, check_error_rate, delta_against, \
     run_predictions, summarize
@@ -18,55 +19,65 @@ CONTEXT = ("The Normans were descended from Norse raiders. In 911 Rollo signed a
            "The duchy of Normandy was founded in the 10th century.")
 
 
+def _corpus(rows: list[tuple[str, str]], size: int = 6):
+    p = span_features.passage(CONTEXT)
+    idf = {"rollo": 2.5, "sign": 1.3, "treaty": 2.9, "norman": 2.0}
+    return build_corpus([p], [(0, span_features.question(q, p, idf, [a], size)) for q, a in rows]), p
+
+
 def test_candidate_spans_stay_inside_sentences_and_skip_punctuation():
-    p = span_model.passage(CONTEXT, 8)
-    assert len(p.span_start) > 0
-    assert np.all(p.sentence[p.span_start] == p.sentence[p.span_end])
-    assert np.all(p.span_end - p.span_start < 8)
-    for i, j in zip(p.span_start, p.span_end):
-        assert p.lower[i][0].isalnum() and p.lower[j][0].isalnum()
+    corpus, p = _corpus([("Who signed a treaty?", "Rollo")])
+    b = batch(corpus, np.arange(1), 8)
+    s = spans(b, 8)
+    assert len(s.i) > 0 and s.gold.sum() == 1
+    assert np.all(b.sentence[s.i] == b.sentence[s.j]) and np.all(s.j - s.i < 8)
+    assert not b.punct[s.i].any() and not b.punct[s.j].any()
 
 
 def test_question_types():
-    assert span_model.QUESTION_TYPES[span_model.question_type("In what year did Rollo sign?")] == "when"
-    assert span_model.QUESTION_TYPES[span_model.question_type("How many raiders?")] == "number"
-    assert span_model.QUESTION_TYPES[span_model.question_type("Who signed the treaty?")] == "who"
+    assert span_model.QUESTION_TYPES[span_features.question_type("In what year did Rollo sign?")] == "when"
+    assert span_model.QUESTION_TYPES[span_features.question_type("How many raiders?")] == "number"
+    assert span_model.QUESTION_TYPES[span_features.question_type("Who signed the treaty?")] == "who"
 
 
 def test_gradient_matches_finite_differences():
-    f = span_model.features("In what year did Rollo sign a treaty?", CONTEXT, {}, 6)
-    gold = span_model.gold_spans(f, ["911"])
-    assert len(gold) == 1
+    corpus, _ = _corpus([("In what year did Rollo sign a treaty?", "911"), ("Who signed a treaty?", "Rollo")])
+    b = batch(corpus, np.arange(2), 6)
     w = span_model.initial_weights(6)
-    _, grads = span_model.loss_and_gradient(f, gold, w)
     rng = np.random.default_rng(0)
-    for block in ("start", "end", "inside", "length"):
-        array = w.arrays()[block]
-        row, col = 1 + f.qtype, int(rng.integers(array.shape[1]))
+    for block in w.blocks.values():
+        block += rng.normal(0, 0.1, block.shape)
+    _, gradient = span_model.batch_loss(b, w, 6)
+    dense = gradient.as_dense(w)
+    for name, array in w.blocks.items():
+        row, col = np.unravel_index(int(np.argmax(np.abs(dense[name]))), array.shape)
         original = array[row, col]
         array[row, col] = original + 1e-5
-        up = span_model.loss_and_gradient(f, gold, w, want_gradient=False)[0]
+        up = span_model.batch_loss(b, w, 6, want_gradient=False)[0].sum()
         array[row, col] = original - 1e-5
-        down = span_model.loss_and_gradient(f, gold, w, want_gradient=False)[0]
+        down = span_model.batch_loss(b, w, 6, want_gradient=False)[0].sum()
         array[row, col] = original
-        assert grads.arrays()[block][row, col] == pytest.approx((up - down) / 2e-5, abs=1e-5)
+        assert dense[name][row, col] == pytest.approx((up - down) / 2e-5, abs=1e-5), name
 
 
 def test_training_lowers_the_loss_on_a_tiny_set():
-    rows = [("In what year did Rollo sign a treaty?", "911"), ("Who signed a treaty?", "Rollo"),
-            ("Who were the Normans descended from?", "Norse raiders")]
-    data = []
-    for question, answer in rows:
-        f = span_model.features(question, CONTEXT, {}, 6)
-        data.append((f, span_model.gold_spans(f, [answer])))
+    corpus, p = _corpus([("In what year did Rollo sign a treaty?", "911"), ("Who signed a treaty?", "Rollo"),
+                         ("Who were the Normans descended from?", "Norse raiders")])
     start = span_model.initial_weights(6)
-    before = span_model.mean_loss(data, start)
-    last = None
-    for _, last in span_model.train(data, data, start, epochs=20, learning_rate=0.05, batch_size=3, seed=0,
-                                    eval_every_steps=5):
-        pass
-    assert span_model.mean_loss(data, last) < before / 2
-    assert span_model.predict_span(data[0][0], last) == "911"
+    before = span_model.mean_loss(corpus, start, 6)
+    reports, last = [], None
+    for report, last in span_model.train(corpus, corpus, start, epochs=20, learning_rate=0.05, batch_size=3,
+                                         seed=0, eval_every_steps=5, max_span_tokens=6):
+        reports.append(report)
+    assert span_model.mean_loss(corpus, last, 6) < before / 2
+    assert sum(r.epoch_end for r in reports) == 20 and all(r.val_loss is not None for r in reports if r.epoch_end)
+    assert span_model.answer(p, "In what year did Rollo sign a treaty?", {}, last, 6) == "911"
+
+
+def test_an_empty_or_punctuation_only_context_answers_nothing():
+    w = span_model.initial_weights(6)
+    assert span_model.answer(span_features.passage(""), "Who?", {}, w, 6) == ""
+    assert span_model.answer(span_features.passage("... !"), "Who?", {}, w, 6) == ""
 
 
 def test_latency_summary_and_bootstrap_are_reproducible():
@@ -154,10 +165,12 @@ def test_features_do_not_depend_on_the_string_hash_seed():
     import sys
 
     script = (
-        "import hashlib; from finetune_mlflow.providers.local import span_model as s; "
-        f"f = s.features('What did Rollo sign with King Charles in 911 treaty?', {CONTEXT!r}, "
-        "{'rollo': 2.5, 'sign': 1.3, 'king': 1.7, 'charle': 2.1, 'treaty': 2.9, '911': 3.3}, 6); "
-        "print(hashlib.sha256(f.start.tobytes() + f.inside.tobytes()).hexdigest())"
+        "import hashlib, numpy as np; from finetune_mlflow.providers.local import span_features as f, span_model as m; "
+        "from finetune_mlflow.providers.local.span_corpus import batch, build_corpus; "
+        f"p = f.passage({CONTEXT!r}); q = f.question('What did Rollo sign with King Charles in 911 treaty?', p, "
+        "{'rollo': 2.5, 'sign': 1.3, 'king': 1.7, 'charle': 2.1, 'treaty': 2.9, '911': 3.3}, ['a treaty'], 6); "
+        "blocks = m.question_block(batch(build_corpus([p], [(0, q)]), np.arange(1), 6)); "
+        "print(hashlib.sha256(b''.join(x.tobytes() for x in blocks) + p.start_ids.tobytes()).hexdigest())"
     )
     digests = {
         subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,

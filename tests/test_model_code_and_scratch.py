@@ -20,7 +20,7 @@ def test_serving_ships_every_provider_and_nothing_the_steps_need():
 
 
 def test_imports_inside_functions_and_module_names_in_strings_count():
-    source = ("import os\nfrom finetune_mlflow import span_model\n"
+    source = ("import os\nfrom finetune_mlflow.providers.local import span_model\n"
               "def f():\n    from finetune_mlflow.providers.base import JobState\n"
               "TABLE = {'x': 'finetune_mlflow.providers.local:LocalProvider'}\n")
     assert imported_names(source) == {"finetune_mlflow", "finetune_mlflow.span_model", "finetune_mlflow.providers.base",

@@ -22,7 +22,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from finetune_mlflow import span_model
+from finetune_mlflow.providers.local import span_model
 from finetune_mlflow.config import load_config
 from finetune_mlflow.providers.local import save_weights
 from finetune_mlflow.registry import EXAMPLE_INPUT, PACKAGE_DIR, register_tuned_model

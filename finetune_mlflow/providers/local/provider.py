@@ -21,7 +21,8 @@ import shutil
 
 import numpy as np
 
-from finetune_mlflow.providers.local import span_model
+from finetune_mlflow.providers.local import span_features, span_model
+from finetune_mlflow.providers.local.passage_cache import BoundedCache
 from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, ProviderError
@@ -48,9 +49,12 @@ logger = logging.getLogger(__name__)
 
 BASE_MODEL = "span-ranker-base"
 WEIGHTS_FILE = "weights.npz"
+CHECKPOINT_DIR = "checkpoints"  # the trainer's per-epoch weights: `<job_id>/checkpoints/epoch-N.npz`
 # A job id as a path component: one plain name, never "." or "..".
 JOB_ID = re.compile(r"(?!\.\.?$)[A-Za-z0-9._-]+")
 WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.npz")
+PASSAGE_CACHE_ENTRIES = 256
+PASSAGE_CACHE_BYTES = 64 << 20
 
 
 def default_jobs_dir() -> Path:
@@ -63,13 +67,14 @@ def weights_file(jobs_dir: Path, model_id: str) -> Path:
     the jobs home. Model ids come from run tags and registry metadata, so anything that could name a file elsewhere
     (absolute, `..`, a symlink out) is refused."""
     parts = PurePosixPath(model_id).parts
-    if (len(parts) != 2 or not WEIGHTS_NAME.fullmatch(parts[1]) or not JOB_ID.fullmatch(parts[0])
-            or "\\" in model_id):
+    inner = parts[1:-1]  # nothing, or the trainer's checkpoints folder
+    if (len(parts) not in (2, 3) or not WEIGHTS_NAME.fullmatch(parts[-1]) or not JOB_ID.fullmatch(parts[0])
+            or inner not in ((), (CHECKPOINT_DIR,)) or "\\" in model_id):
         raise ConfigError(f"local provider: model {model_id!r} is neither {BASE_MODEL!r} nor "
                           f"'<job_id>/{WEIGHTS_FILE}' inside the local jobs home")
     root = jobs_dir.resolve()
-    path = (root / parts[0] / parts[1]).resolve()
-    if path.parent.parent != root:
+    path = root.joinpath(*parts).resolve()
+    if path.parents[len(parts) - 1] != root:
         raise ConfigError(f"local provider: model {model_id!r} resolves outside the local jobs home")
     if not path.is_file():
         raise ConfigError(f"local provider: model {model_id!r} has no weights under the local jobs home {root} "
@@ -77,18 +82,26 @@ def weights_file(jobs_dir: Path, model_id: str) -> Path:
     return path
 
 
+WEIGHTS_FORMAT = 2  # 2: sparse span ranker (blocks of (features, 1 + question types)); 1 had no format key
+
+
 def save_weights(path: Path, weights: span_model.Weights, idf: dict[str, float], max_span_tokens: int) -> None:
     """Write to a temporary name and rename, so a reader never loads half a file."""
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **weights.arrays(), idf_words=np.array(list(idf), dtype=object).astype(str),
-             idf_values=np.array(list(idf.values()), dtype=float), max_span_tokens=np.array(max_span_tokens))
+    np.savez(tmp, **{f"w_{k}": v for k, v in weights.blocks.items()}, format=np.array(WEIGHTS_FORMAT),
+             idf_words=np.array(list(idf), dtype=str), idf_values=np.array(list(idf.values()), dtype=float),
+             max_span_tokens=np.array(max_span_tokens))
     os.replace(tmp, path)
 
 
 @lru_cache(maxsize=8)
 def load_weights(path: str) -> tuple[span_model.Weights, dict[str, float], int]:
     with np.load(path) as data:
-        weights = span_model.Weights(**{name: data[name] for name in span_model.Weights.__dataclass_fields__})
+        if "format" not in data.files or int(data["format"]) != WEIGHTS_FORMAT:
+            raise ConfigError(f"local provider: {path} was written by another version of the local model "
+                              f"(weights format {int(data['format']) if 'format' in data.files else 1}, this one "
+                              f"reads {WEIGHTS_FORMAT}); retrain it with tune")
+        weights = span_model.Weights({k[2:]: data[k] for k in data.files if k.startswith("w_")})
         idf = dict(zip(data["idf_words"].tolist(), data["idf_values"].tolist()))
         return weights, idf, int(data["max_span_tokens"])
 
@@ -102,6 +115,9 @@ class LocalProvider(JobDirectoryProvider):
     def __init__(self, config: Config):
         self.config = config
         self.jobs_dir = Path(config.local.jobs_dir) if config.local.jobs_dir else default_jobs_dir()
+        # Featurized contexts for predict: questions about one context featurize it once; memory stays bounded.
+        self.passage_cache = BoundedCache(span_features.passage, span_features.approx_bytes,
+                                      PASSAGE_CACHE_ENTRIES, PASSAGE_CACHE_BYTES)
 
     def weights_file(self, model_id: str) -> Path:
         return weights_file(self.jobs_dir, model_id)
@@ -179,6 +195,7 @@ class LocalProvider(JobDirectoryProvider):
             # Named relative to the jobs home, never by this machine's absolute path (see weights_file).
             tuned_model=f"{job_id}/{WEIGHTS_FILE}" if status.get("tuned_model") else None,
             error_code=status.get("error_code"), error_message=status.get("error_message"),
+            tags={"local.best_checkpoint": status["best_checkpoint"]} if "best_checkpoint" in status else {},
             metrics={k: float(v) for k, v in status.get("metrics", {}).items()},
             base_model=BASE_MODEL, **self._job_facts(job_dir),
         )
@@ -200,9 +217,10 @@ class LocalProvider(JobDirectoryProvider):
         return load_weights(str(self.weights_file(model)))
 
     def predict(self, model: str, question: str, context: str) -> Prediction:
+        """An empty (or punctuation-only) context answers "" for its row instead of failing the batch."""
         weights, idf, size = self._model(model)
         started = time.monotonic()
-        answer = span_model.predict_span(span_model.features(question, context, idf, size), weights)
+        answer = span_model.answer(self.passage_cache.get(context), question, idf, weights, size)
         return Prediction(answer, (time.monotonic() - started) * 1000.0)
 
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
@@ -217,7 +235,7 @@ class LocalProvider(JobDirectoryProvider):
             try:
                 val_loss = entry.get("val_loss")
                 found.append(Checkpoint(
-                    checkpoint_id=str(entry["checkpoint_id"]), model=f"{job_id}/{Path(entry['path']).name}",
+                    checkpoint_id=str(entry["checkpoint_id"]), model=f"{job_id}/{CHECKPOINT_DIR}/{Path(entry['path']).name}",
                     step=int(entry["step"]),
                     epoch=int(entry["epoch"]) if entry.get("epoch") is not None else None,
                     metrics={"val_loss": float(val_loss)} if isinstance(val_loss, (int, float)) else {}))

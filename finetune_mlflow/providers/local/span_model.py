@@ -1,422 +1,299 @@
-"""The local provider's model: a linear extractive span ranker, trained by SGD on this machine (numpy only).
+"""The local provider's model: a linear extractive span ranker, trained by minibatch Adam (numpy + scipy.sparse).
 
 A span (i..j) inside one sentence of the context scores
     s(i, j) = start(i) + end(j) + sum_{k=i..j} inside(k) + length(j - i)
-where each term is a dot product of hand-made token features with weights, and every weight block is repeated
-per question type (who/when/how many...) so that "when" can learn to like years and "who" capitalized words.
-Because the score decomposes over tokens, every span of a passage is scored with a few vector operations and the
-softmax gradient over all spans is exact (no candidate sampling). The loss is the negative log of the
-probability mass on the gold spans.
+where each term is a dot product of token features with weights, and every weight column is repeated per
+question type (who/when/how many...) so that "when" can learn to like years and "who" capitalized words: a weight
+block has shape (features, 1 + types), column 0 shared, column 1 + t for type t. Because the score decomposes over
+tokens, every span of a minibatch is scored with one sparse product per role and a few vector operations, and the
+softmax gradient over all spans is exact (no candidate sampling). The loss is -log P(gold spans).
 
-"Base" is the hand-set initial weights (a sensible heuristic: near question words, in the best-matching
-sentence, not repeating the question); tuning starts from it, so the tuned model's gain is the learning.
-Pure functions and plain data: no MLflow, no files, no network.
+"Base" is the hand-set initial weights (a reading-comprehension heuristic: near question words, in the
+best-matching sentence, not repeating the question); tuning starts from it, so the tuned model's gain is the
+learning. Pure functions and plain data: no MLflow, no files, no network.
 """
 
 from __future__ import annotations
 
-import math
-import re
-import zlib
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 
-_TOKEN = re.compile(r"\d+(?:[.,]\d+)*|\w+(?:[-'’]\w+)*|[^\w\s]", re.UNICODE)
-STOPWORDS = frozenset(
-    "a an the of in on at by for to from with and or but is are was were be been being as that this these those "
-    "it its it's which who whom whose what when where why how did do does done has have had not no than then "
-    "there their they he she his her him i we you our your into over under about after before during between "
-    "also such can could would should may might will shall one s 's".split()
-)
-_MONTHS = frozenset("january february march april may june july august september october november december".split())
-_NUMBER_WORDS = frozenset(
-    "one two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty hundred thousand "
-    "million billion trillion percent half dozen".split()
-)
-FUNCTION_WORDS = (
-    "in", "of", "by", "the", "a", "an", "was", "is", "to", "as", "on", "at", "from", "for", "and", "with",
-    "called", "known", "that", "which", "(", ",", ".", "'s", '"', "were", "are", "be", "or", "named",
-)
-_FUNCTION_INDEX = {word: index for index, word in enumerate(FUNCTION_WORDS)}
-QUESTION_TYPES = ("who", "when", "where", "why", "number", "how", "what", "other")
+from finetune_mlflow.providers.local import span_features as sf
+from finetune_mlflow.providers.local.span_corpus import Batch, Corpus, Spans, batch, build_corpus, spans
 
-
-def question_type(question: str) -> int:
-    words = question.lower().split()
-    text = " ".join(words)
-    if re.search(r"\bhow (many|much|long|old|far|large|big|tall)\b|\bwhat (percentage|percent|number|amount)\b",
-                 text):
-        return QUESTION_TYPES.index("number")
-    if re.search(r"\bwhen\b|\bwhat (year|century|decade|day|month|date|time|period)\b|\bwhich year\b", text):
-        return QUESTION_TYPES.index("when")
-    for word in words:
-        stripped = word.strip("?,.\"'")
-        if stripped in ("who", "whom", "whose"):
-            return QUESTION_TYPES.index("who")
-        if stripped in ("where", "why", "how"):
-            return QUESTION_TYPES.index(stripped)
-        if stripped in ("what", "which"):
-            return QUESTION_TYPES.index("what")
-    return QUESTION_TYPES.index("other")
-
-
-def stem(word: str) -> str:
-    word = word.lower()
-    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
-
-
-@dataclass(frozen=True)
-class Passage:
-    """A tokenized context with its candidate spans; independent of the question, so cached per context."""
-
-    text: str
-    offsets: np.ndarray  # (n, 2) char start/end of each token
-    lower: tuple[str, ...]
-    lower_raw: tuple[str, ...]  # original casing, for shapes
-    stems: tuple[str, ...]
-    sentence: np.ndarray  # (n,) sentence index of each token
-    n_sentences: int
-    static_start: np.ndarray  # (n, k) question-independent token features
-    static_end: np.ndarray
-    static_inside: np.ndarray
-    span_start: np.ndarray  # (m,) candidate span first token
-    span_end: np.ndarray  # (m,) candidate span last token (inclusive)
-    # Hashed word ids per token for the lexical tables: (n, 2) start [prev word, word], end [next word, word],
-    # (n, 1) inside [word].
-    lex_start: np.ndarray
-    lex_end: np.ndarray
-    lex_inside: np.ndarray
-
-
-def _shift(values: np.ndarray, by: int, fill: float = 0.0) -> np.ndarray:
-    """values[k - by] at position k (by > 0 looks left), padded with `fill`."""
-    out = np.full_like(values, fill)
-    if by > 0:
-        out[by:] = values[:-by]
-    elif by < 0:
-        out[:by] = values[-by:]
-    else:
-        out[:] = values
-    return out
-
-
-LEXICAL_BUCKETS = 1 << 12
-
-
-def _hashed(words: Sequence[str], salt: str) -> np.ndarray:
-    """Stable (crc32, not Python's salted hash) bucket ids, so saved weights mean the same in every process."""
-    return np.array([zlib.crc32(f"{salt}{w}".encode()) % LEXICAL_BUCKETS for w in words], dtype=np.int64)
-
-
-def _one_hot_words(words: Sequence[str]) -> np.ndarray:
-    out = np.zeros((len(words), len(FUNCTION_WORDS) + 1))
-    for row, word in enumerate(words):
-        out[row, _FUNCTION_INDEX.get(word, len(FUNCTION_WORDS))] = 1.0
-    return out
-
-
-@lru_cache(maxsize=4096)
-def passage(text: str, max_span_tokens: int) -> Passage:
-    matches = list(_TOKEN.finditer(text))
-    tokens = [m.group(0) for m in matches]
-    n = len(tokens)
-    lower = tuple(t.lower() for t in tokens)
-    offsets = np.array([[m.start(), m.end()] for m in matches], dtype=np.int64).reshape(n, 2)
-    sentence = np.zeros(n, dtype=np.int64)
-    current = 0
-    for k, token in enumerate(tokens):
-        sentence[k] = current
-        if token in (".", "?", "!") and (k + 1 == n or tokens[k + 1][:1].isupper() or tokens[k + 1] in ('"', "(")):
-            current += 1
-    is_punct = np.array([not t[0].isalnum() for t in tokens], dtype=float)
-    is_cap = np.array([t[0].isupper() for t in tokens], dtype=float)
-    is_digit = np.array([t[0].isdigit() for t in tokens], dtype=float)
-    is_year = np.array([bool(re.fullmatch(r"1\d{3}|20\d{2}", t)) for t in tokens], dtype=float)
-    is_stop = np.array([w in STOPWORDS for w in lower], dtype=float)
-    is_month = np.array([w in _MONTHS for w in lower], dtype=float)
-    is_number_word = np.array([w in _NUMBER_WORDS for w in lower], dtype=float)
-    first_of_sentence = np.r_[1.0, (sentence[1:] != sentence[:-1]).astype(float)] if n else np.zeros(0)
-    prev_words = ("<s>",) + lower[:-1] if n else ()
-    next_words = lower[1:] + ("</s>",) if n else ()
-    prev_punct, next_punct = _shift(is_punct, 1, 1.0), _shift(is_punct, -1, 1.0)
-    ones = np.ones(n)
-    static_start = np.column_stack([
-        ones, is_cap, is_digit, is_stop, is_year, is_month, first_of_sentence, prev_punct,
-        _shift(is_cap, 1), _one_hot_words(prev_words),
-    ])
-    static_end = np.column_stack([
-        ones, is_cap, is_digit, is_stop, is_year, is_month, next_punct, _shift(is_cap, -1),
-        _one_hot_words(next_words),
-    ])
-    static_inside = np.column_stack([ones, is_cap, is_digit, is_stop, is_year, is_month, is_punct, is_number_word])
-    starts, ends = [], []
-    for length in range(max_span_tokens):
-        i = np.arange(0, max(n - length, 0))
-        j = i + length
-        ok = (sentence[i] == sentence[j]) & (is_punct[i] == 0) & (is_punct[j] == 0)
-        starts.append(i[ok])
-        ends.append(j[ok])
-    return Passage(
-        text=text, offsets=offsets, lower=lower, lower_raw=tuple(tokens), stems=tuple(stem(w) for w in lower), sentence=sentence,
-        n_sentences=int(sentence.max()) + 1 if n else 0, static_start=static_start, static_end=static_end,
-        static_inside=static_inside,
-        span_start=np.concatenate(starts) if starts else np.zeros(0, np.int64),
-        span_end=np.concatenate(ends) if ends else np.zeros(0, np.int64),
-        lex_start=np.column_stack([_hashed(prev_words, "p:"), _hashed(lower, "s:")]).reshape(n, 2),
-        lex_end=np.column_stack([_hashed(next_words, "n:"), _hashed(lower, "e:")]).reshape(n, 2),
-        lex_inside=_hashed(lower, "i:").reshape(n, 1),
-    )
-
-
-# Question-dependent features appended to the static ones (names kept for the heuristic's initial weights).
+QUESTION_TYPES = sf.QUESTION_TYPES
+TYPES = 1 + len(QUESTION_TYPES)
 DISTANCE_BUCKETS = (1, 2, 3, 6, 10)
 START_DYNAMIC = ("sent_score", "sent_best", "sent_second", "sent_far", "window", "match_left1", "match_left3",
-                 "prev_match") + tuple(f"left_match<={d}" for d in DISTANCE_BUCKETS)
-END_DYNAMIC = ("match_right1", "match_right3", "next_match") + tuple(f"right_match<={d}" for d in DISTANCE_BUCKETS)
+                 "left_bigram", "sent_left_idf", "sent_bigrams", "left_before_wh", "left_after_wh",
+                 "near_left_before_wh", "near_left_after_wh") + tuple(
+    f"{form}left_match<={d}" for form in ("", "object_") for d in DISTANCE_BUCKETS)
+END_DYNAMIC = ("match_right1", "match_right3", "right_bigram", "sent_right_idf", "right_after_wh", "right_before_wh",
+               "near_right_after_wh", "near_right_before_wh") + tuple(
+    f"{form}right_match<={d}" for form in ("", "object_") for d in DISTANCE_BUCKETS)
 INSIDE_DYNAMIC = ("q_match", "q_match_idf")
-STATIC_START_NAMES = ("bias", "cap", "digit", "stop", "year", "month", "first", "prev_punct", "prev_cap") + tuple(
-    f"prev={w}" for w in FUNCTION_WORDS) + ("prev=other",)
-STATIC_END_NAMES = ("bias", "cap", "digit", "stop", "year", "month", "next_punct", "next_cap") + tuple(
-    f"next={w}" for w in FUNCTION_WORDS) + ("next=other",)
-STATIC_INSIDE_NAMES = ("length", "cap", "digit", "stop", "year", "month", "punct", "number_word")
-START_NAMES = STATIC_START_NAMES + START_DYNAMIC
-END_NAMES = STATIC_END_NAMES + END_DYNAMIC
-INSIDE_NAMES = STATIC_INSIDE_NAMES + INSIDE_DYNAMIC
-
-
-@dataclass(frozen=True)
-class Features:
-    passage: Passage
-    qtype: int
-    start: np.ndarray
-    end: np.ndarray
-    inside: np.ndarray
-    # Per-question inside ids: the passage's word ids plus (question head, token shape) ids.
-    lex_inside: np.ndarray
-
-
-def _near(indicator: np.ndarray, direction: int, distance: int) -> np.ndarray:
-    """1 where a matched token lies within `distance` tokens in `direction` (+1: left, -1: right)."""
-    out = np.zeros_like(indicator)
-    for d in range(1, distance + 1):
-        out = np.maximum(out, _shift(indicator, d * direction))
-    return out
-
-
-def _window_sum(values: np.ndarray, radius: int) -> np.ndarray:
-    """Sum of values[k - radius .. k + radius] at each k (clipped at the ends), for any length."""
-    padded = np.concatenate([[0.0], np.cumsum(values)])
-    k = np.arange(len(values))
-    return padded[np.minimum(k + radius + 1, len(values))] - padded[np.maximum(k - radius, 0)]
-
-
-def _distance_to_match(matched: np.ndarray, sentence: np.ndarray, direction: int) -> np.ndarray:
-    """Tokens to the nearest matched token on one side (+1: left, -1: right) in the same sentence; large if none."""
-    n = len(matched)
-    distance = np.full(n, 10_000.0)
-    last, last_sentence = None, None
-    positions = range(n) if direction > 0 else range(n - 1, -1, -1)
-    for k in positions:
-        if last is not None and last_sentence == sentence[k]:
-            distance[k] = abs(k - last)
-        if matched[k]:
-            last, last_sentence = k, sentence[k]
-    return distance
-
-
-def _buckets(distance: np.ndarray) -> np.ndarray:
-    return np.column_stack([distance <= d for d in DISTANCE_BUCKETS]).reshape(len(distance), -1)
-
-
-def _shape(token: str) -> str:
-    if token.isdigit():
-        return "dddd" if len(token) == 4 else "d"
-    if token[:1].isdigit():
-        return "d."
-    if token[:1].isupper():
-        return "Xx"
-    return "x" if token[:1].isalpha() else "."
-
-
-def question_head(question: str) -> str:
-    """The word that says what is asked for ("year" in "what year", "many" in "how many"), else the wh-word."""
-    words = [w.lower() for w in _TOKEN.findall(question)]
-    for index, word in enumerate(words):
-        if word in ("what", "which", "how", "who", "when", "where", "why", "whose", "whom"):
-            following = [w for w in words[index + 1:] if w not in ("the", "a", "an", "is", "was", "of", "did")]
-            return f"{word} {following[0]}" if following and word in ("what", "which", "how") else word
-    return words[0] if words else ""
-
-
-def features(question: str, context: str, idf: dict[str, float], max_span_tokens: int) -> Features:
-    p = passage(context, max_span_tokens)
-    n = len(p.lower)
-    q_stems = {stem(w) for w in _TOKEN.findall(question.lower()) if w not in STOPWORDS and w[0].isalnum()}
-    weights = np.array([idf.get(s, 1.0) if s in q_stems else 0.0 for s in p.stems]) if n else np.zeros(0)
-    matched = (weights > 0).astype(float)
-    # Sentence overlap: idf mass of distinct question words the sentence contains.
-    sentence_score = np.zeros(max(p.n_sentences, 1))
-    # Sorted: float sums in set order would depend on PYTHONHASHSEED and make training irreproducible.
-    for s_index, s in sorted({(int(p.sentence[k]), p.stems[k]) for k in np.flatnonzero(matched)}):
-        sentence_score[s_index] += idf.get(s, 1.0)
-    total = sum(idf.get(s, 1.0) for s in sorted(q_stems)) or 1.0
-    sentence_score = sentence_score / total
-    order = np.argsort(-sentence_score, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    token_rank = rank[p.sentence] if n else np.zeros(0, np.int64)
-    window = _window_sum(weights, 10) / total
-    start_dynamic = np.column_stack([
-        sentence_score[p.sentence] if n else np.zeros(0), (token_rank == 0), (token_rank == 1), (token_rank >= 2),
-        window, _shift(matched, 1), _near(matched, 1, 3), _shift(matched, 1),
-        _buckets(_distance_to_match(matched, p.sentence, 1)),
-    ]).astype(float)
-    end_dynamic = np.column_stack([_shift(matched, -1), _near(matched, -1, 3), _shift(matched, -1),
-                                   _buckets(_distance_to_match(matched, p.sentence, -1))]).astype(float)
-    head = question_head(question)
-    head_shape = _hashed([f"{head}|{_shape(t)}" for t in p.lower_raw], "h:")
-    inside_dynamic = np.column_stack([matched, weights / total])
-    return Features(
-        passage=p, qtype=question_type(question),
-        start=np.hstack([p.static_start, start_dynamic.reshape(n, -1)]),
-        end=np.hstack([p.static_end, end_dynamic.reshape(n, -1)]),
-        inside=np.hstack([p.static_inside, inside_dynamic.reshape(n, -1)]),
-        lex_inside=np.column_stack([p.lex_inside, head_shape]).reshape(n, 2),
-    )
+START_NAMES = sf.STATIC_START_NAMES + START_DYNAMIC
+END_NAMES = sf.STATIC_END_NAMES + END_DYNAMIC
+INSIDE_NAMES = sf.STATIC_INSIDE_NAMES + INSIDE_DYNAMIC
+TABLE_ROWS = {"start": sf.START_IDS_WIDTH, "end": sf.END_IDS_WIDTH, "inside": sf.INSIDE_IDS_WIDTH}
+# Per role: weights of the dense features (names) and a table the role's id columns index.
+BLOCKS = {"start": len(START_NAMES), "end": len(END_NAMES), "inside": len(INSIDE_NAMES),
+          "start_ids": sf.START_IDS_WIDTH, "end_ids": sf.END_IDS_WIDTH, "inside_ids": sf.INSIDE_IDS_WIDTH}
 
 
 @dataclass
 class Weights:
-    """One row of weights shared by all question types plus one row per type, for each feature role."""
+    """One (features, 1 + types) block per role, plus the span-length table (max_span_tokens, 1 + types)."""
 
-    start: np.ndarray  # (1 + n_types, len(START_NAMES))
-    end: np.ndarray
-    inside: np.ndarray
-    length: np.ndarray  # (1 + n_types, max_span_tokens)
-    lex_start: np.ndarray  # (1 + n_types, LEXICAL_BUCKETS)
-    lex_end: np.ndarray
-    lex_inside: np.ndarray
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"start": self.start, "end": self.end, "inside": self.inside, "length": self.length,
-                "lex_start": self.lex_start, "lex_end": self.lex_end, "lex_inside": self.lex_inside}
+    blocks: dict[str, np.ndarray]
 
     def copy(self) -> "Weights":
-        return Weights(**{k: v.copy() for k, v in self.arrays().items()})
+        return Weights({k: v.copy() for k, v in self.blocks.items()})
 
 
 def initial_weights(max_span_tokens: int) -> Weights:
     """The base model: a reading-comprehension heuristic, also the point tuning starts from."""
-    rows = 1 + len(QUESTION_TYPES)
-    w = Weights(
-        start=np.zeros((rows, len(START_NAMES))), end=np.zeros((rows, len(END_NAMES))),
-        inside=np.zeros((rows, len(INSIDE_NAMES))), length=np.zeros((rows, max_span_tokens)),
-        lex_start=np.zeros((rows, LEXICAL_BUCKETS)), lex_end=np.zeros((rows, LEXICAL_BUCKETS)),
-        lex_inside=np.zeros((rows, LEXICAL_BUCKETS)),
-    )
+    w = Weights({name: np.zeros((width, TYPES)) for name, width in BLOCKS.items()})
+    w.blocks["length"] = np.zeros((max_span_tokens, TYPES))
 
-    def put(block: np.ndarray, names: tuple[str, ...], name: str, value: float, qtype: str | None = None) -> None:
-        block[0 if qtype is None else 1 + QUESTION_TYPES.index(qtype), names.index(name)] = value
+    def put(block: str, names: tuple[str, ...], name: str, value: float, qtype: str | None = None) -> None:
+        w.blocks[block][names.index(name), 0 if qtype is None else 1 + QUESTION_TYPES.index(qtype)] = value
 
     for name, value in (("sent_best", 2.0), ("sent_score", 2.0), ("window", 1.0), ("match_left3", 0.5),
                         ("stop", -1.0)):
-        put(w.start, START_NAMES, name, value)
+        put("start", START_NAMES, name, value)
     for name, value in (("match_right3", 0.3), ("stop", -1.0), ("next_punct", 0.3)):
-        put(w.end, END_NAMES, name, value)
-    for name, value in (("q_match", -3.0), ("length", -0.1), ("stop", -0.2)):
-        put(w.inside, INSIDE_NAMES, name, value)
-    put(w.inside, INSIDE_NAMES, "year", 1.5, "when")
-    put(w.inside, INSIDE_NAMES, "month", 1.0, "when")
-    put(w.inside, INSIDE_NAMES, "digit", 1.5, "number")
-    put(w.inside, INSIDE_NAMES, "number_word", 1.0, "number")
-    put(w.inside, INSIDE_NAMES, "cap", 0.5, "who")
-    put(w.inside, INSIDE_NAMES, "cap", 0.3, "where")
-    w.length[0, : min(3, max_span_tokens)] = 0.3
+        put("end", END_NAMES, name, value)
+    for name, value, qtype in (("q_match", -3.0, None), ("length", -0.1, None), ("stop", -0.2, None),
+                               ("year", 1.5, "when"),
+                               ("month", 1.0, "when"), ("digit", 1.5, "number"), ("number_word", 1.0, "number"),
+                               ("cap", 0.5, "who"), ("cap", 0.3, "where")):
+        put("inside", INSIDE_NAMES, name, value, qtype)
+    w.blocks["length"][: min(3, max_span_tokens), 0] = 0.3
     return w
 
 
-def span_scores(f: Features, w: Weights) -> np.ndarray:
-    t = 1 + f.qtype
-    p = f.passage
-    a = f.start @ (w.start[0] + w.start[t]) + (w.lex_start[0] + w.lex_start[t])[p.lex_start].sum(1)
-    b = f.end @ (w.end[0] + w.end[t]) + (w.lex_end[0] + w.lex_end[t])[p.lex_end].sum(1)
-    inside = f.inside @ (w.inside[0] + w.inside[t]) + (w.lex_inside[0] + w.lex_inside[t])[f.lex_inside].sum(1)
-    c = np.concatenate([[0.0], np.cumsum(inside)])
-    i, j = p.span_start, p.span_end
-    return a[i] + b[j] + c[j + 1] - c[i] + (w.length[0] + w.length[t])[j - i]
+def _clipped_sum(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """sum(values[lo[k]:hi[k]]) for every k (hi exclusive)."""
+    padded = np.concatenate([[0.0], np.cumsum(values)])
+    return padded[hi] - padded[np.minimum(lo, hi)]
 
 
-def predict_span(f: Features, w: Weights) -> str:
-    p = f.passage
-    if len(p.span_start) == 0:
-        return ""
-    best = int(np.argmax(span_scores(f, w)))
-    return p.text[p.offsets[p.span_start[best], 0]: p.offsets[p.span_end[best], 1]]
+def _distance_buckets(matched: np.ndarray, sentence: np.ndarray, direction: int) -> np.ndarray:
+    """(T, buckets): is the nearest matched token on one side (+1 left, -1 right) in the same sentence <= d away."""
+    n = len(matched)
+    if n == 0:
+        return np.zeros((0, len(DISTANCE_BUCKETS)), dtype=bool)
+    index = np.arange(n) if direction > 0 else np.arange(n)[::-1]
+    marks = np.where(matched[index], np.arange(n), -1)
+    seen = np.maximum.accumulate(marks)
+    previous = np.r_[-1, seen[:-1]]  # nearest matched strictly before, in scan order (scan index)
+    distance = np.arange(n) - previous
+    same = (previous >= 0) & (sentence[index[np.maximum(previous, 0)]] == sentence[index])
+    out = np.column_stack([same & (distance <= d) for d in DISTANCE_BUCKETS]).reshape(n, -1)
+    return out if direction > 0 else out[::-1]
 
 
-def gold_spans(f: Features, answers: Sequence[str]) -> np.ndarray:
-    """Indices of candidate spans whose tokens equal a gold answer's tokens (every occurrence counts)."""
-    p = f.passage
-    targets = {tuple(t.lower() for t in _TOKEN.findall(answer)) for answer in answers}
-    by_length: dict[int, set[tuple[str, ...]]] = {}
-    for target in targets:
-        if target:
-            by_length.setdefault(len(target), set()).add(target)
-    lengths = p.span_end - p.span_start + 1
-    hits = [
-        k for k in np.flatnonzero(np.isin(lengths, list(by_length)))
-        if p.lower[p.span_start[k]: p.span_end[k] + 1] in by_length[int(lengths[k])]
-    ]
-    return np.array(hits, dtype=np.int64)
+def _sentence_rank_features(b: Batch) -> tuple[np.ndarray, np.ndarray]:
+    """Per token: its sentence's share of the question's idf mass (distinct words) and that sentence's rank."""
+    n_sentences = int(b.sentence.max()) + 1 if len(b.sentence) else 0
+    hit = b.match_key >= 0
+    keys = b.sentence[hit] * 4096 + b.match_key[hit]
+    _, first = np.unique(keys, return_index=True)
+    score = np.bincount(b.sentence[hit][first], weights=b.weight[hit][first], minlength=n_sentences)
+    sentence_example = np.zeros(n_sentences, dtype=np.int64)
+    sentence_example[b.sentence] = b.example
+    order = np.lexsort((np.arange(n_sentences), -score, sentence_example))
+    rank = np.empty(n_sentences, dtype=np.int64)
+    first_of_example = np.searchsorted(sentence_example[order], sentence_example[order])
+    rank[order] = np.arange(n_sentences) - first_of_example
+    return score[b.sentence], rank[b.sentence]
 
 
-def loss_and_gradient(f: Features, gold: np.ndarray, w: Weights, *, want_gradient: bool = True
-                      ) -> tuple[float, Weights | None]:
-    """-log P(gold spans) under the span softmax, and its exact gradient."""
-    scores = span_scores(f, w)
-    shift = scores.max()
-    exp = np.exp(scores - shift)
-    z = exp.sum()
-    gold_mass = exp[gold].sum()
-    loss = float(math.log(z) - math.log(gold_mass))
+def _sentence_bounds(sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First token and one past the last token of each token's sentence."""
+    n = len(sentence)
+    starts = np.flatnonzero(np.r_[True, sentence[1:] != sentence[:-1]]) if n else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[starts, n])
+    first = np.repeat(starts, sizes)
+    return first, np.repeat(starts + sizes, sizes)
+
+
+def question_block(b: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Question-dependent features of every batch token for start, end and inside, and the inside ids
+    (question head x token shape, question head x word)."""
+    k = np.arange(len(b.example))
+    matched = (b.weight > 0).astype(float)
+    score, rank = _sentence_rank_features(b)
+    s_first, s_last = _sentence_bounds(b.sentence)
+    left1 = _clipped_sum(matched, np.maximum(k - 1, b.first), k)
+    right1 = _clipped_sum(matched, k + 1, np.minimum(k + 2, b.last))
+    # Tokens k-1, k match adjacent content words of the question (a question bigram).
+    bigram = (matched > 0) & (np.r_[-2, b.match_key[:-1]] == b.match_key - 1) & (s_first < k)
+    bigram = bigram.astype(float)
+    sent_bigrams = np.minimum(np.bincount(b.sentence, weights=bigram, minlength=int(b.sentence.max(initial=0)) + 1)
+                              [b.sentence], 3) / 3
+    left = _distance_buckets(matched > 0, b.sentence, 1)
+    after, before = b.weight * b.after, b.weight * (1 - b.after)  # idf of question words after/before the wh-word
+    right = _distance_buckets(matched > 0, b.sentence, -1)
+    start = np.column_stack([
+        score, rank == 0, rank == 1, rank >= 2,
+        _clipped_sum(b.weight, np.maximum(k - 10, b.first), np.minimum(k + 11, b.last)),
+        left1, _clipped_sum(matched, np.maximum(k - 3, b.first), k) > 0,
+        _clipped_sum(bigram, np.maximum(k - 1, b.first), k) > 0, _clipped_sum(b.weight, s_first, k), sent_bigrams,
+        left, left * b.form[:, None], _clipped_sum(before, s_first, k), _clipped_sum(after, s_first, k),
+        _clipped_sum(before, np.maximum(k - 5, s_first), k), _clipped_sum(after, np.maximum(k - 5, s_first), k),
+    ]).astype(float)
+    end = np.column_stack([
+        right1, _clipped_sum(matched, k + 1, np.minimum(k + 4, b.last)) > 0,
+        _clipped_sum(bigram, k + 2, np.minimum(k + 3, b.last)) > 0, _clipped_sum(b.weight, k + 1, s_last),
+        right, right * b.form[:, None], _clipped_sum(after, k + 1, s_last), _clipped_sum(before, k + 1, s_last),
+        _clipped_sum(after, k + 1, np.minimum(k + 6, s_last)), _clipped_sum(before, k + 1, np.minimum(k + 6, s_last)),
+    ]).astype(float)
+    inside = np.column_stack([matched, b.weight])
+    base = sf.LEXICAL_BUCKETS + sf.SUFFIX_BUCKETS
+    lexical = np.column_stack([base + (b.head * 7 + b.shape) % sf.LEXICAL_BUCKETS,
+                               base + sf.LEXICAL_BUCKETS + (b.head * 31 + b.word) % sf.LEXICAL_BUCKETS])
+    return start, end, inside, lexical
+
+
+def _typed(scores: np.ndarray, qtype: np.ndarray) -> np.ndarray:
+    """Shared column plus the token's own question-type column."""
+    return scores[:, 0] + scores[np.arange(len(qtype)), 1 + qtype]
+
+
+def _typed_lookup(table: np.ndarray, ids: np.ndarray, qtype: np.ndarray) -> np.ndarray:
+    """Sum over a token's id columns of the shared plus its type's table entry."""
+    return (table[ids, 0] + table[ids, 1 + qtype[:, None]]).sum(1)
+
+
+@dataclass(frozen=True)
+class Scored:
+    scores: np.ndarray  # per span
+    spans: Spans
+    features: dict[str, tuple[np.ndarray, np.ndarray]]  # role -> (dense features, table ids) per token
+
+
+def _role_features(b: Batch) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    start_q, end_q, inside_q, lexical = question_block(b)
+    return {"start": (np.hstack([b.start, start_q]), b.start_ids),
+            "end": (np.hstack([b.end, end_q]), b.end_ids),
+            "inside": (np.hstack([b.inside, inside_q]), np.column_stack([b.word, b.suffix, lexical]))}
+
+
+def score_batch(b: Batch, w: Weights, max_span_tokens: int) -> Scored:
+    features = _role_features(b)
+    token = {role: _typed(dense @ w.blocks[role], b.qtype) + _typed_lookup(w.blocks[f"{role}_ids"], ids, b.qtype)
+             for role, (dense, ids) in features.items()}
+    c = np.concatenate([[0.0], np.cumsum(token["inside"])])
+    s = spans(b, max_span_tokens)
+    length = _typed(w.blocks["length"][s.j - s.i], b.qtype[s.i])
+    return Scored(token["start"][s.i] + token["end"][s.j] + c[s.j + 1] - c[s.i] + length, s, features)
+
+
+def _segment_logsumexp(values: np.ndarray, segment_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(per-segment log-sum-exp, exp(values - segment max) per element)."""
+    top = np.maximum.reduceat(values, segment_start)
+    sizes = np.diff(np.r_[segment_start, len(values)])
+    exp = np.exp(values - np.repeat(top, sizes))
+    return top + np.log(np.add.reduceat(exp, segment_start)), exp
+
+
+def batch_loss(b: Batch, w: Weights, max_span_tokens: int, *, want_gradient: bool = True
+               ) -> tuple[np.ndarray, Gradient | None]:
+    """Per-example -log P(gold spans) under each example's span softmax, and the exact gradient of their sum."""
+    scored = score_batch(b, w, max_span_tokens)
+    s, sizes = scored.spans, np.diff(np.r_[scored.spans.segment_start, len(scored.scores)])
+    log_z, exp = _segment_logsumexp(scored.scores, s.segment_start)
+    gold_scores = np.where(s.gold, scored.scores, -np.inf)
+    log_gold, gold_exp = _segment_logsumexp(gold_scores, s.segment_start)
+    losses = log_z - log_gold
     if not want_gradient:
-        return loss, None
-    g = exp / z
-    g[gold] -= exp[gold] / gold_mass
-    p = f.passage
-    n = len(p.lower)
-    i, j = p.span_start, p.span_end
-    by_start = np.bincount(i, weights=g, minlength=n)
-    by_end = np.bincount(j, weights=g, minlength=n)
-    inside = np.cumsum(np.bincount(i, weights=g, minlength=n + 1) - np.bincount(j + 1, weights=g, minlength=n + 1))[:n]
-    by_length = np.bincount(j - i, weights=g, minlength=w.length.shape[1])
-    grads = Weights(**{k: np.zeros_like(v) for k, v in w.arrays().items()})
-    lexical = (
-        (grads.lex_start, p.lex_start, by_start), (grads.lex_end, p.lex_end, by_end),
-        (grads.lex_inside, f.lex_inside, inside),
-    )
-    for row in (0, 1 + f.qtype):
-        grads.start[row] += f.start.T @ by_start
-        grads.end[row] += f.end.T @ by_end
-        grads.inside[row] += f.inside.T @ inside
-        grads.length[row] += by_length
-        for table, ids, mass in lexical:
-            table[row] += np.bincount(ids.ravel(), weights=np.repeat(mass, ids.shape[1]), minlength=LEXICAL_BUCKETS)
-    return loss, grads
+        return losses, None
+    g = np.exp(scored.scores - np.repeat(log_z, sizes)) - np.exp(gold_scores - np.repeat(log_gold, sizes))
+    return losses, _gradient(b, scored, g, max_span_tokens)
 
 
-def document_frequencies(contexts: Sequence[str], max_span_tokens: int) -> dict[str, float]:
-    """Smoothed idf of word stems over distinct training passages: rare shared words locate answers."""
-    unique = list(dict.fromkeys(contexts))
-    counts: dict[str, int] = {}
-    for context in unique:
-        for s in set(passage(context, max_span_tokens).stems):
-            counts[s] = counts.get(s, 0) + 1
-    total = len(unique)
-    return {s: math.log((1 + total) / (1 + c)) + 1.0 for s, c in counts.items()}
+def _typed_mass(mass: np.ndarray, qtype: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(mass), TYPES))
+    out[:, 0] = mass
+    out[np.arange(len(mass)), 1 + qtype] = mass
+    return out
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """Dense blocks, and the table blocks as (touched rows, their gradient): a minibatch touches few table rows."""
+
+    dense: dict[str, np.ndarray]
+    tables: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    def scaled(self, factor: float) -> "Gradient":
+        return Gradient({k: v * factor for k, v in self.dense.items()},
+                        {k: (rows, v * factor) for k, (rows, v) in self.tables.items()})
+
+    def as_dense(self, w: Weights) -> dict[str, np.ndarray]:
+        out = dict(self.dense)
+        for k, (rows, values) in self.tables.items():
+            out[k] = np.zeros_like(w.blocks[k])
+            out[k][rows] = values
+        return out
+
+
+def _table_gradient(ids: np.ndarray, mass: np.ndarray, qtype: np.ndarray, table_rows: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """d loss / d table for one-hot id columns: each id collects its token's mass in column 0 and 1 + type."""
+    present = np.bincount(ids.ravel(), minlength=table_rows) > 0
+    rows = np.flatnonzero(present)
+    local = (np.cumsum(present) - 1)[ids]
+    weights = np.repeat(mass, ids.shape[1])
+    keys = np.concatenate([(local * TYPES).ravel(), (local * TYPES + 1 + qtype[:, None]).ravel()])
+    flat = np.bincount(keys, weights=np.concatenate([weights, weights]), minlength=len(rows) * TYPES)
+    return rows, flat.reshape(len(rows), TYPES)
+
+
+def _gradient(b: Batch, scored: Scored, g: np.ndarray, max_span_tokens: int) -> Gradient:
+    n = len(b.example)
+    i, j = scored.spans.i, scored.spans.j
+    inside = np.cumsum(np.bincount(i, weights=g, minlength=n + 1) - np.bincount(j + 1, weights=g, minlength=n + 1))
+    mass = {"start": np.bincount(i, weights=g, minlength=n), "end": np.bincount(j, weights=g, minlength=n),
+            "inside": inside[:n]}
+    dense = {"length": _length_gradient(j - i, g, b.qtype[i], max_span_tokens)}
+    tables = {}
+    for role, (features, ids) in scored.features.items():
+        dense[role] = features.T @ _typed_mass(mass[role], b.qtype)
+        tables[f"{role}_ids"] = _table_gradient(ids, mass[role], b.qtype, TABLE_ROWS[role])
+    return Gradient(dense, tables)
+
+
+def _length_gradient(length: np.ndarray, g: np.ndarray, qtype: np.ndarray, max_span_tokens: int) -> np.ndarray:
+    flat = np.bincount(length * TYPES + 1 + qtype, weights=g, minlength=max_span_tokens * TYPES)
+    out = flat.reshape(max_span_tokens, TYPES)
+    out[:, 0] = np.bincount(length, weights=g, minlength=max_span_tokens)
+    return out
+
+
+def mean_loss(c: Corpus, w: Weights, max_span_tokens: int, batch_size: int = 256) -> float:
+    losses = [batch_loss(batch(c, np.arange(k, min(k + batch_size, len(c))), max_span_tokens), w, max_span_tokens,
+                         want_gradient=False)[0] for k in range(0, len(c), batch_size)]
+    return float(np.mean(np.concatenate(losses)))
+
+
+def predict_spans(c: Corpus, w: Weights, max_span_tokens: int) -> list[tuple[int, int] | None]:
+    """Best (start token, end token) of each question of `c`, in order; None where the passage has no span."""
+    b = batch(c, np.arange(len(c)), max_span_tokens)
+    scored = score_batch(b, w, max_span_tokens)
+    s = scored.spans
+    best: list[tuple[int, int] | None] = [None] * len(c)
+    if len(s.i):
+        top = np.maximum.reduceat(scored.scores, s.segment_start)
+        sizes = np.diff(np.r_[s.segment_start, len(s.i)])
+        winners = np.flatnonzero(scored.scores == np.repeat(top, sizes))
+        for k in winners[np.r_[True, s.example[winners][1:] != s.example[winners][:-1]]]:
+            best[int(s.example[k])] = (int(s.i[k] - b.first[s.i[k]]), int(s.j[k] - b.first[s.i[k]]))
+    return best
 
 
 @dataclass(frozen=True)
@@ -425,54 +302,61 @@ class StepReport:
     epoch: int
     train_loss: float
     val_loss: float | None
+    epoch_end: bool
 
 
-def mean_loss(examples: Sequence[tuple[Features, np.ndarray]], w: Weights) -> float:
-    return float(np.mean([loss_and_gradient(f, gold, w, want_gradient=False)[0] for f, gold in examples]))
-
-
-def train(
-    train_examples: Sequence[tuple[Features, np.ndarray]],
-    val_examples: Sequence[tuple[Features, np.ndarray]],
-    start: Weights,
-    *,
-    epochs: int,
-    learning_rate: float,
-    batch_size: int,
-    seed: int,
-    eval_every_steps: int,
-    l2: float = 1e-4,
-) -> Iterator[tuple[StepReport, Weights]]:
-    """Adam over minibatches of questions; yields after every step so the caller can stream losses."""
-    rng = np.random.default_rng(seed)
-    w = start.copy()
-    moments = {k: np.zeros_like(v) for k, v in w.arrays().items()}
-    squares = {k: np.zeros_like(v) for k, v in w.arrays().items()}
+def _adam_update(params: np.ndarray, gradient: np.ndarray, m: np.ndarray, v: np.ndarray, step: int,
+                 learning_rate: float) -> np.ndarray:
+    """New (params, m, v) rows after one Adam step; m and v are updated in place."""
     beta1, beta2, eps = 0.9, 0.999, 1e-8
-    step = 0
-    steps_per_epoch = math.ceil(len(train_examples) / batch_size)
-    total_steps = steps_per_epoch * epochs
+    m *= beta1
+    m += (1 - beta1) * gradient
+    v *= beta2
+    v += (1 - beta2) * gradient**2
+    return params - learning_rate * (m / (1 - beta1**step)) / (np.sqrt(v / (1 - beta2**step)) + eps)
+
+
+def _adam(w: Weights, grads: Gradient, state: dict, step: int, learning_rate: float, l2: float) -> None:
+    """Adam with L2; table blocks are updated lazily, only in the rows this minibatch touched."""
+    for k, params in w.blocks.items():
+        if ("m", k) not in state:
+            state["m", k], state["v", k] = np.zeros_like(params), np.zeros_like(params)
+        m, v = state["m", k], state["v", k]
+        if k in grads.tables:
+            rows, gradient = grads.tables[k]
+            m_rows, v_rows = m[rows], v[rows]
+            params[rows] = _adam_update(params[rows], gradient + l2 * params[rows], m_rows, v_rows, step,
+                                        learning_rate)
+            m[rows], v[rows] = m_rows, v_rows
+        else:
+            params[:] = _adam_update(params, grads.dense[k] + l2 * params, m, v, step, learning_rate)
+
+
+def train(train_set: Corpus, val_set: Corpus | None, start: Weights, *, epochs: int, learning_rate: float,
+          batch_size: int, seed: int, eval_every_steps: int, max_span_tokens: int, l2: float = 1e-3,
+          ) -> Iterator[tuple[StepReport, Weights]]:
+    """Adam over minibatches of questions; yields after every step so the caller can stream losses, and always
+    measures val_loss at the end of an epoch so per-epoch checkpoints can be compared."""
+    rng = np.random.default_rng(seed)
+    w, state, step = start.copy(), {}, 0
     for epoch in range(epochs):
-        order = rng.permutation(len(train_examples))
+        order = rng.permutation(len(train_set))
         for begin in range(0, len(order), batch_size):
-            batch = [train_examples[k] for k in order[begin: begin + batch_size]]
-            total = {k: np.zeros_like(v) for k, v in w.arrays().items()}
-            losses = []
-            for f, gold in batch:
-                loss, grads = loss_and_gradient(f, gold, w)
-                losses.append(loss)
-                for k, v in grads.arrays().items():
-                    total[k] += v
+            chosen = np.sort(order[begin: begin + batch_size])
+            losses, grads = batch_loss(batch(train_set, chosen, max_span_tokens), w, max_span_tokens)
             step += 1
-            params = w.arrays()
-            for k in params:
-                gradient = total[k] / len(batch) + l2 * params[k]
-                moments[k] = beta1 * moments[k] + (1 - beta1) * gradient
-                squares[k] = beta2 * squares[k] + (1 - beta2) * gradient**2
-                m_hat = moments[k] / (1 - beta1**step)
-                v_hat = squares[k] / (1 - beta2**step)
-                params[k] -= learning_rate * m_hat / (np.sqrt(v_hat) + eps)
+            _adam(w, grads.scaled(1.0 / len(chosen)), state, step, learning_rate, l2)
+            epoch_end = begin + batch_size >= len(order)
             val = None
-            if val_examples and (step % eval_every_steps == 0 or step == total_steps):
-                val = mean_loss(val_examples, w)
-            yield StepReport(step, epoch, float(np.mean(losses)), val), w
+            if val_set is not None and len(val_set) and (step % eval_every_steps == 0 or epoch_end):
+                val = mean_loss(val_set, w, max_span_tokens)
+            yield StepReport(step, epoch, float(np.mean(losses)), val, epoch_end), w
+
+
+def answer(p: sf.Passage, question: str, idf: dict[str, float], w: Weights, max_span_tokens: int) -> str:
+    """The best span's text; "" when the context has no candidate span (empty, or punctuation only)."""
+    if not len(p.sentence):
+        return ""
+    q = sf.question(question, p, idf, (), max_span_tokens)
+    best = predict_spans(build_corpus([p], [(0, q)]), w, max_span_tokens)[0]
+    return "" if best is None else p.text[p.offsets[best[0], 0]: p.offsets[best[1], 1]]
