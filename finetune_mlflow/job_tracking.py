@@ -51,14 +51,6 @@ LOGGED_MODEL_TAG = "finetune.logged_model_id"
 TRANSIENT_TRACKING_ERRORS = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
 
 
-@dataclass(frozen=True)
-class TuneResult:
-    run_id: str
-    job: TuningJob
-    metrics: dict[str, float]
-    version: RegisteredVersion
-
-
 def request_for(config: Config, run_id: str, prepared: Prepared) -> TuningRequest:
     return TuningRequest(
         run_id=run_id, base_model=config.tune.base_model, prepared_dir=prepared.directory,
