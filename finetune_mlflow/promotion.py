@@ -24,6 +24,10 @@ class Evidence:
     f1_delta_ci_high: float | None = None
 
 
+# The reference when there is no champion yet.
+BASE_REFERENCE = "base model"
+
+
 @dataclass(frozen=True)
 class Decision:
     promote: bool
@@ -46,6 +50,13 @@ def decide(evidence: Evidence, gates: PromotionConfig) -> Decision:
     if evidence.reference is None:
         checks["f1_gain"] = False
         reasons.append("no champion and no base-model results on the same questions to compare with")
+    elif evidence.reference == BASE_REFERENCE:
+        # The first champion must beat the base model on the same questions: nothing worse than base is promoted.
+        checks["f1_gain"] = evidence.f1_delta is not None and evidence.f1_delta > 0
+        if not checks["f1_gain"]:
+            reasons.append(f"F1 {evidence.candidate_f1:.2f} is not above the base model's {evidence.reference_f1:.2f} "
+                           f"on the same questions (gain {evidence.f1_delta:+.2f}, 95% CI "
+                           f"{evidence.f1_delta_ci_low:+.2f} to {evidence.f1_delta_ci_high:+.2f})")
     else:
         low = evidence.f1_delta_ci_low
         checks["f1_gain"] = low is not None and low > gates.min_f1_gain
@@ -55,6 +66,10 @@ def decide(evidence: Evidence, gates: PromotionConfig) -> Decision:
                            "at the lower bound")
     if reasons:
         return Decision(False, "; ".join(reasons), checks)
+    if evidence.reference == BASE_REFERENCE:
+        return Decision(True, f"no champion yet; F1 {evidence.candidate_f1:.2f} beats the base model's "
+                              f"{evidence.reference_f1:.2f} on the same questions (gain {evidence.f1_delta:+.2f}, "
+                              f"95% CI {evidence.f1_delta_ci_low:+.2f} to {evidence.f1_delta_ci_high:+.2f})", checks)
     return Decision(True, f"F1 gain over the {evidence.reference} {evidence.f1_delta:+.2f} (95% CI "
                           f"{evidence.f1_delta_ci_low:+.2f} to {evidence.f1_delta_ci_high:+.2f}) clears min_f1_gain "
                           f"{gates.min_f1_gain:+.2f}", checks)

@@ -143,7 +143,7 @@ def test_delta_against_baseline_is_paired():
          False, "does not clear"),
         # No champion: the base model is the reference, and a model worse than it is never promoted.
         (Evidence(25.0, 0.0, 10.0, "base model", 58.3, f1_delta=-33.3, f1_delta_ci_low=-36.0, f1_delta_ci_high=-30.0),
-         False, "over the base model"),
+         False, "not above the base model"),
     ],
 )
 def test_promotion_gates(evidence, promote, reason):

@@ -14,8 +14,9 @@ from tests.conftest import ROOT
 def test_serving_ships_every_provider_and_nothing_the_steps_need():
     shipped = {str(p.relative_to(PACKAGE_DIR)) for p in required_files(PACKAGE_DIR / "serving.py")}
     # Providers are found by name in a string table: each must travel, with the packages' __init__ files.
-    assert {"__init__.py", "qa_model.py", "config.py", "providers/__init__.py", "providers/local.py",
-            "providers/openai_provider.py", "providers/vertex.py", "span_model.py"} <= shipped
+    assert {"__init__.py", "qa_model.py", "config.py", "providers/__init__.py", "providers/local/provider.py",
+            "providers/openai/provider.py", "providers/vertex/provider.py", "providers/transformers/provider.py",
+            "providers/local/span_model.py"} <= shipped
     assert not [p for p in shipped if p.startswith("steps/") or p in ("cli.py", "registry.py", "tracking.py")]
 
 
@@ -23,8 +24,8 @@ def test_imports_inside_functions_and_module_names_in_strings_count():
     source = ("import os\nfrom finetune_mlflow.providers.local import span_model\n"
               "def f():\n    from finetune_mlflow.providers.base import JobState\n"
               "TABLE = {'x': 'finetune_mlflow.providers.local:LocalProvider'}\n")
-    assert imported_names(source) == {"finetune_mlflow", "finetune_mlflow.span_model", "finetune_mlflow.providers.base",
-                                      "finetune_mlflow.providers.base.JobState", "finetune_mlflow.providers.local"}
+    assert imported_names(source) == {"finetune_mlflow.providers.local", "finetune_mlflow.providers.local.span_model",
+                                      "finetune_mlflow.providers.base", "finetune_mlflow.providers.base.JobState"}
 
 
 def test_the_staged_package_serves_on_its_own(tmp_path):

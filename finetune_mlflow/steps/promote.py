@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, FinetuneError
 from finetune_mlflow.evaluation import ExampleResult, delta_against, error_rate
-from finetune_mlflow.promotion import Decision, Evidence, decide
+from finetune_mlflow.promotion import BASE_REFERENCE, Decision, Evidence, decide
 from finetune_mlflow.records import read_jsonl
 from finetune_mlflow.preparation import PREPARED
 from finetune_mlflow.scoring import RESULTS_TABLE, load_rows, resolve_model, score_model
@@ -169,7 +169,7 @@ def _gather_evidence(candidate: ModelVersion, champion: ModelVersion | None, nam
     if champion is not None:
         reference = _rows(champion, name, data_sha256, examples, config)[0]
         return _evidence(candidate_rows, candidate_metrics, reference, f"champion v{champion.version}", config)
-    return _evidence(candidate_rows, candidate_metrics, _base_rows(candidate), "base model", config)
+    return _evidence(candidate_rows, candidate_metrics, _base_rows(candidate), BASE_REFERENCE, config)
 
 
 def _log_evidence(run_id: str, evidence: Evidence, config: Config, candidate: str, champion: str | None,
