@@ -82,6 +82,7 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
     """Poll until the job ends, logging new metric points and state transitions as they appear.
 
     `wait=False` (sync) polls once: whatever the job has now is logged and the job is returned in any state."""
+    job_id = provider.check_job_id(job_id)  # from a run tag or the user: never a path or a URL
     client = MlflowClient()
     tags = client.get_run(run_id).data.tags
     cursor = tags.get(CURSOR_TAG)

@@ -17,6 +17,8 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from finetune_mlflow import ownership
+
 logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -109,11 +111,19 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
              ) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume, under `mlflow run --run-id`) the run for a step; nested when a parent is active.
 
-    Any exception ends the run FAILED before it propagates: no run is left RUNNING.
+    Any exception ends the run FAILED before it propagates: no run is left RUNNING. A run resumed by id
+    (`--run-id`) is claimed first (`ownership.claim`: a second process gets RunHeld and the run is left as it
+    is), and its children that a dead process left RUNNING are ended KILLED.
     """
     parent = mlflow.active_run()
+    resumed = os.environ.get("MLFLOW_RUN_ID") if parent is None else None
+    if resumed:
+        ownership.claim(resumed)
     run = mlflow.start_run(run_name=run_name, nested=parent is not None, tags={
         "finetune.step": step, "finetune.code_version": code_version(), **(tags or {})})
+    ownership.mark_owner(run.info.run_id)
+    if resumed:
+        ownership.end_stale_children(run.info.run_id)
     if parent is None and _LAUNCHER:
         MlflowClient().set_tag(_LAUNCHER[0], "finetune.run_id", run.info.run_id)
     try:

@@ -32,6 +32,7 @@ The cursor is JSON `{metric key: last step returned}`; only later steps are retu
 from __future__ import annotations
 
 import json
+import re
 import os
 import time
 import warnings
@@ -141,6 +142,13 @@ class VertexProvider(ProviderBase):
     """Gemini supervised tuning on Vertex AI (see the module docstring for configuration and assumptions)."""
 
     name = "vertex"
+    JOB_ID_PATTERN = re.compile(r"projects/[A-Za-z0-9_.:-]+/locations/[a-z0-9-]+/tuningJobs/\d+|\d+")
+    JOB_ID_EXAMPLE = "projects/P/locations/L/tuningJobs/N or the number N"
+
+    def check_job_id(self, job_id: str) -> str:
+        """A bare job number means this project and location's job of that number."""
+        job_id = super().check_job_id(job_id)
+        return job_id if "/" in job_id else f"projects/{self.project}/locations/{self.location}/tuningJobs/{job_id}"
 
     def __init__(
         self,
@@ -493,6 +501,11 @@ class VertexProvider(ProviderBase):
     def get_job(self, job_id: str) -> TuningJob:
         job = self._call(lambda: self.client.tunings.get(name=job_id), f"reading tuning job {job_id}").value
         return self._normalize(job)
+
+    def cancel_job(self, job_id: str) -> TuningJob:
+        """`POST .../tuningJobs/N:cancel`; the job goes CANCELLING, then CANCELLED (returned as it is now)."""
+        self._call(lambda: self.client.tunings.cancel(name=job_id), f"cancelling tuning job {job_id}")
+        return self.get_job(job_id)
 
     def list_jobs(self) -> Iterator[str]:
         pager = self._call(lambda: self.client.tunings.list(), "listing tuning jobs").value
