@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,31 @@ def provider_settings(config: Config, provider: str) -> dict:
     return settings
 
 
+# What the served model imports (the package itself travels as code_paths): the providers' SDKs and their data
+# stack. Pinned to the installed versions, as MLflow's own inference would pin them.
+SERVING_DISTRIBUTIONS = ("mlflow", "numpy", "pandas", "pyyaml", "openai", "google-genai", "google-auth",
+                         "google-api-core", "google-cloud-storage")
+
+
+def serving_requirements() -> list[str]:
+    found = []
+    for name in SERVING_DISTRIBUTIONS:
+        try:
+            found.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+class _PyfuncFlavor:
+    """mlflow.pyfunc as a `Model.log` flavor: `Model.log` reads `validate_serving_input` from the keyword
+    arguments it hands to the flavor's save_model, which pyfunc's refuses; dropped here."""
+
+    @staticmethod
+    def save_model(*, validate_serving_input: bool = True, **kwargs) -> None:
+        mlflow.pyfunc.save_model(**kwargs)
+
+
 def existing_version(client: MlflowClient, name: str, run_id: str) -> RegisteredVersion | None:
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if not versions:
@@ -57,7 +83,16 @@ def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id
         logger.info("run %s already registered as %s version %s", run_id, name, found.version)
         return found
     signature = infer_signature(EXAMPLE_INPUT, pd.DataFrame({"answer": ["Warsaw"]}))
-    info = mlflow.pyfunc.log_model(
+    # Model.log with validate_serving_input=False: the signature and the example are saved, but MLflow does not
+    # load the model and predict the example at log time (for a hosted model that would be two paid requests per
+    # registration, and a registration that fails whenever the endpoint is down). `pyfunc.log_model` does not
+    # pass the switch through (and pyfunc.save_model refuses it, hence _PyfuncFlavor); the evaluation has already
+    # exercised the model on real questions.
+    info = mlflow.models.Model.log(
+        artifact_path=None,
+        flavor=_PyfuncFlavor,
+        flavor_name="mlflow.pyfunc",
+        validate_serving_input=False,
         name=MODEL_NAME_IN_RUN,
         python_model=str(PACKAGE_DIR / "serving.py"),
         model_config={"provider": provider, "model_id": model_id,
@@ -66,6 +101,8 @@ def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id
         code_paths=[str(PACKAGE_DIR)],
         signature=signature,
         input_example=EXAMPLE_INPUT,
+        # Given, not inferred: inference loads the model and predicts the input example to see what it imports.
+        pip_requirements=serving_requirements(),
     )
     try:
         client.create_registered_model(name, description=(
