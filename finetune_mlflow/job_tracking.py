@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 JOB_ID_TAG = "finetune.job_id"
 CURSOR_TAG = "finetune.metrics_cursor"
+CURVES_TAG = "finetune.curves"
 # Set once the tuned model's evaluation completed within its error budget.
 EVALUATED_TAG = "finetune.evaluated_model"
 # What MLflow raises when the tracking server is down, overloaded or timing out (connection errors included).
@@ -140,6 +141,17 @@ def _finish_failed(client: MlflowClient, run_id: str, job: TuningJob) -> None:
     raise TuningJobFailed(job.job_id, job.state.value, job.error_code, job.error_message)
 
 
+def _say_if_no_curves(provider: Provider, client: MlflowClient, run_id: str, job: TuningJob) -> None:
+    """A job that succeeded without a single train_loss point: say so loudly, with where the curves were sought."""
+    if client.get_metric_history(run_id, "train_loss"):
+        return
+    sources = getattr(provider, "curve_sources", lambda _: [])(job.job_id)
+    tried = "; ".join(sources) or "the provider's event stream"
+    logger.warning("job %s succeeded but no training curve was found (tried: %s); the run has no train_loss",
+                   job.job_id, tried)
+    log_values(client, run_id, tags={CURVES_TAG: "none found", "finetune.curves_tried": tried[:5000]})
+
+
 def _changed_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> dict[str, float]:
     """Job-level numbers not already on the run with that value (a rerun or re-sync adds no history entries, and
     `full_valid_loss`, already a step metric, is not written again at step 0)."""
@@ -156,6 +168,7 @@ def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, 
     provider_name = provider.name
     if job.state is not JobState.SUCCEEDED:
         _finish_failed(client, run_id, job)
+    _say_if_no_curves(provider, client, run_id, job)
     log_values(client, run_id, metrics=_changed_metrics(client, run_id, job.metrics),
                tags={**job.tags, "finetune.tuned_model": job.tuned_model or "",
                      "finetune.data_sha256": prepared.data_sha256, "finetune.prepare_run_id": prepared.run_id})

@@ -174,6 +174,10 @@ class ProviderBase:
         """The job's intermediate models, oldest first; none by default."""
         return []
 
+    def curve_sources(self, job_id: str) -> list[str]:
+        """Where the job's curves were looked for (resource names), to say so when none was found."""
+        return []
+
     def cancel_job(self, job_id: str) -> TuningJob:
         raise NotSupported(f"the {self.name} provider cannot cancel jobs; stop {job_id} in its console")
 

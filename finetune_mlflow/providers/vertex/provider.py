@@ -74,6 +74,22 @@ SERIES_KEYS: dict[str, str] = {
 }
 
 _ADAPTER_SIZES = {1: "ONE", 2: "TWO", 4: "FOUR", 8: "EIGHT", 16: "SIXTEEN", 32: "THIRTY_TWO"}
+# Adapter sizes Vertex documents per base model ("About supervised fine-tuning for Gemini models", Limitations);
+# the API enum accepts more, and a job with an undocumented size fails after it is created (and billed).
+DOCUMENTED_ADAPTER_SIZES = {"gemini-2.5-flash": (1, 2, 4, 8, 16), "gemini-2.5-pro": (1, 2, 4, 8)}
+
+
+def _note(tried: list[str], resource: str) -> None:
+    if resource not in tried:
+        tried.append(resource)
+
+
+def check_adapter_size(base_model: str, adapter_size: int) -> None:
+    """Refuse an adapter size the base model's documentation does not list, before any upload or job."""
+    documented = DOCUMENTED_ADAPTER_SIZES.get(base_model.rsplit("/", 1)[-1])
+    if adapter_size and documented and adapter_size not in documented:
+        raise ConfigError(f"vertex.adapter_size is {adapter_size}, but {base_model} supports adapter sizes "
+                          f"{', '.join(map(str, documented))} (or 0 for Vertex's default)")
 
 _STATES = {
     "JOB_STATE_QUEUED": JobState.PENDING,
@@ -169,6 +185,7 @@ class VertexProvider(ProviderBase):
                 f"vertex.adapter_size is {vertex.adapter_size}; expected 0 (Vertex default) or one of "
                 f"{', '.join(map(str, _ADAPTER_SIZES))}"
             )
+        check_adapter_size(config.tune.base_model, vertex.adapter_size)
         self.max_concurrency = config.evaluate.max_concurrency
         self._sleep = sleep
         self._policy = retry_policy or RetryPolicy(max_attempts=max(1, config.evaluate.request_retries + 1),
@@ -206,6 +223,8 @@ class VertexProvider(ProviderBase):
         self._session: Any = None
         # job name -> (tensorboard experiment resource, {display name: time series resource}) once found.
         self._series: dict[str, tuple[str, dict[str, str]]] = {}
+        # job name -> the Experiment and TensorBoard resources looked up for its curves (said when none is found).
+        self._tried: dict[str, list[str]] = {}
         self._experiments: dict[str, str] = {}
 
     # ------------------------------------------------------------------ plumbing
@@ -523,8 +542,11 @@ class VertexProvider(ProviderBase):
             experiment = self._normalize(
                 self._call(lambda: self.client.tunings.get(name=job_id), f"reading tuning job {job_id}").value
             ).tags.get("vertex.experiment")
+        tried = self._tried.setdefault(job_id, [])
         if not experiment:
+            _note(tried, f"{job_id} (no experiment on the job)")
             return None  # the job has not created its experiment yet
+        _note(tried, experiment)
         experiment_id = experiment.rsplit("/", 1)[-1]
         if cached is not None:
             tb_experiment = cached[0]
@@ -538,11 +560,13 @@ class VertexProvider(ProviderBase):
                 if not tensorboard:
                     return None  # no TensorBoard yet (or none: set vertex.tensorboard)
             tb_experiment = f"{tensorboard.strip('/')}/experiments/{experiment_id}"
+        _note(tried, f"{tb_experiment}/runs")
         runs = self._rest_list(f"{tb_experiment}/runs", "tensorboardRuns")
         if runs is None:
             return None
         found: dict[str, str] = {}
         for run in runs:
+            _note(tried, f"{run['name']}/timeSeries")
             series = self._rest_list(f"{run['name']}/timeSeries", "tensorboardTimeSeries") or []
             for item in series:
                 display = item.get("displayName", "")
@@ -552,6 +576,9 @@ class VertexProvider(ProviderBase):
                     found[display] = item["name"]
         self._series[job_id] = (tb_experiment, found)
         return self._series[job_id]
+
+    def curve_sources(self, job_id: str) -> list[str]:
+        return list(self._tried.get(job_id, []))
 
     def read_metrics(self, job_id: str, cursor: str | None) -> MetricsPage:
         last: dict[str, int] = {}
