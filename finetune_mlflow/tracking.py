@@ -18,6 +18,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow import ownership
+from finetune_mlflow.process import UNENDED_RUNS, disk_full_path
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +141,31 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
 
 def _end(run: mlflow.ActiveRun, status: str, reason: str) -> None:
     """End the active run with a status and the reason as a tag; the reason is best effort (the store may be
-    the thing that failed), the status is not."""
+    the thing that failed), the status too when the store is full (the run is then named in the final message).
+    MLflow's SQL store logs each failed statement with a page of traceback: quiet here, the error says it."""
+    with _quiet("mlflow.store.db.utils"):
+        try:
+            MlflowClient().set_tag(run.info.run_id, "finetune.end_reason", reason[:5000])
+        except Exception as e:  # noqa: BLE001 - a full disk or a dead server must not hide the original error
+            logger.warning("could not record why run %s ended: %s", run.info.run_id,
+                           (str(e) or repr(e)).splitlines()[0])
+        try:
+            mlflow.end_run(status)  # pops the run first: the active-run stack is right even when this raises
+        except Exception as e:  # noqa: BLE001 - only a full store is survivable here; the original error goes on
+            if disk_full_path(e) is None:
+                raise
+            UNENDED_RUNS.append(run.info.run_id)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    noisy = logging.getLogger(logger_name)
+    level = noisy.level
+    noisy.setLevel(logging.CRITICAL)
     try:
-        MlflowClient().set_tag(run.info.run_id, "finetune.end_reason", reason[:5000])
-    except Exception as e:  # noqa: BLE001 - a full disk or a dead server must not hide the original error
-        logger.warning("could not record why run %s ended: %s", run.info.run_id, e)
-    mlflow.end_run(status)
+        yield
+    finally:
+        noisy.setLevel(level)
 
 
 def use_experiment(name: str) -> None:
