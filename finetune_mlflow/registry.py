@@ -10,7 +10,9 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.entities import LoggedModel, LoggedModelStatus
 from mlflow.models import infer_signature
+from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
@@ -82,13 +84,51 @@ def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id
     if found is not None:
         logger.info("run %s already registered as %s version %s", run_id, name, found.version)
         return found
+    logged = finished_logged_model(client, run_id) or _log_model(config, provider, model_id, artifacts)
+    try:
+        client.create_registered_model(name, description=(
+            "Extractive question answering: given a passage (`context`) and a `question`, returns the shortest "
+            "answer span (`answer`). Each version is a model fine-tuned by finetune-mlflow; see its tags."))
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, logged.model_uri, run_id=run_id, tags=tags, description=description,
+                                          model_id=logged.model_id)
+    logger.info("registered %s version %s from run %s", name, version.version, run_id)
+    return RegisteredVersion(name, version.version, f"models:/{name}/{version.version}")
+
+
+def finished_logged_model(client: MlflowClient, run_id: str) -> LoggedModel | None:
+    """What an interrupted registration of this run left: a READY model is reused (it was logged in full, only
+    its version is missing); a PENDING one (killed while logging) is marked FAILED, so it is not mistaken for a
+    servable model."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    models = client.search_logged_models(experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    ready = None
+    for model in models:
+        if model.name != MODEL_NAME_IN_RUN:
+            continue
+        if model.status == LoggedModelStatus.PENDING:
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            client.set_logged_model_tags(model.model_id, {"finetune.end_reason": "left PENDING by an interrupted "
+                                                          "registration; a rerun logged the model again"})
+            logger.warning("logged model %s of run %s was left PENDING by an interrupted registration: marked "
+                           "FAILED, logging the model again", model.model_id, run_id)
+        elif model.status == LoggedModelStatus.READY and ready is None:
+            logger.info("reusing logged model %s of run %s (logged before the registration was interrupted)",
+                        model.model_id, run_id)
+            ready = model
+    return ready
+
+
+def _log_model(config: Config, provider: str, model_id: str, artifacts: dict[str, str]) -> ModelInfo:
     signature = infer_signature(EXAMPLE_INPUT, pd.DataFrame({"answer": ["Warsaw"]}))
     # Model.log with validate_serving_input=False: the signature and the example are saved, but MLflow does not
     # load the model and predict the example at log time (for a hosted model that would be two paid requests per
     # registration, and a registration that fails whenever the endpoint is down). `pyfunc.log_model` does not
     # pass the switch through (and pyfunc.save_model refuses it, hence _PyfuncFlavor); the evaluation has already
     # exercised the model on real questions.
-    info = mlflow.models.Model.log(
+    return mlflow.models.Model.log(
         artifact_path=None,
         flavor=_PyfuncFlavor,
         flavor_name="mlflow.pyfunc",
@@ -104,14 +144,3 @@ def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id
         # Given, not inferred: inference loads the model and predicts the input example to see what it imports.
         pip_requirements=serving_requirements(),
     )
-    try:
-        client.create_registered_model(name, description=(
-            "Extractive question answering: given a passage (`context`) and a `question`, returns the shortest "
-            "answer span (`answer`). Each version is a model fine-tuned by finetune-mlflow; see its tags."))
-    except mlflow.exceptions.MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, description=description,
-                                          model_id=info.model_id)
-    logger.info("registered %s version %s from run %s", name, version.version, run_id)
-    return RegisteredVersion(name, version.version, f"models:/{name}/{version.version}")

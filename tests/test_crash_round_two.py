@@ -168,3 +168,28 @@ def test_diverging_job_fails_as_diverged(capsys):
     assert tune.info.status == "FAILED" and tune.data.tags["finetune.error_code"] == "diverged"
     assert "diverged" in tune.data.tags["finetune.end_reason"]
     assert MlflowClient().search_registered_models() == []
+
+
+def test_kill_9_while_logging_the_model_then_rerun_cleans_the_pending_model(small_squad, tmp_path):
+    client, run_id = new_run()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    command = tune_command(small_squad)
+    log = tmp_path / "tune.log"
+    process = start(command, run_id, log)
+
+    def models(status: str) -> list:
+        return [m for m in client.search_logged_models(experiment_ids=[experiment_id],
+                                                       filter_string=f"source_run_id = '{run_id}'")
+                if m.status.value == status]
+
+    wait_for(lambda: models("PENDING"), process, log)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    (pending,) = models("PENDING")
+
+    again = rerun(command, run_id)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"logged model {pending.model_id} of run {run_id} was left PENDING" in again.stderr
+    assert client.get_logged_model(pending.model_id).status.value == "FAILED"
+    assert models("PENDING") == [] and len(models("READY")) == 1
+    assert_completed_once(client, run_id)
