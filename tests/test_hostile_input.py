@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.test_bad_input import BAD, CONFIG, VALID, all_runs, cli, error_line, prepare
 
@@ -150,3 +151,17 @@ def test_unusable_knob_stops_main_before_any_run_or_job(capsys):
     assert all_runs() == []
     no_job_launched()
 
+
+
+def test_sync_refuses_job_ids_that_are_paths_before_reading_anything(capsys, tmp_path):
+    planted = Path(os.environ["FINETUNE_MLFLOW_HOME"]) / "planted"
+    planted.mkdir(parents=True)
+    (planted / "status.json").write_text(json.dumps({"state": "succeeded", "tuned_model": "/etc/passwd"}))
+    for job_id in ("../planted", "../../../etc", "localjob-0123456789ab/../../planted", "/etc/passwd"):
+        code, stderr = cli(capsys, "sync", "--config", CONFIG, "--job_id", job_id, "--train_data", VALID,
+                           "--validation_data", VALID)
+        assert code == 2
+        assert error_line(stderr) == (f"error: local job id {job_id!r} is not a local job id (expected localjob- "
+                                      "and 12 hex digits); nothing was read or requested")
+    no_run_left_running()
+    assert MlflowClient().search_registered_models() == []
