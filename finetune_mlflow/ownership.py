@@ -31,6 +31,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.errors import FinetuneError
+from finetune_mlflow.process import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -55,20 +56,6 @@ def finetune_home() -> Path:
     return Path(home) if home else Path.home() / ".cache" / "finetune-mlflow"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has exited
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def owner_alive(tags: dict[str, str], now: float | None = None) -> bool:
     """Whether the owner a run's tags name is still there: on this host its pid is checked; elsewhere its
     heartbeat must be younger than STALE_SECONDS. A run without owner tags has no live owner."""
@@ -77,7 +64,7 @@ def owner_alive(tags: dict[str, str], now: float | None = None) -> bool:
     if not host or not pid.isdigit():
         return False
     if host == socket.gethostname():
-        return int(pid) == os.getpid() or _pid_alive(int(pid))
+        return int(pid) == os.getpid() or pid_alive(int(pid))
     try:
         beat = float(tags.get(HEARTBEAT_TAG, "0"))
     except ValueError:

@@ -5,6 +5,7 @@ and exit 2, and a full disk is reported as such instead of as a page of tracebac
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import sys
 from typing import Any, Callable
@@ -26,6 +27,21 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 # Runs that could not be ended because the tracking store itself was on the full device.
 UNENDED_RUNS: list[str] = []
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine still runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - someone else's process with that pid
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def disk_full_path(error: BaseException) -> str | None:

@@ -42,15 +42,20 @@ def rerun(command: list[str], run_id: str) -> subprocess.CompletedProcess:
                           timeout=300, cwd=os.getcwd())
 
 
+def launch(small_squad, tmp_path, *extra: str) -> tuple[MlflowClient, str, list[str], Path, subprocess.Popen]:
+    """A tune process on a fresh run: (client, run id, its command, its log, the process)."""
+    client, run_id = new_run()
+    command = tune_command(small_squad, *extra)
+    log = tmp_path / "tune.log"
+    return client, run_id, command, log, start(command, run_id, log)
+
+
 def jobs_root() -> Path:
     return Path(os.environ["FINETUNE_MLFLOW_HOME"]) / "local-jobs"
 
 
 def test_sigterm_during_evaluation_ends_every_run_and_the_rerun_completes(small_squad, tmp_path):
-    client, run_id = new_run()
-    command = tune_command(small_squad)
-    log = tmp_path / "tune.log"
-    process = start(command, run_id, log)
+    client, run_id, command, log, process = launch(small_squad, tmp_path)
     wait_for(lambda: any(r.info.status == "RUNNING" for r in children(client, run_id, "evaluate")), process, log)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
@@ -70,10 +75,7 @@ def test_sigterm_during_evaluation_ends_every_run_and_the_rerun_completes(small_
 
 
 def test_kill_9_during_base_evaluation_then_rerun_ends_the_stale_child(small_squad, tmp_path):
-    client, run_id = new_run()
-    command = tune_command(small_squad)
-    log = tmp_path / "tune.log"
-    process = start(command, run_id, log)
+    client, run_id, command, log, process = launch(small_squad, tmp_path)
     wait_for(lambda: any(r.info.status == "RUNNING" for r in children(client, run_id, "evaluate")), process, log)
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
@@ -92,10 +94,7 @@ def test_kill_9_during_base_evaluation_then_rerun_ends_the_stale_child(small_squ
 
 
 def test_second_owner_of_a_run_is_refused_and_touches_nothing(small_squad, tmp_path):
-    client, run_id = new_run()
-    command = tune_command(small_squad, "--epochs", "12", "--batch_size", "4")
-    log = tmp_path / "tune.log"
-    first = start(command, run_id, log)
+    client, run_id, command, log, first = launch(small_squad, tmp_path, "--epochs", "12", "--batch_size", "4")
     try:
         wait_for(lambda: "finetune.job_id" in client.get_run(run_id).data.tags, first, log)
         before = client.get_run(run_id)
@@ -114,10 +113,7 @@ def test_second_owner_of_a_run_is_refused_and_touches_nothing(small_squad, tmp_p
 
 
 def test_dead_trainer_is_restarted_on_the_same_job(small_squad, tmp_path):
-    client, run_id = new_run()
-    command = tune_command(small_squad, "--epochs", "12", "--batch_size", "4")
-    log = tmp_path / "tune.log"
-    process = start(command, run_id, log)
+    client, run_id, command, log, process = launch(small_squad, tmp_path, "--epochs", "12", "--batch_size", "4")
     wait_for(lambda: len(client.get_metric_history(run_id, "train_loss")) > 0, process, log)
     job_dir = jobs_root() / client.get_run(run_id).data.tags["finetune.job_id"]
     trainer = json.loads((job_dir / "pid.json").read_text())["pid"]
@@ -133,10 +129,7 @@ def test_dead_trainer_is_restarted_on_the_same_job(small_squad, tmp_path):
 
 
 def test_cancel_by_run_id_stops_the_local_trainer_and_the_watching_tune_fails(small_squad, tmp_path, capsys):
-    client, run_id = new_run()
-    command = tune_command(small_squad, "--epochs", "100", "--batch_size", "1")
-    log = tmp_path / "tune.log"
-    process = start(command, run_id, log)
+    client, run_id, command, log, process = launch(small_squad, tmp_path, "--epochs", "100", "--batch_size", "1")
     try:
         wait_for(lambda: len(client.get_metric_history(run_id, "train_loss")) > 0, process, log)
         job_id = client.get_run(run_id).data.tags["finetune.job_id"]

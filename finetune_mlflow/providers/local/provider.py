@@ -29,6 +29,7 @@ from finetune_mlflow.providers.local import span_model
 from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, ProviderError
+from finetune_mlflow.process import pid_alive
 from finetune_mlflow.records import read_jsonl
 from finetune_mlflow.providers.base import (
     MODEL_ARTIFACT,
@@ -78,20 +79,6 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - someone else's process with that pid
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not alive
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 class LocalProvider(ProviderBase):
@@ -178,7 +165,7 @@ class LocalProvider(ProviderBase):
                 pid = int(json.loads((job_dir / name).read_text(encoding="utf-8"))["pid"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 return pid
         return None
 
@@ -208,7 +195,7 @@ class LocalProvider(ProviderBase):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while _pid_alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
         job = self.get_job(job_id, restart=False)
         if job.state in (JobState.PENDING, JobState.RUNNING) or job.error_code == "trainer_died":
@@ -231,7 +218,7 @@ class LocalProvider(ProviderBase):
             # The trainer's own pid once it runs; before that, the process launched to become it.
             pid_file = next((job_dir / name for name in (TRAINER_PID, LAUNCHER_PID) if (job_dir / name).exists()),
                             None)
-            if pid_file is not None and not _pid_alive(json.loads(pid_file.read_text())["pid"]):
+            if pid_file is not None and not pid_alive(json.loads(pid_file.read_text())["pid"]):
                 # Re-read: the trainer may have written its final status just before exiting.
                 status = json.loads((job_dir / "status.json").read_text(encoding="utf-8"))
                 state = JobState(status["state"])
