@@ -60,3 +60,15 @@ def test_cancel_by_bare_job_number_and_path_ids_refused(fake, config_file, small
         assert main(["sync", "--config", str(config_file), "--job_id", bad]) == 2
         assert "is not a vertex job id" in capsys.readouterr().err
     assert len(fake.requests) == before
+
+
+def test_a_curve_longer_than_ten_thousand_points_is_read_whole(fake, config_file, small_squad):
+    """`:read` would sample it at random; the export pages through every point (served here in reverse order)."""
+    steps = range(1, 12_501)
+    fake.script_next_job(JobScript(series={"/train_total_loss": [(s, 1.0 / s) for s in steps]}))
+    assert main(tune_args(config_file, small_squad)) == 0
+    (run,) = [r for r in all_runs() if r.data.tags.get("finetune.step") == "tune"]
+    history = MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(steps)
+    assert "finetune.curves" not in run.data.tags
+    assert not any(path.endswith(":read") for _, path in fake.requests)

@@ -22,8 +22,8 @@ all of it documented REST:
 2. Vertex AI Experiments back an experiment with the TensorBoard experiment of the same id (the aiplatform SDK
    creates `tensorboards/T/experiments/EXPERIMENT`), whose runs are listed with `.../experiments/EXPERIMENT/runs`;
 3. each run's time series are listed with `.../runs/R/timeSeries`; we match them by `displayName`
-   (`/train_total_loss`, ...) and read them with `GET {timeSeries}:read?maxDataPoints=10000` (the documented max;
-   the default of 1000 would randomly sample longer curves).
+   (`/train_total_loss`, ...) and read every point with `POST {timeSeries}:exportTensorboardTimeSeries`, page by
+   page (`GET {timeSeries}:read` randomly samples any series longer than its maxDataPoints, at most 10,000).
 
 Until the job has an experiment, or while any of those resources is missing (404), `read_metrics` returns no points.
 The cursor is JSON `{metric key: last step returned}`; only later steps are returned, so nothing is read twice.
@@ -313,12 +313,15 @@ class VertexProvider(ProviderBase):
             sleep=self._sleep,
         )
 
-    def _rest_get(self, resource: str, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        """GET `{api_endpoint}/v1/{resource}` with retries; None on 404."""
+    def _rest_get(self, resource: str, params: dict[str, Any] | None = None, *,
+                  body: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """GET `{api_endpoint}/v1/{resource}` (POST with a JSON `body` when given) with retries; None on 404."""
         url = f"{self.api_endpoint}/v1/{resource}"
 
         def call() -> dict[str, Any] | None:
-            response = self._authorized_session().get(url, params=params or None, timeout=self._timeout_s)
+            session = self._authorized_session()
+            response = (session.post(url, json=body, timeout=self._timeout_s) if body is not None
+                        else session.get(url, params=params or None, timeout=self._timeout_s))
             if response.status_code == 404:
                 return None
             if response.status_code >= 400:
@@ -326,7 +329,8 @@ class VertexProvider(ProviderBase):
                     detail = response.json().get("error", {}).get("message", "")
                 except ValueError:
                     detail = ""
-                raise _HttpStatus(response.status_code, f"GET {resource}: {detail or response.reason}", response.headers)
+                raise _HttpStatus(response.status_code, f"{'POST' if body is not None else 'GET'} {resource}: "
+                                  f"{detail or response.reason}", response.headers)
             return response.json()
 
         return self._call(call, f"reading {resource}").value
@@ -577,6 +581,21 @@ class VertexProvider(ProviderBase):
         self._series[job_id] = (tb_experiment, found)
         return self._series[job_id]
 
+    def _export_series(self, series_name: str) -> list[dict[str, Any]] | None:
+        """Every point of a time series, page by page (`:exportTensorboardTimeSeries`): `:read` samples a series
+        longer than its maxDataPoints (10,000 at most) at random, which would drop steps for good."""
+        values: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            body = {"pageSize": _MAX_DATA_POINTS, **({"pageToken": token} if token else {})}
+            page = self._rest_get(f"{series_name}:exportTensorboardTimeSeries", body=body)
+            if page is None:
+                return None if not values else values
+            values.extend(page.get("timeSeriesDataPoints") or [])
+            token = page.get("nextPageToken") or ""
+            if not token:
+                return values
+
     def curve_sources(self, job_id: str) -> list[str]:
         return list(self._tried.get(job_id, []))
 
@@ -593,12 +612,12 @@ class VertexProvider(ProviderBase):
         points: list[MetricPoint] = []
         for display, series_name in found[1].items():
             key = SERIES_KEYS[display]
-            data = self._rest_get(f"{series_name}:read", {"maxDataPoints": _MAX_DATA_POINTS})
-            if data is None:
+            values = self._export_series(series_name)
+            if values is None:
                 continue
             after = last.get(key, -1)
             seen: set[int] = set()
-            for value in (data.get("timeSeriesData") or {}).get("values", []):
+            for value in values:
                 step = _int(value.get("step"))
                 scalar = (value.get("scalar") or {}).get("value")
                 if step is None or scalar is None or step <= after or step in seen:
