@@ -160,7 +160,7 @@ def _changed_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float
 
 
 def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, prepared: Prepared,
-               base: Evaluation) -> tuple[dict[str, float], RegisteredVersion]:
+               base: Evaluation | None) -> tuple[dict[str, float], RegisteredVersion]:
     """The post-job part shared by tune and sync, in the active run `run_id`: record a failure (tags, then raise
     TuningJobFailed), or log the job's facts, evaluate the tuned model against `base` (the base model on the same
     prepared validation split), and register it (once per run). `config.tune.base_model` is the job's base model."""
@@ -169,6 +169,8 @@ def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, 
     if job.state is not JobState.SUCCEEDED:
         _finish_failed(client, run_id, job)
     _say_if_no_curves(provider, client, run_id, job)
+    if base is None:
+        raise ValueError("a succeeded job is evaluated against the base model: pass its evaluation")
     log_values(client, run_id, metrics=_changed_metrics(client, run_id, job.metrics),
                tags={**job.tags, "finetune.tuned_model": job.tuned_model or "",
                      "finetune.data_sha256": prepared.data_sha256, "finetune.prepare_run_id": prepared.run_id})

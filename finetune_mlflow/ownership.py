@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
@@ -39,6 +40,7 @@ OWNER_TAG = "finetune.owner"
 HEARTBEAT_TAG = "finetune.owner_heartbeat"
 HEARTBEAT_SECONDS = 60.0
 STALE_SECONDS = 5 * HEARTBEAT_SECONDS
+MAX_MISSED = 5
 _HELD: dict[str, IO] = {}  # run id -> its lock file, open (and locked) until this process exits
 _BEATING: set[str] = set()
 
@@ -109,20 +111,26 @@ def mark_owner(run_id: str) -> None:
     client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
     if run_id not in _BEATING:
         _BEATING.add(run_id)
-        threading.Thread(target=_beat, args=(run_id,), daemon=True, name=f"heartbeat-{run_id[:8]}").start()
+        threading.Thread(target=_beat, args=(run_id, mlflow.get_tracking_uri()), daemon=True,
+                         name=f"heartbeat-{run_id[:8]}").start()
 
 
-def _beat(run_id: str) -> None:
-    while True:
+def _beat(run_id: str, tracking_uri: str) -> None:
+    """Refresh the heartbeat until the run ends or changes owner; a store unreachable for MAX_MISSED beats in a
+    row ends the beating too (the lease then goes stale, as it should for an owner that cannot write)."""
+    client, missed = MlflowClient(tracking_uri), 0
+    while missed < MAX_MISSED:
         time.sleep(HEARTBEAT_SECONDS)
         try:
-            run = MlflowClient().get_run(run_id)
+            run = client.get_run(run_id)
             if run.info.status != "RUNNING" or run.data.tags.get(OWNER_TAG) != me():
-                _BEATING.discard(run_id)
-                return
-            MlflowClient().set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+                break
+            client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+            missed = 0
         except Exception as e:  # noqa: BLE001 - a missed beat only ages the lease; the next one may succeed
+            missed += 1
             logger.debug("heartbeat of run %s failed: %s", run_id, e)
+    _BEATING.discard(run_id)
 
 
 def end_stale_children(parent_run_id: str) -> list[str]:

@@ -22,7 +22,7 @@ from finetune_mlflow.config import Config, dump_yaml
 from finetune_mlflow.job_tracking import JOB_ID_TAG, finish_job, launch, request_for, stream_job
 from finetune_mlflow.preparation import Prepared, ensure_prepared
 from finetune_mlflow.providers import get_provider
-from finetune_mlflow.providers.base import TuningJob
+from finetune_mlflow.providers.base import JobState, TuningJob
 from finetune_mlflow.registry import RegisteredVersion
 from finetune_mlflow.scoring import Evaluation, base_evaluation
 from finetune_mlflow.tracking import log_values, step_run
@@ -55,6 +55,7 @@ def run_tune(config: Config, *, prepared: Prepared | None = None, base: Evaluati
         if not job_id:
             job_id = launch(provider, request_for(config, run_id, prepared), config, client)
         job = stream_job(provider, job_id, run_id, config, sleep=sleep, clock=clock)
-        base = base or base_evaluation(config, prepared, provider)
+        if job.state is JobState.SUCCEEDED:  # a failed job is recorded without paying for a base evaluation
+            base = base or base_evaluation(config, prepared, provider)
         metrics, version = finish_job(provider, job, run_id, config, prepared, base)
         return TuneResult(run_id, job, metrics, version)
