@@ -148,11 +148,14 @@ class LocalProvider(ProviderBase):
 
     @staticmethod
     def _launch_trainer(job_dir: Path) -> int:
-        """Start the job's trainer in its own session (its pid is its process group: `cancel` stops the group)."""
+        """Start the job's trainer in its own session (its pid is its process group: `cancel` stops the group),
+        importing this very package (whatever the working directory), so it writes what this code reads."""
+        source_root = str(Path(__file__).resolve().parents[3])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")]))}
         with open(job_dir / "trainer.log", "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "finetune_mlflow.providers.local.trainer", str(job_dir)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
             )
         write_json_atomic(job_dir / LAUNCHER_PID, {"pid": process.pid})
         logger.info("local job %s: trainer started (pid %d, dir %s)", job_dir.name, process.pid, job_dir)
