@@ -81,6 +81,8 @@ def deduplicate(examples: list[Example], path: str) -> Deduplicated:
 
 def example_problem(example: Example, *, extractive: bool, max_chars: int) -> str | None:
     """Why an example cannot be used, or None when it can."""
+    if example.get("answer_problem"):  # found by the reader (a SQuAD answer_start that cannot be right)
+        return example["answer_problem"]
     for key in ("question", "context"):
         if not example[key]:
             return f"empty {key}"

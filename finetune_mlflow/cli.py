@@ -126,6 +126,13 @@ def _report(args: argparse.Namespace) -> None:
           f"({winner.run_id}) F1 {winner.metric('eval_f1'):.2f}; wrote {markdown} and {page}")
 
 
+def _cancel(args: argparse.Namespace) -> None:
+    from finetune_mlflow.steps.cancel import run_cancel
+
+    job = run_cancel(_config(args), run_id=args.run_id, job_id=args.job_id)
+    print(f"{job.job_id}: {job.provider_status}")
+
+
 def _flag(value: str) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
 
@@ -159,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         promote.add_argument(f"--{name}", default=default)
     sync = command("sync", _sync, "import existing tuning jobs into runs, evaluate and register them")
     sync.add_argument("--job_id", default="", help="a job id or Vertex job name, or `all` for every listed job")
+    cancel = command("cancel", _cancel, "stop a tuning job (local trainer or the provider's cancel call)")
+    cancel.add_argument("--run_id", default="", help="the run that launched the job")
+    cancel.add_argument("--job_id", default="", help="or the job id itself")
     command("main", _main, "prepare -> evaluate base -> tune -> promote as child runs")
     sweep = command("sweep", _sweep, "one tune run per point of the config's sweep.grid, under a sweep parent")
     sweep.add_argument("--promote", default="false", help="hand the winner to promote (gates apply)")

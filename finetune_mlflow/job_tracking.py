@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 JOB_ID_TAG = "finetune.job_id"
 CURSOR_TAG = "finetune.metrics_cursor"
+CURVES_TAG = "finetune.curves"
 # Set once the tuned model's evaluation completed within its error budget.
 EVALUATED_TAG = "finetune.evaluated_model"
 LOGGED_MODEL_TAG = "finetune.logged_model_id"
@@ -113,6 +114,7 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
     """Poll until the job ends, logging new metric points and state transitions as they appear.
 
     `wait=False` (sync) polls once: whatever the job has now is logged and the job is returned in any state."""
+    job_id = provider.check_job_id(job_id)  # from a run tag or the user: never a path or a URL
     client = MlflowClient()
     run = client.get_run(run_id)
     state = _RunState(run.data.tags.get(CURSOR_TAG), run.data.tags.get("finetune.provider_status"),
@@ -156,6 +158,17 @@ def _finish_failed(client: MlflowClient, run_id: str, job: TuningJob) -> None:
     log_values(client, run_id, tags={"finetune.error_code": job.error_code or "",
                                      "finetune.error_message": (job.error_message or "")[:5000]})
     raise TuningJobFailed(job.job_id, job.state.value, job.error_code, job.error_message)
+
+
+def _say_if_no_curves(provider: Provider, client: MlflowClient, run_id: str, job: TuningJob) -> None:
+    """A job that succeeded without a single train_loss point: say so loudly, with where the curves were sought."""
+    if client.get_metric_history(run_id, "train_loss"):
+        return
+    sources = getattr(provider, "curve_sources", lambda _: [])(job.job_id)
+    tried = "; ".join(sources) or "the provider's event stream"
+    logger.warning("job %s succeeded but no training curve was found (tried: %s); the run has no train_loss",
+                   job.job_id, tried)
+    log_values(client, run_id, tags={CURVES_TAG: "none found", "finetune.curves_tried": tried[:5000]})
 
 
 def _changed_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -225,6 +238,9 @@ def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, 
     client = MlflowClient()
     if job.state is not JobState.SUCCEEDED or base is None:
         _finish_failed(client, run_id, job)
+    _say_if_no_curves(provider, client, run_id, job)
+    if base is None:
+        raise ValueError("a succeeded job is evaluated against the base model: pass its evaluation")
     log_values(client, run_id, metrics=_changed_metrics(client, run_id, job.metrics),
                tags={**job.tags, "finetune.tuned_model": job.tuned_model or "",
                      "finetune.data_sha256": prepared.data_sha256, "finetune.prepare_run_id": prepared.run_id})

@@ -28,7 +28,7 @@ from finetune_mlflow.config import Config
 from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.errors import DataError
 from finetune_mlflow.providers import training_records
-from finetune_mlflow.records import read_examples, read_jsonl, write_jsonl
+from finetune_mlflow.records import read_examples, read_input_bytes, read_jsonl, write_jsonl
 from finetune_mlflow.scratch import download_artifacts, scratch_dir
 from finetune_mlflow.tracking import code_version, find_finished_run, log_values, step_run
 
@@ -64,7 +64,7 @@ def data_fingerprint(config: Config) -> str:
     for uri in (config.data.train_data, config.data.validation_data):
         if uri:
             path = resolve_input(uri)
-            digest.update(path.read_bytes() if path.is_file() else uri.encode())
+            digest.update(read_input_bytes(path) if path.is_file() else uri.encode())
     return digest.hexdigest()
 
 

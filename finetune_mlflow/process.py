@@ -24,17 +24,25 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(signum)
 
 
+# Runs that could not be ended because the tracking store itself was on the full device.
+UNENDED_RUNS: list[str] = []
+
+
 def disk_full_path(error: BaseException) -> str | None:
-    """The path of a 'No space left on device' error anywhere in the exception's chain, '' if it names none."""
-    seen = set()
+    """The path of a 'No space left on device' error anywhere in the exception's chain ('' if none names one),
+    or None when the chain holds no such error. A path found anywhere beats a pathless match (the store's own
+    "database or disk is full", raised while ending a run, often hides the artifact write that filled the disk)."""
+    seen, found = set(), None
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return str(error.filename or "")
-        if "No space left on device" in str(error) or "database or disk is full" in str(error):
-            return ""
+            if error.filename2 or error.filename:  # a copy names its source first, its destination second
+                return str(error.filename2 or error.filename)
+            found = ""
+        elif "No space left on device" in str(error) or "database or disk is full" in str(error):
+            found = ""
         error = error.__cause__ or error.__context__
-    return None
+    return found
 
 
 def run_guarded(handler: Callable[[], None]) -> int:
@@ -53,7 +61,10 @@ def run_guarded(handler: Callable[[], None]) -> int:
         where = disk_full_path(e)
         if where is None:
             raise
-        print(f"error: no space left on {where or 'the device holding the tracking store or artifacts'}",
+        unended = (f"; runs {', '.join(UNENDED_RUNS)} could not be marked ended because the tracking store is on "
+                   "the full device: free space, then rerun with --run-id (or `mlflow runs` tools) to end them"
+                   if UNENDED_RUNS else "")
+        print(f"error: no space left on {where or 'the device holding the tracking store or artifacts'}{unended}",
               file=sys.stderr)
         return 2
     return 0

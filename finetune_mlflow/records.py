@@ -8,6 +8,7 @@ are left to `cleaning.validate_examples`, which can drop them under `on_invalid:
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import re
@@ -17,6 +18,60 @@ from typing import Any
 from finetune_mlflow.errors import DataError
 
 Example = dict[str, Any]
+# A lone UTF-16 surrogate (`"\\ud800"` in JSON) decodes to a str that cannot be written back as UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _loads(text: str, path: Path, line: int | None) -> Any:
+    """json.loads with every way it can fail as a DataError naming the line (a 200,000-deep nest included)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = line if line is not None else e.lineno
+        raise DataError(str(path), at, f"malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(str(path), line, "JSON nested too deeply to read (thousands of [ or { levels); "
+                        "each example is a flat object") from None
+
+
+def _check_text(values: list[Any], path: Path, line: int | None, where: str = "") -> None:
+    """Refuse lone surrogates here, with the line, rather than as an encoding traceback when the row is written."""
+    for value in values:
+        found = _SURROGATE.search(value) if isinstance(value, str) else None
+        if found:
+            raise DataError(str(path), line, f"{where}text holds a lone UTF-16 surrogate "
+                            f"({found.group().encode('unicode_escape').decode()}), which is not a character; "
+                            "fix the \\u escape")
+
+
+def answer_start_problem(answers: Any, context: str) -> str | None:
+    """Why a SQuAD `answer_start` cannot be right (not an integer, or outside the context), or None."""
+    for item in answers if isinstance(answers, list) else []:
+        if not isinstance(item, dict) or "answer_start" not in item:
+            continue
+        start = item["answer_start"]
+        if not isinstance(start, int) or isinstance(start, bool):
+            return f"answer_start {start!r:.40} is not an integer"
+        if not 0 <= start <= len(context) - len(str(item.get("text", ""))):
+            return f"answer_start {start} is outside the context (0 to {len(context)} characters)"
+    return None
+
+
+def read_input_bytes(path: Path) -> bytes:
+    """The bytes of an input file, or a DataError saying why they cannot be read (missing, a directory, no read
+    permission, a symlink loop, ...)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(str(path), None, "file does not exist; pass -P train_data=<path or runs:/ URI>") from None
+    except IsADirectoryError:
+        raise DataError(str(path), None, "is a directory; pass a .json, .jsonl or .csv file") from None
+    except PermissionError:
+        raise DataError(str(path), None, "cannot be read: permission denied") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(str(path), None, "is a symbolic link loop") from None
+        raise DataError(str(path), None, f"cannot be read: {e.strerror or e}") from None
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -62,6 +117,7 @@ def _flat_record(obj: Any, path: Path, line: int) -> Example:
         answers = _as_answers(obj["answer"], path, line)
     else:
         raise DataError(str(path), line, "missing field 'answers' (a list) or 'answer' (a string)")
+    _check_text([obj["question"], obj["context"], obj.get("id"), obj.get("title"), *answers], path, line)
     return {
         "id": str(obj.get("id") or f"{path.name}:{line}"),
         "title": str(obj.get("title") or ""),
@@ -77,25 +133,25 @@ def _read_jsonl(path: Path, text: str) -> list[Example]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(str(path), number, f"malformed JSON ({e.msg} at column {e.colno})") from None
-        examples.append(_flat_record(obj, path, number))
+        examples.append(_flat_record(_loads(line, path, number), path, number))
     return examples
 
 
 def _read_csv(path: Path, text: str) -> list[Example]:
     reader = csv.DictReader(io.StringIO(text))
     examples = []
-    for row in reader:
-        line = reader.line_num
-        if "answers" in row and row["answers"] is not None:
-            try:
-                row["answers"] = json.loads(row["answers"])
-            except json.JSONDecodeError:
-                row["answers"] = [row["answers"]]
-        examples.append(_flat_record({k: v for k, v in row.items() if k is not None}, path, line))
+    try:
+        for row in reader:
+            line = reader.line_num
+            if "answers" in row and row["answers"] is not None:
+                try:
+                    row["answers"] = json.loads(row["answers"])
+                except (json.JSONDecodeError, RecursionError):
+                    row["answers"] = [row["answers"]]
+            examples.append(_flat_record({k: v for k, v in row.items() if k is not None}, path, line))
+    except csv.Error as e:  # e.g. a field over the reader's 131072-character limit
+        raise DataError(str(path), reader.line_num + 1, f"unreadable CSV ({e}); long contexts belong in JSONL") \
+            from None
     return examples
 
 
@@ -122,10 +178,7 @@ def _first_id_line(paragraph: Any, id_lines: dict[str, int]) -> int | None:
 
 
 def _read_squad_json(path: Path, text: str) -> list[Example]:
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(str(path), e.lineno, f"malformed JSON ({e.msg} at column {e.colno})") from None
+    document = _loads(text, path, None)
     if not isinstance(document, dict) or not isinstance(document.get("data"), list):
         raise DataError(str(path), 1, "expected a SQuAD v1.1 object {\"version\", \"data\": [articles]}, got "
                         f"{type(document).__name__}")
@@ -146,13 +199,18 @@ def _read_squad_json(path: Path, text: str) -> list[Example]:
                     raise DataError(str(path), _first_id_line({"qas": [qa]}, id_lines),
                                     f"{qa_where} must have 'id' and a 'question' string")
                 line = id_lines.get(str(qa["id"]))
+                answers = _as_answers(qa.get("answers"), path, line, f"{qa_where}: ")
+                _check_text([qa["question"], paragraph["context"], article.get("title"), *answers], path, line,
+                            f"{qa_where}: ")
                 examples.append({
                     "id": str(qa["id"]),
                     "title": str(article.get("title", "")),
                     "question": qa["question"],
                     "context": paragraph["context"],
-                    "answers": _as_answers(qa.get("answers"), path, line, f"{qa_where}: "),
+                    "answers": answers,
                     "source_line": line,
+                    # Left to cleaning.validate_examples, which fails or drops the row per data.on_invalid.
+                    "answer_problem": answer_start_problem(qa.get("answers"), paragraph["context"]),
                 })
     return examples
 
@@ -160,13 +218,7 @@ def _read_squad_json(path: Path, text: str) -> list[Example]:
 def read_examples(path: str | Path) -> list[Example]:
     """Examples from a local file, format chosen by content: SQuAD JSON object, else JSONL, or CSV by suffix."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(str(path), None, "file does not exist; pass -P train_data=<path or runs:/ URI>") from None
-    except IsADirectoryError:
-        raise DataError(str(path), None, "is a directory; pass a .json, .jsonl or .csv file") from None
-    text = _decode(path, raw)
+    text = _decode(path, read_input_bytes(path))
     if not text.strip():
         raise DataError(str(path), None, "file is empty; expected SQuAD JSON, JSONL or CSV examples")
     if path.suffix.lower() == ".csv":

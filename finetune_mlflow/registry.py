@@ -12,7 +12,9 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.entities import LoggedModel, LoggedModelStatus
 from mlflow.models import infer_signature
+from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
@@ -61,6 +63,39 @@ def pinned_requirements(packages: tuple[str, ...]) -> list[str]:
             for name in dict.fromkeys(BASE_REQUIREMENTS + packages)]
 
 
+class _PyfuncFlavor:
+    """mlflow.pyfunc as a `Model.log` flavor: `Model.log` reads `validate_serving_input` from the keyword
+    arguments it hands to the flavor's save_model, which pyfunc's refuses; dropped here."""
+
+    @staticmethod
+    def save_model(*, validate_serving_input: bool = True, **kwargs) -> None:
+        mlflow.pyfunc.save_model(**kwargs)
+
+
+def finished_logged_model(client: MlflowClient, run_id: str, keep: str | None) -> LoggedModel | None:
+    """What an interrupted registration of this run left: a READY model is reused (it was logged in full, only
+    its version is missing); a PENDING one other than `keep` (the model this run's evaluation is linked to, which
+    the registration logs into) was killed while logging: it is marked FAILED, so it is not mistaken for a
+    servable model."""
+    experiment_id = client.get_run(run_id).info.experiment_id
+    models = client.search_logged_models(experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    ready = None
+    for model in models:
+        if model.name != MODEL_NAME_IN_RUN or (model.model_id == keep and model.status == LoggedModelStatus.PENDING):
+            continue
+        if model.status == LoggedModelStatus.PENDING:
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            client.set_logged_model_tags(model.model_id, {"finetune.end_reason": "left PENDING by an interrupted "
+                                                          "registration; a rerun logged the model again"})
+            logger.warning("logged model %s of run %s was left PENDING by an interrupted registration: marked "
+                           "FAILED, logging the model again", model.model_id, run_id)
+        elif model.status == LoggedModelStatus.READY and ready is None:
+            logger.info("reusing logged model %s of run %s (logged before the registration was interrupted)",
+                        model.model_id, run_id)
+            ready = model
+    return ready
+
+
 def existing_version(client: MlflowClient, name: str, run_id: str) -> RegisteredVersion | None:
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if not versions:
@@ -84,6 +119,29 @@ def _upload(run_id: str, artifacts: dict[str, str]) -> dict[str, str]:
     return uris
 
 
+def _log_model(run_id: str, config: Config, provider: str, model_id: str, logged_model_id: str | None,
+               artifacts: dict[str, str], packages: tuple[str, ...]) -> ModelInfo:
+    """Log the pyfunc into `logged_model_id` (or a new LoggedModel). Model.log with validate_serving_input=False:
+    the signature and the example are saved, but MLflow does not load the model and predict the example at log
+    time (for a hosted model two paid requests per registration, and a registration that fails whenever the
+    endpoint is down); `pyfunc.log_model` does not pass the switch through, hence _PyfuncFlavor. Requirements are
+    given, not inferred: inference too loads the model and predicts."""
+    signature = infer_signature(EXAMPLE_INPUT, pd.DataFrame({"answer": ["Warsaw"]}))
+    with tempfile.TemporaryDirectory(prefix="serving-") as folder:
+        # An artifact, not `model_config`: MLflow logs a model_config as run params, one per setting.
+        serving = Path(folder) / "serving.json"
+        serving.write_text(json.dumps({"provider": provider, "model_id": model_id,
+                                       "provider_settings": provider_settings(config, provider)}), encoding="utf-8")
+        return mlflow.models.Model.log(
+            artifact_path=None, flavor=_PyfuncFlavor, flavor_name="mlflow.pyfunc", validate_serving_input=False,
+            name=MODEL_NAME_IN_RUN, model_id=logged_model_id, python_model=str(PACKAGE_DIR / "serving.py"),
+            artifacts={**_upload(run_id, artifacts), SERVING_ARTIFACT: str(serving)},
+            # Only what serving imports, not the whole package (tests, __pycache__): fewer objects per version.
+            code_paths=[str(stage_package(PACKAGE_DIR / "serving.py", scratch_dir("model-code")))],
+            signature=signature, input_example=EXAMPLE_INPUT, pip_requirements=pinned_requirements(packages),
+        )
+
+
 def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id: str, logged_model_id: str | None,
                          artifacts: dict[str, str], packages: tuple[str, ...], tags: dict[str, str],
                          description: str) -> RegisteredVersion:
@@ -95,23 +153,8 @@ def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id
     if found is not None:
         logger.info("run %s already registered as %s version %s", run_id, name, found.version)
         return found
-    signature = infer_signature(EXAMPLE_INPUT, pd.DataFrame({"answer": ["Warsaw"]}))
-    with tempfile.TemporaryDirectory(prefix="serving-") as folder:
-        # An artifact, not `model_config`: MLflow logs a model_config as run params, one per setting.
-        serving = Path(folder) / "serving.json"
-        serving.write_text(json.dumps({"provider": provider, "model_id": model_id,
-                                       "provider_settings": provider_settings(config, provider)}), encoding="utf-8")
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME_IN_RUN,
-            python_model=str(PACKAGE_DIR / "serving.py"),
-            artifacts={**_upload(run_id, artifacts), SERVING_ARTIFACT: str(serving)},
-            # Only what serving imports, not the whole package (tests, __pycache__): fewer objects per version.
-            code_paths=[str(stage_package(PACKAGE_DIR / "serving.py", scratch_dir("model-code")))],
-            signature=signature,
-            input_example=EXAMPLE_INPUT,
-            pip_requirements=pinned_requirements(packages),
-            model_id=logged_model_id,
-        )
+    logged = finished_logged_model(client, run_id, keep=logged_model_id) or _log_model(
+        run_id, config, provider, model_id, logged_model_id, artifacts, packages)
     try:
         client.create_registered_model(name, description=(
             "Extractive question answering: given a passage (`context`) and a `question`, returns the shortest "
@@ -119,7 +162,7 @@ def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id
     except mlflow.exceptions.MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, description=description,
-                                          model_id=info.model_id)
+    version = client.create_model_version(name, logged.model_uri, run_id=run_id, tags=tags, description=description,
+                                          model_id=logged.model_id)
     logger.info("registered %s version %s from run %s", name, version.version, run_id)
     return RegisteredVersion(name, version.version, f"models:/{name}/{version.version}")

@@ -17,6 +17,9 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from finetune_mlflow import ownership
+from finetune_mlflow.process import UNENDED_RUNS, disk_full_path
+
 logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -110,11 +113,19 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
              ) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume, under `mlflow run --run-id`) the run for a step; nested when a parent is active.
 
-    Any exception ends the run FAILED before it propagates: no run is left RUNNING.
+    Any exception ends the run FAILED before it propagates: no run is left RUNNING. A run resumed by id
+    (`--run-id`) is claimed first (`ownership.claim`: a second process gets RunHeld and the run is left as it
+    is), and its children that a dead process left RUNNING are ended KILLED.
     """
     parent = mlflow.active_run()
+    resumed = os.environ.get("MLFLOW_RUN_ID") if parent is None else None
+    if resumed:
+        ownership.claim(resumed)
     run = mlflow.start_run(run_name=run_name, nested=parent is not None, tags={
         "finetune.step": step, "finetune.code_version": code_version(), **(tags or {})})
+    ownership.mark_owner(run.info.run_id)
+    if resumed:
+        ownership.end_stale_children(run.info.run_id)
     if parent is None and _LAUNCHER:
         MlflowClient().set_tag(_LAUNCHER[0], "finetune.run_id", run.info.run_id)
     try:
@@ -131,12 +142,31 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
 
 def _end(run: mlflow.ActiveRun, status: str, reason: str) -> None:
     """End the active run with a status and the reason as a tag; the reason is best effort (the store may be
-    the thing that failed), the status is not."""
+    the thing that failed), the status too when the store is full (the run is then named in the final message).
+    MLflow's SQL store logs each failed statement with a page of traceback: quiet here, the error says it."""
+    with _quiet("mlflow.store.db.utils"):
+        try:
+            MlflowClient().set_tag(run.info.run_id, "finetune.end_reason", reason[:5000])
+        except Exception as e:  # noqa: BLE001 - a full disk or a dead server must not hide the original error
+            logger.warning("could not record why run %s ended: %s", run.info.run_id,
+                           (str(e) or repr(e)).splitlines()[0])
+        try:
+            mlflow.end_run(status)  # pops the run first: the active-run stack is right even when this raises
+        except Exception as e:  # noqa: BLE001 - only a full store is survivable here; the original error goes on
+            if disk_full_path(e) is None:
+                raise
+            UNENDED_RUNS.append(run.info.run_id)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    noisy = logging.getLogger(logger_name)
+    level = noisy.level
+    noisy.setLevel(logging.CRITICAL)
     try:
-        MlflowClient().set_tag(run.info.run_id, "finetune.end_reason", reason[:5000])
-    except Exception as e:  # noqa: BLE001 - a full disk or a dead server must not hide the original error
-        logger.warning("could not record why run %s ended: %s", run.info.run_id, e)
-    mlflow.end_run(status)
+        yield
+    finally:
+        noisy.setLevel(level)
 
 
 def use_experiment(name: str) -> None:

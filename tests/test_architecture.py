@@ -11,13 +11,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "finetune_mlflow"
 
 # Lower number = lower floor. A module may import its own floor or below.
 LAYERS = {
-    0: {"errors", "prompt", "costing", "squad_metrics", "stats", "records", "cleaning", "config"},
+    0: {"errors", "liveness", "prompt", "costing", "squad_metrics", "stats", "records", "cleaning", "config"},
     1: {"providers"},
     2: {"evaluation", "tracking", "progress", "summary", "scorefile", "registry", "qa_model", "serving",
         "preparation", "scoring", "job_tracking", "promotion", "sweep_plan", "traces", "report", "checkpoints",
-        "run_cost", "model_code", "scratch"},
+        "run_cost", "model_code", "scratch", "ownership",
+        "process"},
     3: {"steps"},
-    4: {"pipeline", "sweep", "cli", "process", "__main__", "__init__"},
+    4: {"pipeline", "sweep", "cli", "__main__", "__init__"},
 }
 
 

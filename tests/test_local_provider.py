@@ -18,6 +18,7 @@ from finetune_mlflow.errors import ConfigError, ProviderError
 from finetune_mlflow.providers.local.passage_cache import BoundedCache
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningRequest
+from finetune_mlflow.providers.local.provider import MAX_RESTARTS
 from finetune_mlflow.preparation import build_splits, write_prepared
 from finetune_mlflow.providers.local.provider import weights_file
 
@@ -125,13 +126,24 @@ def test_starting_twice_for_one_run_adopts_the_first_job(prepared):
     wait(provider, first.job_id)
 
 
-def test_a_killed_trainer_is_a_failed_job(prepared):
+def test_a_killed_trainer_is_restarted_then_a_trainer_that_keeps_dying_is_a_failed_job(prepared):
     provider = get_provider("local", load_config(None))
-    job = provider.start_job(request(prepared, epochs=50))
-    pid = json.loads(wait_for_file(provider.jobs_dir / job.job_id / "pid.json").read_text())["pid"]
-    os.kill(pid, signal.SIGKILL)
-    failed = wait(provider, job.job_id)
-    assert failed.state is JobState.FAILED and failed.error_code == "trainer_died"
+    job = provider.start_job(request(prepared, epochs=100))
+    pid_file = provider.jobs_dir / job.job_id / "pid.json"
+    killed: set[int] = set()
+    deadline = time.monotonic() + 120
+    while True:
+        current = provider.get_job(job.job_id)  # notices a dead trainer: restarts it, or gives up
+        if current.state is JobState.FAILED:
+            break
+        pid = json.loads(pid_file.read_text())["pid"] if pid_file.exists() else None
+        if pid is not None and pid not in killed:
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        assert time.monotonic() < deadline, "the job neither restarted nor failed"
+        time.sleep(0.02)
+    assert current.error_code == "trainer_died" and len(killed) == MAX_RESTARTS + 1
+    assert json.loads((provider.jobs_dir / job.job_id / "restarts.json").read_text()) == {"count": MAX_RESTARTS}
 
 
 def wait_for_file(path: Path, seconds: float = 30.0) -> Path:

@@ -352,7 +352,7 @@ def test_500_then_success(fake, prepared):
     fake.fail("upload", 503)
     fake.fail("create_job", 500)
     fake.fail("get_job", 500)
-    fake.fail("tb_read", 503)
+    fake.fail("tb_export", 503)
     job_id = provider.start_job(request_for(prepared)).job_id
     assert len(fake.created_jobs) == 1 and len(fake.objects) == 2
     job, points, _ = poll(provider, job_id)

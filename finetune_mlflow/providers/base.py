@@ -8,11 +8,12 @@ and predict with a model id.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
-from finetune_mlflow.errors import FinetuneError
+from finetune_mlflow.errors import ConfigError, FinetuneError
 
 
 class NotSupported(FinetuneError):
@@ -165,6 +166,16 @@ class ProviderBase:
 
     def predict(self, model: str, question: str, context: str) -> Prediction:
         raise NotImplementedError
+    # What this provider's job ids look like (checked before any call: an id is never a path or a URL).
+    JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+    JOB_ID_EXAMPLE = "a job id"
+
+    def check_job_id(self, job_id: str) -> str:
+        """The job id as the provider's calls take it, or a ConfigError before anything reads or requests it."""
+        if not self.JOB_ID_PATTERN.fullmatch(job_id):
+            raise ConfigError(f"{self.name} job id {job_id[:200]!r} is not a {self.name} job id (expected "
+                              f"{self.JOB_ID_EXAMPLE}); nothing was read or requested")
+        return job_id
 
     def result_file_metrics(self, job_id: str) -> list[MetricPoint]:
         """Step metrics kept outside the event stream (OpenAI's result file); none by default."""
@@ -172,6 +183,10 @@ class ProviderBase:
 
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
         """The job's intermediate models, oldest first; none by default."""
+        return []
+
+    def curve_sources(self, job_id: str) -> list[str]:
+        """Where the job's curves were looked for (resource names), to say so when none was found."""
         return []
 
     def cancel_job(self, job_id: str) -> TuningJob:

@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Iterator
 
+
 from finetune_mlflow.providers.base import MetricPoint, MetricsPage, ProviderBase
 
 TRAINER_PID = "pid.json"  # written by the trainer that holds the job's lock
@@ -30,20 +31,6 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - someone else's process with that pid
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not alive
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
-            return handle.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def launch_trainer(job_dir: Path, module: str) -> int:
@@ -68,7 +55,8 @@ def run_trainer(job_dir: Path, train: Callable[[Path], None]) -> int:
     except BlockingIOError:
         print("another trainer holds this job; exiting", file=sys.stderr)
         return 0
-    if json.loads((job_dir / "status.json").read_text(encoding="utf-8"))["state"] in ("succeeded", "failed"):
+    if json.loads((job_dir / "status.json").read_text(encoding="utf-8"))["state"] in ("succeeded", "failed",
+                                                                                 "cancelled"):
         return 0
     write_json_atomic(job_dir / TRAINER_PID, {"pid": os.getpid()})
     try:
@@ -76,7 +64,8 @@ def run_trainer(job_dir: Path, train: Callable[[Path], None]) -> int:
     except Exception as e:  # noqa: BLE001 - every failure must end as a readable job status
         traceback.print_exc()
         write_json_atomic(job_dir / "status.json", {
-            "state": "failed", "updated": time.time(), "error_code": type(e).__name__, "error_message": str(e),
+            "state": "failed", "updated": time.time(), "error_code": getattr(e, "error_code", type(e).__name__),
+            "error_message": str(e),
         })
         return 1
     return 0

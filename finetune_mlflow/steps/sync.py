@@ -146,6 +146,17 @@ def sync_job(provider: Provider, job_id: str, config: Config, prepared: Prepared
         return SyncedJob(job_id, run_id, JobState.FAILED, existing is None, error=str(e))
 
 
+def _listed_job_ids(provider: Provider) -> list[str]:
+    """Every job the provider lists whose id has its provider's shape (anything else is skipped, said so)."""
+    valid = []
+    for job_id in dict.fromkeys(provider.list_jobs()):
+        try:
+            valid.append(provider.check_job_id(job_id))
+        except ConfigError as e:
+            logger.warning("skipping %s", e)
+    return valid
+
+
 def run_sync(config: Config, job_id: str) -> SyncResult:
     job_id = job_id.strip()
     if not job_id:
@@ -155,7 +166,7 @@ def run_sync(config: Config, job_id: str) -> SyncResult:
     with step_run("sync", run_name=f"sync-{provider_name}",
                   tags={"finetune.provider": provider_name, "finetune.sync_request": job_id}) as run:
         provider = get_provider(provider_name, config)
-        job_ids = list(dict.fromkeys(provider.list_jobs())) if job_id == ALL_JOBS else [job_id]
+        job_ids = _listed_job_ids(provider) if job_id == ALL_JOBS else [provider.check_job_id(job_id)]
         logger.info("syncing %d %s job(s)", len(job_ids), provider_name)
         mlflow.set_tag("finetune.sync_job_ids", ",".join(job_ids)[:5000])
         prepared = ensure_prepared(config)

@@ -61,7 +61,7 @@ def run_tune(config: Config, *, prepared: Prepared | None = None, base: Evaluati
         else:
             job_id = launch(provider, request_for(config, run_id, prepared), config, client)
         job = stream_job(provider, job_id, run_id, config, sleep=sleep, clock=clock)
-        if base is None and job.state is JobState.SUCCEEDED:  # a failed job pays for no evaluation at all
-            base = base_evaluation(config, prepared, provider)
+        if job.state is JobState.SUCCEEDED:  # a failed job is recorded without paying for a base evaluation
+            base = base or base_evaluation(config, prepared, provider)
         metrics, version = finish_job(provider, job, run_id, config, prepared, base)
         return TuneResult(run_id, job, metrics, version)

@@ -44,7 +44,7 @@ TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"}
 
 ROUTES = (
     "create_job", "get_job", "list_jobs", "cancel_job", "generate",
-    "upload", "context", "tb_runs", "tb_series", "tb_read",
+    "upload", "context", "tb_runs", "tb_series", "tb_read", "tb_export",
 )
 
 SERIES_NAMES = (
@@ -355,6 +355,8 @@ class FakeVertexServer(LoopbackServer):
              "tb_series"),
             ("GET", rf"^{v}/(?P<series>{parent}/tensorboards/[^/]+/experiments/[^/]+/runs/[^/]+/timeSeries/[^/:]+):read$",
              "tb_read"),
+            ("POST", rf"^{v}/(?P<series>{parent}/tensorboards/[^/]+/experiments/[^/]+/runs/[^/]+/timeSeries/[^/:]+)"
+                     r":exportTensorboardTimeSeries$", "tb_export"),
             ("POST", r"^/upload/storage/v1/b/(?P<bucket>[^/]+)/o$", "upload"),
             ("PUT", r"^/upload/storage/v1/b/(?P<bucket>[^/]+)/o$", "upload"),
         ]
@@ -492,28 +494,46 @@ class FakeVertexServer(LoopbackServer):
                 out["nextPageToken"] = str(start + size)
             return _json(200, out)
 
+    def _series_values(self, series_name: str) -> tuple[str, list[dict[str, Any]]] | None:
+        """(series id, data points as the REST API spells them) of a served series; None when unknown."""
+        for job in self._jobs.values():
+            for display, series_id in job.series_ids.items():
+                if series_name.endswith(f"/runs/tuning-run-{job.job_id}/timeSeries/{series_id}"):
+                    base = datetime(2024, 1, 1, tzinfo=timezone.utc)
+                    return series_id, [
+                        {"step": str(step), "wallTime": (base + timedelta(seconds=step)).strftime(
+                            "%Y-%m-%dT%H:%M:%S.%fZ"), "scalar": {"value": value}}
+                        for step, value in self._visible_points(job, display)
+                    ]
+        return None
+
     def _do_tb_read(self, params, query, headers, body):
-        series_name = params["series"]
         with self.lock:
-            for job in self._jobs.values():
-                for display, series_id in job.series_ids.items():
-                    if series_name.endswith(f"/runs/tuning-run-{job.job_id}/timeSeries/{series_id}"):
-                        base = datetime(2024, 1, 1, tzinfo=timezone.utc)
-                        values = [
-                            {
-                                "step": str(step),
-                                "wallTime": (base + timedelta(seconds=step)).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-                                "scalar": {"value": value},
-                            }
-                            for step, value in self._visible_points(job, display)
-                        ]
-                        max_points = int(query.get("maxDataPoints") or 1000)
-                        if max_points > 0 and len(values) > max_points:  # the real API samples; keep it visible
-                            values = values[:max_points]
-                        return _json(200, {"timeSeriesData": {
-                            "tensorboardTimeSeriesId": series_id, "valueType": "SCALAR", "values": values,
-                        }})
-        return _error(404, f"TensorboardTimeSeries {series_name} not found")
+            found = self._series_values(params["series"])
+        if found is None:
+            return _error(404, f"TensorboardTimeSeries {params['series']} not found")
+        series_id, values = found
+        max_points = int(query.get("maxDataPoints") or 1000)
+        if max_points > 0 and len(values) > max_points:  # the real API samples at random; keep it visible
+            values = values[:max_points]
+        return _json(200, {"timeSeriesData": {"tensorboardTimeSeriesId": series_id, "valueType": "SCALAR",
+                                              "values": values}})
+
+    def _do_tb_export(self, params, query, headers, body):
+        """`POST {timeSeries}:exportTensorboardTimeSeries`: every point, in pages of pageSize (default 1000,
+        at most 10000), pseudo-random order unless orderBy is given (here: reversed, so order is not assumed)."""
+        request = json.loads(body or b"{}")
+        with self.lock:
+            found = self._series_values(params["series"])
+        if found is None:
+            return _error(404, f"TensorboardTimeSeries {params['series']} not found")
+        points = found[1] if request.get("orderBy") else found[1][::-1]
+        size = min(int(request.get("pageSize") or 1000), 10000)
+        start = int(request.get("pageToken") or 0)
+        out: dict[str, Any] = {"timeSeriesDataPoints": points[start:start + size]}
+        if start + size < len(points):
+            out["nextPageToken"] = str(start + size)
+        return _json(200, out)
 
     # ----------------------------------------------------------------- Cloud Storage uploads
     def _store(self, bucket: str, name: str, data: bytes, upload_type: str) -> tuple[int, dict[str, str], bytes]:

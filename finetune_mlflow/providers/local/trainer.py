@@ -10,6 +10,7 @@ does not kill training.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -62,6 +63,37 @@ def featurize_rows(rows: Sequence[dict], idf: dict[str, float], max_span_tokens:
     return build_corpus(passages, pairs), skipped
 
 
+class Diverged(Exception):
+    """The loss stopped being a number: training is over, and no model is saved (error_code "diverged")."""
+
+    error_code = "diverged"
+
+
+def _written_points(path: Path) -> set[tuple[str, int]]:
+    """(key, step) of every complete event line already in the file (a half-written last line is cut off): a
+    restarted trainer (its predecessor died) trains again with the same seed and writes no point twice."""
+    if not path.exists():
+        return set()
+    raw = path.read_bytes()
+    complete = raw[: raw.rfind(b"\n") + 1]
+    if len(complete) < len(raw):
+        with open(path, "r+b") as handle:
+            handle.truncate(len(complete))
+    return {(event["key"], int(event["step"])) for event in map(json.loads, complete.splitlines())}
+
+
+def _event_lines(report: span_model.StepReport) -> list[dict]:
+    """The step's points; a loss that is no longer a number ends the job as diverged."""
+    now = int(time.time() * 1000)
+    lines = [{"key": "train_loss", "value": report.train_loss, "step": report.step, "ts": now}]
+    if report.val_loss is not None:
+        lines.append({"key": "val_loss", "value": report.val_loss, "step": report.step, "ts": now})
+    if not all(math.isfinite(line["value"]) for line in lines):
+        shown = ", ".join(f"{line['key']} {line['value']}" for line in lines)
+        raise Diverged(f"{shown} at step {report.step}: the loss is no longer a number; lower the learning rate")
+    return lines
+
+
 def _checkpoint(job_dir: Path, report: span_model.StepReport, weights, idf, size: int) -> dict:
     path = job_dir / CHECKPOINT_DIR / f"epoch-{report.epoch + 1}.npz"
     path.parent.mkdir(exist_ok=True)
@@ -78,13 +110,12 @@ def _best(checkpoints: list[dict]) -> dict:
 
 def _stream(job_dir: Path, steps, idf, size: int) -> tuple[list[dict], span_model.StepReport]:
     checkpoints, report = [], None
+    written = _written_points(job_dir / "events.jsonl")
     with open(job_dir / "events.jsonl", "a", encoding="utf-8") as events:
         for report, weights in steps:
-            now = int(time.time() * 1000)
-            lines = [{"key": "train_loss", "value": report.train_loss, "step": report.step, "ts": now}]
-            if report.val_loss is not None:
-                lines.append({"key": "val_loss", "value": report.val_loss, "step": report.step, "ts": now})
-            events.write("".join(json.dumps(line) + "\n" for line in lines))
+            lines = _event_lines(report)
+            events.write("".join(json.dumps(line) + "\n" for line in lines
+                                 if (line["key"], line["step"]) not in written))
             events.flush()
             if report.epoch_end:
                 checkpoints.append(_checkpoint(job_dir, report, weights, idf, size))

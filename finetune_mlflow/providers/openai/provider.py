@@ -117,6 +117,8 @@ def _checkpoint_metrics(metrics: Any) -> dict[str, float]:
 
 class OpenAIProvider(ProviderBase):
     serving_packages = ("openai",)
+    JOB_ID_PATTERN = re.compile(r"ftjob-[A-Za-z0-9]+")
+    JOB_ID_EXAMPLE = "ftjob- and letters or digits"
     max_parallel_jobs = 3  # OpenAI runs about 3 fine-tuning jobs at once per organization; more only queue
     """OpenAI fine-tuning and chat completions. `sleep` and `retry_policy` exist so tests need not really wait."""
 

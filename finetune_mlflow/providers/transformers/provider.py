@@ -26,12 +26,13 @@ from finetune_mlflow.providers.base import (
     TuningJob,
     TuningRequest,
 )
+from finetune_mlflow.liveness import pid_alive
 from finetune_mlflow.providers.job_dir import (
     LAUNCHER_PID,
     TRAINER_PID,
     JobDirectoryProvider,
     launch_trainer,
-    pid_alive,
+
     write_json_atomic,
 )
 from finetune_mlflow.prompt import clean_completion

@@ -22,8 +22,8 @@ all of it documented REST:
 2. Vertex AI Experiments back an experiment with the TensorBoard experiment of the same id (the aiplatform SDK
    creates `tensorboards/T/experiments/EXPERIMENT`), whose runs are listed with `.../experiments/EXPERIMENT/runs`;
 3. each run's time series are listed with `.../runs/R/timeSeries`; we match them by `displayName`
-   (`/train_total_loss`, ...) and read them with `GET {timeSeries}:read?maxDataPoints=10000` (the documented max;
-   the default of 1000 would randomly sample longer curves).
+   (`/train_total_loss`, ...) and read every point with `POST {timeSeries}:exportTensorboardTimeSeries`, page by
+   page (`GET {timeSeries}:read` randomly samples any series longer than its maxDataPoints, at most 10,000).
 
 Until the job has an experiment, or while any of those resources is missing (404), `read_metrics` returns no points.
 The cursor is JSON `{metric key: last step returned}`; only later steps are returned, so nothing is read twice.
@@ -32,6 +32,7 @@ The cursor is JSON `{metric key: last step returned}`; only later steps are retu
 from __future__ import annotations
 
 import json
+import re
 import os
 import time
 import warnings
@@ -74,6 +75,22 @@ SERIES_KEYS: dict[str, str] = {
 }
 
 _ADAPTER_SIZES = {1: "ONE", 2: "TWO", 4: "FOUR", 8: "EIGHT", 16: "SIXTEEN", 32: "THIRTY_TWO"}
+# Adapter sizes Vertex documents per base model ("About supervised fine-tuning for Gemini models", Limitations);
+# the API enum accepts more, and a job with an undocumented size fails after it is created (and billed).
+DOCUMENTED_ADAPTER_SIZES = {"gemini-2.5-flash": (1, 2, 4, 8, 16), "gemini-2.5-pro": (1, 2, 4, 8)}
+
+
+def _note(tried: list[str], resource: str) -> None:
+    if resource not in tried:
+        tried.append(resource)
+
+
+def check_adapter_size(base_model: str, adapter_size: int) -> None:
+    """Refuse an adapter size the base model's documentation does not list, before any upload or job."""
+    documented = DOCUMENTED_ADAPTER_SIZES.get(base_model.rsplit("/", 1)[-1])
+    if adapter_size and documented and adapter_size not in documented:
+        raise ConfigError(f"vertex.adapter_size is {adapter_size}, but {base_model} supports adapter sizes "
+                          f"{', '.join(map(str, documented))} (or 0 for Vertex's default)")
 
 _STATES = {
     "JOB_STATE_QUEUED": JobState.PENDING,
@@ -152,6 +169,13 @@ class VertexProvider(ProviderBase):
     """Gemini supervised tuning on Vertex AI (see the module docstring for configuration and assumptions)."""
 
     name = "vertex"
+    JOB_ID_PATTERN = re.compile(r"projects/[A-Za-z0-9_.:-]+/locations/[a-z0-9-]+/tuningJobs/\d+|\d+")
+    JOB_ID_EXAMPLE = "projects/P/locations/L/tuningJobs/N or the number N"
+
+    def check_job_id(self, job_id: str) -> str:
+        """A bare job number means this project and location's job of that number."""
+        job_id = super().check_job_id(job_id)
+        return job_id if "/" in job_id else f"projects/{self.project}/locations/{self.location}/tuningJobs/{job_id}"
 
     def __init__(
         self,
@@ -172,6 +196,7 @@ class VertexProvider(ProviderBase):
                 f"vertex.adapter_size is {vertex.adapter_size}; expected 0 (Vertex default) or one of "
                 f"{', '.join(map(str, _ADAPTER_SIZES))}"
             )
+        check_adapter_size(config.tune.base_model, vertex.adapter_size)
         self.max_concurrency = config.evaluate.max_concurrency
         self._sleep = sleep
         self._policy = retry_policy or RetryPolicy(max_attempts=max(1, config.evaluate.request_retries + 1),
@@ -209,6 +234,8 @@ class VertexProvider(ProviderBase):
         self._session: Any = None
         # job name -> (tensorboard experiment resource, {display name: time series resource}) once found.
         self._series: dict[str, tuple[str, dict[str, str]]] = {}
+        # job name -> the Experiment and TensorBoard resources looked up for its curves (said when none is found).
+        self._tried: dict[str, list[str]] = {}
         self._experiments: dict[str, str] = {}
 
     # ------------------------------------------------------------------ plumbing
@@ -297,12 +324,15 @@ class VertexProvider(ProviderBase):
             sleep=self._sleep,
         )
 
-    def _rest_get(self, resource: str, params: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        """GET `{api_endpoint}/v1/{resource}` with retries; None on 404."""
+    def _rest_get(self, resource: str, params: dict[str, Any] | None = None, *,
+                  body: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """GET `{api_endpoint}/v1/{resource}` (POST with a JSON `body` when given) with retries; None on 404."""
         url = f"{self.api_endpoint}/v1/{resource}"
 
         def call() -> dict[str, Any] | None:
-            response = self._authorized_session().get(url, params=params or None, timeout=self._timeout_s)
+            session = self._authorized_session()
+            response = (session.post(url, json=body, timeout=self._timeout_s) if body is not None
+                        else session.get(url, params=params or None, timeout=self._timeout_s))
             if response.status_code == 404:
                 return None
             if response.status_code >= 400:
@@ -310,7 +340,8 @@ class VertexProvider(ProviderBase):
                     detail = response.json().get("error", {}).get("message", "")
                 except ValueError:
                     detail = ""
-                raise _HttpStatus(response.status_code, f"GET {resource}: {detail or response.reason}", response.headers)
+                raise _HttpStatus(response.status_code, f"{'POST' if body is not None else 'GET'} {resource}: "
+                                  f"{detail or response.reason}", response.headers)
             return response.json()
 
         return self._call(call, f"reading {resource}").value
@@ -516,6 +547,11 @@ class VertexProvider(ProviderBase):
                                   epoch=int(c.epoch) if c.epoch is not None else None)
                        for c in found if c.endpoint), key=lambda c: c.step)
 
+    def cancel_job(self, job_id: str) -> TuningJob:
+        """`POST .../tuningJobs/N:cancel`; the job goes CANCELLING, then CANCELLED (returned as it is now)."""
+        self._call(lambda: self.client.tunings.cancel(name=job_id), f"cancelling tuning job {job_id}")
+        return self.get_job(job_id)
+
     def list_jobs(self) -> Iterator[str]:
         pager = self._call(lambda: self.client.tunings.list(), "listing tuning jobs").value
         for job in pager:
@@ -532,8 +568,11 @@ class VertexProvider(ProviderBase):
             experiment = self._normalize(
                 self._call(lambda: self.client.tunings.get(name=job_id), f"reading tuning job {job_id}").value
             ).tags.get("vertex.experiment")
+        tried = self._tried.setdefault(job_id, [])
         if not experiment:
+            _note(tried, f"{job_id} (no experiment on the job)")
             return None  # the job has not created its experiment yet
+        _note(tried, experiment)
         experiment_id = experiment.rsplit("/", 1)[-1]
         if cached is not None:
             tb_experiment = cached[0]
@@ -547,11 +586,13 @@ class VertexProvider(ProviderBase):
                 if not tensorboard:
                     return None  # no TensorBoard yet (or none: set vertex.tensorboard)
             tb_experiment = f"{tensorboard.strip('/')}/experiments/{experiment_id}"
+        _note(tried, f"{tb_experiment}/runs")
         runs = self._rest_list(f"{tb_experiment}/runs", "tensorboardRuns")
         if runs is None:
             return None
         found: dict[str, str] = {}
         for run in runs:
+            _note(tried, f"{run['name']}/timeSeries")
             series = self._rest_list(f"{run['name']}/timeSeries", "tensorboardTimeSeries") or []
             for item in series:
                 display = item.get("displayName", "")
@@ -561,6 +602,24 @@ class VertexProvider(ProviderBase):
                     found[display] = item["name"]
         self._series[job_id] = (tb_experiment, found)
         return self._series[job_id]
+
+    def _export_series(self, series_name: str) -> list[dict[str, Any]] | None:
+        """Every point of a time series, page by page (`:exportTensorboardTimeSeries`): `:read` samples a series
+        longer than its maxDataPoints (10,000 at most) at random, which would drop steps for good."""
+        values: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            body = {"pageSize": _MAX_DATA_POINTS, **({"pageToken": token} if token else {})}
+            page = self._rest_get(f"{series_name}:exportTensorboardTimeSeries", body=body)
+            if page is None:
+                return None if not values else values
+            values.extend(page.get("timeSeriesDataPoints") or [])
+            token = page.get("nextPageToken") or ""
+            if not token:
+                return values
+
+    def curve_sources(self, job_id: str) -> list[str]:
+        return list(self._tried.get(job_id, []))
 
     def read_metrics(self, job_id: str, cursor: str | None) -> MetricsPage:
         last: dict[str, int] = {}
@@ -575,12 +634,12 @@ class VertexProvider(ProviderBase):
         points: list[MetricPoint] = []
         for display, series_name in found[1].items():
             key = SERIES_KEYS[display]
-            data = self._rest_get(f"{series_name}:read", {"maxDataPoints": _MAX_DATA_POINTS})
-            if data is None:
+            values = self._export_series(series_name)
+            if values is None:
                 continue
             after = last.get(key, -1)
             seen: set[int] = set()
-            for value in (data.get("timeSeriesData") or {}).get("values", []):
+            for value in values:
                 step = _int(value.get("step"))
                 scalar = (value.get("scalar") or {}).get("value")
                 if step is None or scalar is None or step <= after or step in seen:
