@@ -47,9 +47,25 @@ def worker(tree: Path, *args: str) -> dict:
 
 # ----------------------------------------------------------------------------------------- worker side (tree)
 
+def _first_module(*names: str):
+    """The first of `names` the tree has: this checkout and the reference lay the package out differently."""
+    import importlib
+
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError(f"none of {names}")
+
+
+TRAINER_MODULES = ("finetune_mlflow.providers.local.trainer", "finetune_mlflow.local_trainer")
+
 def _prepare(out_dir: str) -> dict:
     from finetune_mlflow.config import load_config
-    from finetune_mlflow.steps.prepare import build_splits, write_prepared
+
+    prepare = _first_module("finetune_mlflow.preparation", "finetune_mlflow.steps.prepare")
+    build_splits, write_prepared = prepare.build_splits, prepare.write_prepared
 
     config = load_config(str(REPO / "experiments" / "squad_local.yaml"), {
         "train_data": str(REPO / "data" / "squad" / "train.json"),
@@ -61,8 +77,10 @@ def _prepare(out_dir: str) -> dict:
 
 def _featurize(prepared: str, n: str, reps: str) -> dict:
     """Seconds per 1,000 questions for everything the trainer does before its first step (idf + features)."""
-    from finetune_mlflow import local_trainer, span_model
     from finetune_mlflow.records import read_jsonl
+
+    local_trainer = _first_module(*TRAINER_MODULES)
+    span_model = _first_module("finetune_mlflow.providers.local.span_model", "finetune_mlflow.span_model")
 
     rows = read_jsonl(Path(prepared) / "train.jsonl")[: int(n)]
     times, cpu = [], []
@@ -109,7 +127,7 @@ def _train(prepared: str, n: str, epochs: str, evaluate: str) -> dict:
     (job / "spec.json").write_text(json.dumps(spec))
     (job / "status.json").write_text(json.dumps({"state": "pending"}))
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "finetune_mlflow.local_trainer", str(job)], check=True,
+    subprocess.run([sys.executable, "-m", _first_module(*TRAINER_MODULES).__name__, str(job)], check=True,
                    stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -124,11 +142,16 @@ def _train(prepared: str, n: str, epochs: str, evaluate: str) -> dict:
 
 def _score(model: str, validation: Path) -> dict:
     from finetune_mlflow.config import load_config
-    from finetune_mlflow.providers.local import LocalProvider
     from finetune_mlflow.records import read_jsonl
     from finetune_mlflow.squad_metrics import best_over_golds
 
-    provider = LocalProvider(load_config(None))
+    local = _first_module("finetune_mlflow.providers.local.provider", "finetune_mlflow.providers.local")
+    if hasattr(local, "weights_file"):  # this checkout names models inside a jobs home: `<job>/weights.npz`
+        path = Path(model)
+        provider = local.LocalProvider(load_config(None, {"local.jobs_dir": str(path.parent.parent)}))
+        model = f"{path.parent.name}/{path.name}"
+    else:
+        provider = local.LocalProvider(load_config(None))
     scores = [best_over_golds(provider.predict(model, r["question"], r["context"]).text, r["answers"])
               for r in read_jsonl(validation)]
     return {"em": 100 * sum(s[0] for s in scores) / len(scores), "f1": 100 * sum(s[1] for s in scores) / len(scores)}

@@ -18,6 +18,7 @@ def test_registering_an_openai_model_sends_no_chat_request(openai_fake, tmp_path
     with mlflow.start_run() as run:
         version = register_tuned_model(run_id=run.info.run_id, config=config, provider="openai",
                                        model_id="ft:gpt-4o-mini-2024-07-18:org:squad:abc123", artifacts={},
+                                       logged_model_id=None, packages=("openai",),
                                        tags={"provider": "openai"}, description="no calls")
     assert openai_fake.chat_requests == []
     assert [r for r in openai_fake.requests if "chat" in r[1]] == []

@@ -52,7 +52,7 @@ def command(step: str, small_squad) -> list[str]:
     train, validation = small_squad
     return [sys.executable, "-m", "finetune_mlflow", step, "--config", str(ROOT / "experiments" / "squad_local.yaml"),
             "--train_data", str(train), "--validation_data", str(validation), "--max_examples", "200",
-            "--epochs", "1", "--poll_interval", "0.2", "--set", "data.max_validation_examples=60",
+            "--epochs", "2", "--poll_interval", "0.2", "--set", "data.max_validation_examples=60",
             "--set", "evaluate.bootstrap_samples=200"]
 
 
