@@ -115,6 +115,110 @@ def _checkpoint_metrics(metrics: Any) -> dict[str, float]:
     return {p.key: p.value for p in openai_data.metrics_from_data(data, 0, step=0)}
 
 
+def _api_key_from_env() -> str:
+    api_key = os.environ.get("OPENAI_API_KEY", "").strip()
+    if not api_key:
+        raise ConfigError(
+            "OPENAI_API_KEY is not set: the openai provider needs an API key in the environment "
+            "(export OPENAI_API_KEY=sk-... in the shell that runs mlflow; keys never go in config files)"
+        )
+    return api_key
+
+
+def _base_url_choice(configured: str | None) -> tuple[str | None, str]:
+    """The base_url to pass the SDK (None lets it read OPENAI_BASE_URL or use its default) and where it came from."""
+    if configured:
+        return configured, "config openai.base_url"
+    if os.environ.get("OPENAI_BASE_URL"):
+        return None, "env OPENAI_BASE_URL"
+    return None, "SDK default"
+
+
+def _log_credential_sources(base_url: str, base_url_source: str) -> None:
+    """Say where each credential came from, never its value."""
+    log.info(
+        "OpenAI credentials: api key from env OPENAI_API_KEY; organization %s; project %s; base_url %s (%s)",
+        "from env OPENAI_ORG_ID" if os.environ.get("OPENAI_ORG_ID") else "not set (key default)",
+        "from env OPENAI_PROJECT_ID" if os.environ.get("OPENAI_PROJECT_ID") else "not set (key default)",
+        _redact_url(base_url),
+        base_url_source,
+    )
+
+
+def _create_job_kwargs(request: TuningRequest, training_file: str, validation_file: str | None) -> dict[str, Any]:
+    """fine_tuning.jobs.create arguments; the run id in metadata is what lets a retry or a rerun adopt the job."""
+    hyperparameters: dict[str, Any] = {
+        "n_epochs": request.epochs,
+        "batch_size": request.batch_size if request.batch_size > 0 else "auto",
+        "learning_rate_multiplier": request.learning_rate,
+    }
+    kwargs: dict[str, Any] = dict(
+        model=request.base_model,
+        training_file=training_file,
+        suffix=request.suffix or openai.omit,
+        seed=request.seed,
+        metadata={"mlflow_run_id": request.run_id},
+        method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+    )
+    if validation_file:
+        kwargs["validation_file"] = validation_file
+    return kwargs
+
+
+def _job_hyperparameters(job: Any) -> Any:
+    """The supervised method's hyperparameters, else the legacy top-level ones (older jobs)."""
+    hp = None
+    if job.method is not None and job.method.supervised is not None:
+        hp = job.method.supervised.hyperparameters
+    return hp or job.hyperparameters
+
+
+def _job_tags(job: Any, hp: Any) -> dict[str, str]:
+    tags: dict[str, str] = {
+        "openai.status": job.status,
+        "openai.base_model": job.model,
+        "openai.training_file": job.training_file,
+    }
+    if hp is not None:
+        tags["openai.hyperparameters"] = json.dumps(
+            {k: v for k, v in hp.model_dump().items() if v is not None}, sort_keys=True
+        )
+    if job.validation_file:
+        tags["openai.validation_file"] = job.validation_file
+    if job.result_files:
+        tags["openai.result_files"] = ",".join(job.result_files)
+    if job.fine_tuned_model:
+        tags["openai.fine_tuned_model"] = job.fine_tuned_model
+    if job.seed is not None:
+        tags["openai.seed"] = str(job.seed)
+    return tags
+
+
+def _job_error(error: Any) -> tuple[str | None, str | None]:
+    """A failed job's (code, message); the offending parameter, when named, goes into the message."""
+    if error is None or not (error.code or error.message):
+        return None, None
+    message = error.message or None
+    if error.param and message:
+        message = f"{message} (param: {error.param})"
+    return error.code or None, message
+
+
+def _event_points(events: list[Any], only_after_step: int | None) -> list[MetricPoint]:
+    """The metric points of `metrics` events, ascending by step; with `only_after_step`, later steps only."""
+    points: list[MetricPoint] = []
+    for event in events:
+        data = event.data if isinstance(event.data, dict) else None
+        if event.type != "metrics" or not data:
+            continue
+        for point in openai_data.metrics_from_data(data, int(event.created_at) * 1000):
+            if only_after_step is not None and point.step <= only_after_step:
+                continue
+            points.append(point)
+    points.sort(key=lambda p: (p.step, p.timestamp_ms, p.key))
+    return points
+
+
 class OpenAIProvider(ProviderBase):
     serving_packages = ("openai",)
     JOB_ID_PATTERN = re.compile(r"ftjob-[A-Za-z0-9]+")
@@ -134,20 +238,9 @@ class OpenAIProvider(ProviderBase):
         self.config = config
         self.max_concurrency = config.evaluate.max_concurrency
         self._sleep = sleep
-        api_key = os.environ.get("OPENAI_API_KEY", "").strip()
-        if not api_key:
-            raise ConfigError(
-                "OPENAI_API_KEY is not set: the openai provider needs an API key in the environment "
-                "(export OPENAI_API_KEY=sk-... in the shell that runs mlflow; keys never go in config files)"
-            )
+        api_key = _api_key_from_env()
         self._secrets = (api_key,)
-        if config.openai.base_url:
-            base_url: str | None = config.openai.base_url
-            base_url_source = "config openai.base_url"
-        elif os.environ.get("OPENAI_BASE_URL"):
-            base_url, base_url_source = None, "env OPENAI_BASE_URL"
-        else:
-            base_url, base_url_source = None, "SDK default"
+        base_url, base_url_source = _base_url_choice(config.openai.base_url)
         try:
             self._client = OpenAI(
                 api_key=api_key,
@@ -157,13 +250,7 @@ class OpenAIProvider(ProviderBase):
             )
         except openai.OpenAIError as e:
             raise ConfigError(f"cannot build the OpenAI client: {_redact(str(e), self._secrets)}") from None
-        log.info(
-            "OpenAI credentials: api key from env OPENAI_API_KEY; organization %s; project %s; base_url %s (%s)",
-            "from env OPENAI_ORG_ID" if os.environ.get("OPENAI_ORG_ID") else "not set (key default)",
-            "from env OPENAI_PROJECT_ID" if os.environ.get("OPENAI_PROJECT_ID") else "not set (key default)",
-            _redact_url(str(self._client.base_url)),
-            base_url_source,
-        )
+        _log_credential_sources(str(self._client.base_url), base_url_source)
         backoff = config.evaluate.retry_backoff_seconds
         self._mgmt_policy = retry_policy or RetryPolicy(max_attempts=max(1, config.openai.max_retries + 1),
                                                         initial_backoff_s=backoff)
@@ -272,61 +359,60 @@ class OpenAIProvider(ProviderBase):
                 return job
         return None
 
-    def start_job(self, request: TuningRequest) -> TuningJob:
-        train_path, validation_path = self._data_paths(request)
-        if not train_path.exists():
-            raise DataError(train_path, None, "file not found; run the prepare step first")
-        # A crash after creating the job but before the run recorded its id leaves a job tagged with this run in
-        # its metadata: adopt it instead of paying for a second one.
+    def _adopt_earlier_job(self, run_id: str) -> TuningJob | None:
+        """A crash after creating the job but before the run recorded its id leaves a job tagged with this run in
+        its metadata: adopt it instead of paying for a second one."""
         earlier = self._value(
-            f"fine_tuning.jobs.list(metadata.mlflow_run_id={request.run_id})",
-            lambda: self._client.fine_tuning.jobs.list(metadata={"mlflow_run_id": request.run_id}, limit=10),
+            f"fine_tuning.jobs.list(metadata.mlflow_run_id={run_id})",
+            lambda: self._client.fine_tuning.jobs.list(metadata={"mlflow_run_id": run_id}, limit=10),
         )
         for job in earlier.data:
-            if (job.metadata or {}).get("mlflow_run_id") == request.run_id:
-                log.warning("run %s already created job %s; adopting it", request.run_id, job.id)
+            if (job.metadata or {}).get("mlflow_run_id") == run_id:
+                log.warning("run %s already created job %s; adopting it", run_id, job.id)
                 return self._to_tuning_job(job, final_details=False)
-        training_file = self._upload(train_path)
-        validation_file = self._upload(validation_path) if validation_path else None
-        hyperparameters: dict[str, Any] = {
-            "n_epochs": request.epochs,
-            "batch_size": request.batch_size if request.batch_size > 0 else "auto",
-            "learning_rate_multiplier": request.learning_rate,
-        }
-        kwargs: dict[str, Any] = dict(
-            model=request.base_model,
-            training_file=training_file,
-            suffix=request.suffix or openai.omit,
-            seed=request.seed,
-            metadata={"mlflow_run_id": request.run_id},
-            method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
-        )
-        if validation_file:
-            kwargs["validation_file"] = validation_file
+        return None
+
+    def _create_job(self, request: TuningRequest, kwargs: dict[str, Any]) -> Any:
+        """Create with retries; job creation is not idempotent, so a retry first adopts a job a lost response
+        already created."""
         attempts = {"n": 0}
 
         def create() -> Any:
-            # Job creation is not idempotent: before retrying, adopt a job a lost response already created.
             attempts["n"] += 1
             if attempts["n"] > 1:
-                existing = self._find_job_for_run(request.run_id, training_file)
+                existing = self._find_job_for_run(request.run_id, kwargs["training_file"])
                 if existing is not None:
                     log.warning("job creation response was lost; adopting %s created for this run", existing.id)
                     return existing
             return self._client.fine_tuning.jobs.create(**kwargs)
 
         try:
-            job = self._value(f"fine_tuning.jobs.create(model={request.base_model})", create)
+            return self._value(f"fine_tuning.jobs.create(model={request.base_model})", create)
         except ProviderError as e:
             if e.status == 403:
-                cause = e.__cause__
-                body = getattr(cause, "body", None)
-                said = body.get("message") if isinstance(body, dict) else None
-                said = _redact(str(said or getattr(cause, "message", None) or e), self._secrets)
-                raise ProviderError(
-                    PROVIDER, f"{PERMISSION_DENIED_HELP} Server said: {said}", status=403, request_id=e.request_id
-                ) from None
+                raise self._permission_denied(e) from None
             raise
+
+    def _permission_denied(self, error: ProviderError) -> ProviderError:
+        """A 403 on create most likely means self-serve fine-tuning is closed to this account: say what still works."""
+        cause = error.__cause__
+        body = getattr(cause, "body", None)
+        said = body.get("message") if isinstance(body, dict) else None
+        said = _redact(str(said or getattr(cause, "message", None) or error), self._secrets)
+        return ProviderError(
+            PROVIDER, f"{PERMISSION_DENIED_HELP} Server said: {said}", status=403, request_id=error.request_id
+        )
+
+    def start_job(self, request: TuningRequest) -> TuningJob:
+        train_path, validation_path = self._data_paths(request)
+        if not train_path.exists():
+            raise DataError(train_path, None, "file not found; run the prepare step first")
+        adopted = self._adopt_earlier_job(request.run_id)
+        if adopted is not None:
+            return adopted
+        training_file = self._upload(train_path)
+        validation_file = self._upload(validation_path) if validation_path else None
+        job = self._create_job(request, _create_job_kwargs(request, training_file, validation_file))
         log.info("created fine-tuning job %s (model %s, training file %s)", job.id, job.model, training_file)
         return self._to_tuning_job(job, final_details=False)
 
@@ -338,44 +424,15 @@ class OpenAIProvider(ProviderBase):
         state = STATE_MAP.get(job.status)
         if state is None:
             raise ProviderError(PROVIDER, f"job {job.id} has unknown status {job.status!r}")
-        hp = None
-        if job.method is not None and job.method.supervised is not None:
-            hp = job.method.supervised.hyperparameters
-        hp = hp or job.hyperparameters
-        tags: dict[str, str] = {
-            "openai.status": job.status,
-            "openai.base_model": job.model,
-            "openai.training_file": job.training_file,
-        }
-        if hp is not None:
-            tags["openai.hyperparameters"] = json.dumps(
-                {k: v for k, v in hp.model_dump().items() if v is not None}, sort_keys=True
-            )
-        if job.validation_file:
-            tags["openai.validation_file"] = job.validation_file
-        if job.result_files:
-            tags["openai.result_files"] = ",".join(job.result_files)
-        if job.fine_tuned_model:
-            tags["openai.fine_tuned_model"] = job.fine_tuned_model
-        if job.seed is not None:
-            tags["openai.seed"] = str(job.seed)
+        hp = _job_hyperparameters(job)
+        tags = _job_tags(job, hp)
         metrics: dict[str, float] = {}
         if job.trained_tokens is not None:
             # "The total number of billable tokens processed by this job" (epochs included): cost_train_usd.
             metrics["trained_tokens"] = metrics["billed_training_tokens"] = float(job.trained_tokens)
         if final_details and state is JobState.SUCCEEDED:
-            checkpoints = self._checkpoints(job.id)
-            if checkpoints:
-                tags["openai.checkpoints"] = ",".join(
-                    f"{c.step_number}={c.fine_tuned_model_checkpoint}" for c in checkpoints
-                )[:5000]
-            metrics.update(self._final_metrics(job, checkpoints))
-        error_code = error_message = None
-        if job.error is not None and (job.error.code or job.error.message):
-            error_code = job.error.code or None
-            error_message = job.error.message or None
-            if job.error.param and error_message:
-                error_message = f"{error_message} (param: {job.error.param})"
+            self._add_success_details(job, tags, metrics)
+        error_code, error_message = _job_error(job.error)
         return TuningJob(
             job_id=job.id,
             state=state,
@@ -388,6 +445,15 @@ class OpenAIProvider(ProviderBase):
             base_model=job.model,
             hyperparameters=shared_hyperparameters(hp.model_dump() if hp is not None else {}, HYPERPARAMETER_NAMES),
         )
+
+    def _add_success_details(self, job: Any, tags: dict[str, str], metrics: dict[str, float]) -> None:
+        """Checkpoints and full-validation metrics exist only once the job succeeded, and cost extra calls."""
+        checkpoints = self._checkpoints(job.id)
+        if checkpoints:
+            tags["openai.checkpoints"] = ",".join(
+                f"{c.step_number}={c.fine_tuned_model_checkpoint}" for c in checkpoints
+            )[:5000]
+        metrics.update(self._final_metrics(job, checkpoints))
 
     def _checkpoints(self, job_id: str) -> list[Any]:
         """Every checkpoint of a job, oldest step first."""
@@ -454,8 +520,23 @@ class OpenAIProvider(ProviderBase):
         metrics with a larger step are returned.
         """
         cursor_id, cursor_step = _parse_cursor(cursor)
+        new_events, reached = self._events_since(job_id, cursor_id)
+        found = reached or cursor_id is None
+        if not found:
+            log.warning(
+                "metrics cursor event %s not found for job %s; returning only steps after %s",
+                cursor_id, job_id, cursor_step,
+            )
+        points = _event_points(new_events, None if found else cursor_step)
+        if not new_events:
+            return MetricsPage(points=[], next_cursor=cursor)
+        max_step = max([p.step for p in points] + ([cursor_step] if cursor_step is not None else []), default=None)
+        next_cursor = new_events[0].id + (f"|{max_step}" if max_step is not None else "")
+        return MetricsPage(points=points, next_cursor=next_cursor)
+
+    def _events_since(self, job_id: str, cursor_id: str | None) -> tuple[list[Any], bool]:
+        """Events newer than `cursor_id`, newest first, and whether that event was met (older ones were consumed)."""
         new_events: list[Any] = []
-        reached = False  # met the cursor's event: everything older was consumed before
         page = self._value(
             f"fine_tuning.jobs.list_events({job_id})",
             lambda: self._client.fine_tuning.jobs.list_events(job_id, limit=EVENTS_PAGE_SIZE),
@@ -463,33 +544,11 @@ class OpenAIProvider(ProviderBase):
         while True:
             for event in page.data:
                 if cursor_id is not None and event.id == cursor_id:
-                    reached = True
-                    break
+                    return new_events, True
                 new_events.append(event)
-            if reached or not page.has_next_page():
-                break
+            if not page.has_next_page():
+                return new_events, False
             page = self._value(f"fine_tuning.jobs.list_events({job_id}) next page", page.get_next_page)
-        found = reached or cursor_id is None
-        if not found:
-            log.warning(
-                "metrics cursor event %s not found for job %s; returning only steps after %s",
-                cursor_id, job_id, cursor_step,
-            )
-        points: list[MetricPoint] = []
-        for event in new_events:
-            data = event.data if isinstance(event.data, dict) else None
-            if event.type != "metrics" or not data:
-                continue
-            for point in openai_data.metrics_from_data(data, int(event.created_at) * 1000):
-                if not found and cursor_step is not None and point.step <= cursor_step:
-                    continue
-                points.append(point)
-        points.sort(key=lambda p: (p.step, p.timestamp_ms, p.key))
-        if not new_events:
-            return MetricsPage(points=[], next_cursor=cursor)
-        max_step = max([p.step for p in points] + ([cursor_step] if cursor_step is not None else []), default=None)
-        next_cursor = new_events[0].id + (f"|{max_step}" if max_step is not None else "")
-        return MetricsPage(points=points, next_cursor=next_cursor)
 
     def result_file_metrics(self, job_id: str, *, job: Any | None = None) -> list[MetricPoint]:
         """Download and parse the job's result file(s) (step metrics CSV), e.g. to fill steps the events missed.

@@ -92,6 +92,33 @@ def check_adapter_size(base_model: str, adapter_size: int) -> None:
         raise ConfigError(f"vertex.adapter_size is {adapter_size}, but {base_model} supports adapter sizes "
                           f"{', '.join(map(str, documented))} (or 0 for Vertex's default)")
 
+
+def _check_tuning_settings(config: Config) -> None:
+    """Refuse tune/vertex settings Vertex cannot honour before credentials are even looked up."""
+    adapter_size = config.vertex.adapter_size
+    if config.tune.batch_size != 0:
+        raise ConfigError(
+            f"tune.batch_size is {config.tune.batch_size}, but Vertex AI Gemini tuning has no batch size "
+            "setting (Vertex picks it); set tune.batch_size: 0 in the experiment or pass -P batch_size=0"
+        )
+    if adapter_size != 0 and adapter_size not in _ADAPTER_SIZES:
+        raise ConfigError(
+            f"vertex.adapter_size is {adapter_size}; expected 0 (Vertex default) or one of "
+            f"{', '.join(map(str, _ADAPTER_SIZES))}"
+        )
+    check_adapter_size(config.tune.base_model, adapter_size)
+
+
+def _resolve_project(configured: str, adc_project: str | None) -> str:
+    """Config first, then GOOGLE_CLOUD_PROJECT, then the credentials' own project; none at all is a config error."""
+    project = configured or os.environ.get("GOOGLE_CLOUD_PROJECT", "") or (adc_project or "")
+    if not project:
+        raise ConfigError(
+            "no Google Cloud project: set vertex.project in the experiment or GOOGLE_CLOUD_PROJECT"
+        )
+    return project
+
+
 _STATES = {
     "JOB_STATE_QUEUED": JobState.PENDING,
     "JOB_STATE_PENDING": JobState.PENDING,
@@ -163,6 +190,88 @@ def _wall_time_ms(value: Any) -> int:
         return 0
 
 
+def _tuning_job_config(types: Any, request: TuningRequest, adapter: int, label: str,
+                       validation_uri: str | None) -> Any:
+    """The job's settings; the run label is what lets a retried create find the job it already made."""
+    return types.CreateTuningJobConfig(
+        epoch_count=request.epochs,
+        learning_rate_multiplier=request.learning_rate,
+        adapter_size=types.AdapterSize(f"ADAPTER_SIZE_{_ADAPTER_SIZES[adapter]}") if adapter else None,
+        tuned_model_display_name=f"{request.suffix}-{request.run_id}"[:128],
+        validation_dataset=types.TuningValidationDataset(gcs_uri=validation_uri) if validation_uri else None,
+        labels={"mlflow_run_id": label},
+    )
+
+
+def _model_tags(job: Any) -> dict[str, str]:
+    """Where the tuned model, its experiment and its base model live."""
+    tags: dict[str, str] = {}
+    if job.tuned_model is not None:
+        if job.tuned_model.model:
+            tags["vertex.model"] = job.tuned_model.model
+        if job.tuned_model.endpoint:
+            tags["vertex.endpoint"] = job.tuned_model.endpoint
+    if job.experiment:
+        tags["vertex.experiment"] = job.experiment
+    if job.base_model:
+        tags["vertex.base_model"] = job.base_model
+    return tags
+
+
+def _spec_tags_and_hyperparameters(spec: Any) -> tuple[dict[str, str], dict[str, Any]]:
+    """What the job was trained with (sync logs these as params) and on which staged files."""
+    tags: dict[str, str] = {}
+    if spec is None:
+        return tags, {}
+    hp = spec.hyper_parameters.model_dump(exclude_none=True, mode="json") if spec.hyper_parameters else {}
+    if hp:
+        tags["vertex.hyperparameters"] = json.dumps(hp, sort_keys=True)
+    if spec.training_dataset_uri:
+        tags["vertex.training_dataset"] = spec.training_dataset_uri
+    if spec.validation_dataset_uri:
+        tags["vertex.validation_dataset"] = spec.validation_dataset_uri
+    return tags, hp
+
+
+def _data_stats_metrics(tuning_data_stats: Any) -> dict[str, float]:
+    """The dataset counts Vertex reports once it has read the staged files."""
+    stats = tuning_data_stats.supervised_tuning_data_stats if tuning_data_stats else None
+    if stats is None:
+        return {}
+    metrics: dict[str, float] = {}
+    for key, value in (
+        ("tuning_dataset_example_count", stats.tuning_dataset_example_count),
+        ("total_billable_token_count", stats.total_billable_token_count),
+        ("total_tuning_character_count", stats.total_tuning_character_count),
+        ("tuning_step_count", stats.tuning_step_count),
+        ("total_truncated_example_count", stats.total_truncated_example_count),
+    ):
+        if value is not None:
+            metrics[key] = float(value)
+    if stats.dropped_example_reasons:
+        metrics["dropped_example_count"] = float(len(stats.dropped_example_reasons))
+    return metrics
+
+
+def _progress_metrics(meta: Any) -> dict[str, float]:
+    """How far a running job has got, in steps and epochs."""
+    metrics: dict[str, float] = {}
+    if meta is not None:
+        if meta.completed_step_count is not None:
+            metrics["completed_step_count"] = float(meta.completed_step_count)
+        if meta.completed_epoch_count is not None:
+            metrics["completed_epoch_count"] = float(meta.completed_epoch_count)
+    return metrics
+
+
+def _job_error(error: Any) -> tuple[str | None, str | None]:
+    """A failed job's (code, message), both None while it has none."""
+    if error is None:
+        return None, None
+    code = getattr(error, "code", None)
+    return (str(code) if code is not None else None), getattr(error, "message", None)
+
+
 class VertexProvider(ProviderBase):
     serving_packages = ("google-genai", "google-auth")
     max_parallel_jobs = 4  # concurrent tuning jobs per project and region are quota-limited; 4 stays clear
@@ -186,17 +295,7 @@ class VertexProvider(ProviderBase):
     ):
         self.config = config
         vertex = config.vertex
-        if config.tune.batch_size != 0:
-            raise ConfigError(
-                f"tune.batch_size is {config.tune.batch_size}, but Vertex AI Gemini tuning has no batch size "
-                "setting (Vertex picks it); set tune.batch_size: 0 in the experiment or pass -P batch_size=0"
-            )
-        if vertex.adapter_size != 0 and vertex.adapter_size not in _ADAPTER_SIZES:
-            raise ConfigError(
-                f"vertex.adapter_size is {vertex.adapter_size}; expected 0 (Vertex default) or one of "
-                f"{', '.join(map(str, _ADAPTER_SIZES))}"
-            )
-        check_adapter_size(config.tune.base_model, vertex.adapter_size)
+        _check_tuning_settings(config)
         self.max_concurrency = config.evaluate.max_concurrency
         self._sleep = sleep
         self._policy = retry_policy or RetryPolicy(max_attempts=max(1, config.evaluate.request_retries + 1),
@@ -204,21 +303,26 @@ class VertexProvider(ProviderBase):
         self._timeout_s = vertex.request_timeout_seconds
 
         self.credentials, adc_project = self._credentials()
-        self.project = vertex.project or os.environ.get("GOOGLE_CLOUD_PROJECT", "") or (adc_project or "")
-        if not self.project:
-            raise ConfigError(
-                "no Google Cloud project: set vertex.project in the experiment or GOOGLE_CLOUD_PROJECT"
-            )
+        self.project = _resolve_project(vertex.project, adc_project)
         self.location = vertex.location or os.environ.get("GOOGLE_CLOUD_LOCATION", "") or DEFAULT_LOCATION
         bucket = vertex.staging_bucket or os.environ.get(BUCKET_ENV, "")
         self.bucket = bucket.removeprefix("gs://").strip("/")
         self.api_endpoint = (vertex.api_endpoint or f"https://{self.location}-aiplatform.googleapis.com").rstrip("/")
+        self._types, self.client = self._genai_client()
+        self._storage_client: Any = None
+        self._session: Any = None
+        # job name -> (tensorboard experiment resource, {display name: time series resource}) once found.
+        self._series: dict[str, tuple[str, dict[str, str]]] = {}
+        # job name -> the Experiment and TensorBoard resources looked up for its curves (said when none is found).
+        self._tried: dict[str, list[str]] = {}
+        self._experiments: dict[str, str] = {}
 
+    def _genai_client(self) -> tuple[Any, Any]:
+        """The google-genai types module and a client that makes one attempt per call: retries are ours."""
         from google import genai
         from google.genai import types
 
-        self._types = types
-        self.client = genai.Client(
+        client = genai.Client(
             vertexai=True,
             project=self.project,
             location=self.location,
@@ -230,13 +334,7 @@ class VertexProvider(ProviderBase):
                 retry_options=types.HttpRetryOptions(attempts=1),
             ),
         )
-        self._storage_client: Any = None
-        self._session: Any = None
-        # job name -> (tensorboard experiment resource, {display name: time series resource}) once found.
-        self._series: dict[str, tuple[str, dict[str, str]]] = {}
-        # job name -> the Experiment and TensorBoard resources looked up for its curves (said when none is found).
-        self._tried: dict[str, list[str]] = {}
-        self._experiments: dict[str, str] = {}
+        return types, client
 
     # ------------------------------------------------------------------ plumbing
     def _credentials(self) -> tuple[Any, str | None]:
@@ -402,8 +500,7 @@ class VertexProvider(ProviderBase):
                 return job
         return None
 
-    def start_job(self, request: TuningRequest) -> TuningJob:
-        types = self._types
+    def _check_can_start(self, request: TuningRequest) -> None:
         if request.batch_size != 0:
             raise ConfigError("Vertex AI Gemini tuning has no batch size setting; set tune.batch_size: 0")
         if not self.bucket:
@@ -411,12 +508,9 @@ class VertexProvider(ProviderBase):
                 f"no staging bucket for the tuning data: set vertex.staging_bucket or {BUCKET_ENV} to a Cloud Storage "
                 f"bucket in {self.location} the Vertex AI service agent can read"
             )
-        label = sanitize_label(request.run_id)
-        existing = self._find_job_for_run(label)
-        if existing is not None:
-            return self._normalize(existing)
 
-        train_path, validation_path = self._data_paths(request)
+    def _stage_data(self, request: TuningRequest, train_path: Path, validation_path: Path) -> dict[str, str]:
+        """Upload the prepared files under this run's prefix: file name -> gs:// URI (no validation file, no entry)."""
         prefix = "/".join(p for p in (self.config.vertex.staging_prefix.strip("/"), request.run_id) if p)
         uris = {}
         for path in (train_path, validation_path):
@@ -433,21 +527,10 @@ class VertexProvider(ProviderBase):
                 f"uploading {path.name} to gs://{self.bucket}/{object_name}",
             )
             uris[path.name] = f"gs://{self.bucket}/{object_name}"
+        return uris
 
-        adapter = self.config.vertex.adapter_size
-        job_config = types.CreateTuningJobConfig(
-            epoch_count=request.epochs,
-            learning_rate_multiplier=request.learning_rate,
-            adapter_size=types.AdapterSize(f"ADAPTER_SIZE_{_ADAPTER_SIZES[adapter]}") if adapter else None,
-            tuned_model_display_name=f"{request.suffix}-{request.run_id}"[:128],
-            validation_dataset=(
-                types.TuningValidationDataset(gcs_uri=uris[validation_path.name])
-                if validation_path.name in uris
-                else None
-            ),
-            labels={"mlflow_run_id": label},
-        )
-        training = types.TuningDataset(gcs_uri=uris[train_path.name])
+    def _create_once(self, label: str, base_model: str, training: Any, job_config: Any) -> Any:
+        """Create the tuning job with retries, never twice: a retry first looks for the job by its run label."""
         created: list[Any] = []
 
         def create() -> Any:
@@ -460,71 +543,39 @@ class VertexProvider(ProviderBase):
             with warnings.catch_warnings():
                 # google-genai flags tuning as "experimental" on every call; that is not news to our users.
                 warnings.filterwarnings("ignore", message=".*tuning implementation is experimental.*")
-                return self.client.tunings.tune(
-                    base_model=request.base_model, training_dataset=training, config=job_config
-                )
+                return self.client.tunings.tune(base_model=base_model, training_dataset=training, config=job_config)
 
-        job = self._call(create, f"creating a tuning job for {request.base_model}").value
-        return self._normalize(job)
+        return self._call(create, f"creating a tuning job for {base_model}").value
+
+    def start_job(self, request: TuningRequest) -> TuningJob:
+        self._check_can_start(request)
+        label = sanitize_label(request.run_id)
+        existing = self._find_job_for_run(label)
+        if existing is not None:
+            return self._normalize(existing)
+        train_path, validation_path = self._data_paths(request)
+        uris = self._stage_data(request, train_path, validation_path)
+        job_config = _tuning_job_config(self._types, request, self.config.vertex.adapter_size, label,
+                                        uris.get(validation_path.name))
+        training = self._types.TuningDataset(gcs_uri=uris[train_path.name])
+        return self._normalize(self._create_once(label, request.base_model, training, job_config))
 
     def _normalize(self, job: Any) -> TuningJob:
         state_word = getattr(job.state, "value", job.state) or "JOB_STATE_UNSPECIFIED"
-        state = _STATES.get(str(state_word), JobState.PENDING)
-        tags: dict[str, str] = {}
-        metrics: dict[str, float] = {}
-        tuned_model = None
-        if job.tuned_model is not None:
-            tuned_model = job.tuned_model.endpoint
-            if job.tuned_model.model:
-                tags["vertex.model"] = job.tuned_model.model
-            if job.tuned_model.endpoint:
-                tags["vertex.endpoint"] = job.tuned_model.endpoint
+        tags = _model_tags(job)
         if job.experiment:
-            tags["vertex.experiment"] = job.experiment
             self._experiments[job.name] = job.experiment
-        if job.base_model:
-            tags["vertex.base_model"] = job.base_model
-        spec = getattr(job, "supervised_tuning_spec", None)
-        hp: dict[str, Any] = {}
-        if spec is not None:
-            # What the job was trained with (sync logs these as params) and on which staged files.
-            hp = spec.hyper_parameters.model_dump(exclude_none=True, mode="json") if spec.hyper_parameters else {}
-            if hp:
-                tags["vertex.hyperparameters"] = json.dumps(hp, sort_keys=True)
-            if spec.training_dataset_uri:
-                tags["vertex.training_dataset"] = spec.training_dataset_uri
-            if spec.validation_dataset_uri:
-                tags["vertex.validation_dataset"] = spec.validation_dataset_uri
-        stats = job.tuning_data_stats.supervised_tuning_data_stats if job.tuning_data_stats else None
-        if stats is not None:
-            for key, value in (
-                ("tuning_dataset_example_count", stats.tuning_dataset_example_count),
-                ("total_billable_token_count", stats.total_billable_token_count),
-                ("total_tuning_character_count", stats.total_tuning_character_count),
-                ("tuning_step_count", stats.tuning_step_count),
-                ("total_truncated_example_count", stats.total_truncated_example_count),
-            ):
-                if value is not None:
-                    metrics[key] = float(value)
-            if stats.dropped_example_reasons:
-                metrics["dropped_example_count"] = float(len(stats.dropped_example_reasons))
+        spec_tags, hp = _spec_tags_and_hyperparameters(getattr(job, "supervised_tuning_spec", None))
+        tags.update(spec_tags)
+        metrics = _data_stats_metrics(job.tuning_data_stats)
         metrics.update(_billed_training_tokens(metrics, hp))
-        meta = getattr(job, "tuning_job_metadata", None)
-        if meta is not None:
-            if meta.completed_step_count is not None:
-                metrics["completed_step_count"] = float(meta.completed_step_count)
-            if meta.completed_epoch_count is not None:
-                metrics["completed_epoch_count"] = float(meta.completed_epoch_count)
-        error_code = error_message = None
-        if job.error is not None:
-            code = getattr(job.error, "code", None)
-            error_code = str(code) if code is not None else None
-            error_message = getattr(job.error, "message", None)
+        metrics.update(_progress_metrics(getattr(job, "tuning_job_metadata", None)))
+        error_code, error_message = _job_error(job.error)
         return TuningJob(
             job_id=job.name,
-            state=state,
+            state=_STATES.get(str(state_word), JobState.PENDING),
             provider_status=str(state_word),
-            tuned_model=tuned_model,
+            tuned_model=job.tuned_model.endpoint if job.tuned_model is not None else None,
             error_code=error_code,
             error_message=error_message,
             tags=tags,
