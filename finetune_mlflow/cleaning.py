@@ -147,5 +147,8 @@ def take_first(examples: list[Example], limit: int) -> list[Example]:
     return examples[:limit] if limit else examples
 
 
+CANONICAL_COLUMNS = ("id", "title", "question", "context", "answers")
+
+
 def canonical_row(example: Example) -> dict[str, Any]:
-    return {key: example[key] for key in ("id", "title", "question", "context", "answers")}
+    return {key: example[key] for key in CANONICAL_COLUMNS}
