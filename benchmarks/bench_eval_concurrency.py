@@ -4,6 +4,8 @@ The limit is ceil(N/C)*L (C requests in flight all the time, nothing but server 
 limit / wall time (1.0 = the client adds nothing). The fake OpenAI server runs in its own process, so its CPU does
 not compete with the evaluator's for one GIL; the real `openai` SDK talks to it. Reference in the same run:
 sequential evaluation of the same requests (its fraction says how far the machine itself is from ideal).
+`--async-client` also times the alternative the issue proposed, `openai.AsyncOpenAI` with an asyncio gather
+bounded by a semaphore (one client, httpx pool limits sized to C), on the same requests in the same run.
 Usage (repository root): `python -m benchmarks.bench_eval_concurrency [--quick] [--requests 512] [--delay 0.05]
 [--reps 3] [--concurrency 8 16 32 64]`.
 """
@@ -11,13 +13,16 @@ Usage (repository root): `python -m benchmarks.bench_eval_concurrency [--quick] 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import os
 import statistics
+import time
 
 from benchmarks.out_of_process import fake_openai_process
 from finetune_mlflow.config import load_config
 from finetune_mlflow.evaluation import EvaluationRun, run_predictions
+from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, user_prompt
 from finetune_mlflow.providers import get_provider
 
 
@@ -39,9 +44,44 @@ def evaluate(base_url: str, rows: list[dict], concurrency: int) -> EvaluationRun
     return run
 
 
-def fractions(base_url: str, rows: list[dict], concurrency: int, delay: float, reps: int) -> list[float]:
+async def _gather(base_url: str, rows: list[dict], concurrency: int) -> float:
+    """Wall seconds for the same chat requests through one AsyncOpenAI client, `concurrency` in flight."""
+    import httpx
+    import openai
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    client = openai.AsyncOpenAI(base_url=base_url, max_retries=0, http_client=openai.DefaultAsyncHttpxClient(
+        limits=limits))
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(row: dict) -> str:
+        messages = [{"role": "system", "content": SYSTEM_INSTRUCTION},
+                    {"role": "user", "content": user_prompt(row["question"], row["context"])}]
+        async with gate:
+            response = await client.chat.completions.create(model="ft:gpt-4o-mini:bench", messages=messages,
+                                                            temperature=0, max_tokens=32)
+        return response.choices[0].message.content
+
+    started = time.monotonic()
+    answers = await asyncio.gather(*(one(row) for row in rows))
+    wall = time.monotonic() - started
+    await client.close()
+    assert all(answer == "Ada Lovelace" for answer in answers), "a request failed"
+    return wall
+
+
+def fractions(base_url: str, rows: list[dict], concurrency: int, delay: float, reps: int,
+              use_async: bool = False) -> list[float]:
     limit = math.ceil(len(rows) / concurrency) * delay
+    if use_async:
+        return [limit / asyncio.run(_gather(base_url, rows, concurrency)) for _ in range(reps)]
     return [limit / evaluate(base_url, rows, concurrency).wall_seconds for _ in range(reps)]
+
+
+def line(label: str, got: list[float], reference: list[float]) -> str:
+    median = statistics.median(got)
+    return (f"{label}: fraction of limit {median:.2f} (range {min(got):.2f}-{max(got):.2f}); "
+            f"vs C=1 reference {median / statistics.median(reference):.2f}")
 
 
 def main() -> None:
@@ -50,6 +90,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.05, help="seconds the fake takes per completion")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--async-client", action="store_true", help="also time AsyncOpenAI + asyncio.gather")
     parser.add_argument("--quick", action="store_true", help="256 requests, 2 repetitions")
     args = parser.parse_args()
     if args.quick:
@@ -60,12 +101,13 @@ def main() -> None:
     with fake_openai_process(args.delay) as base_url:
         evaluate(base_url, rows[:32], 8)  # warm-up: imports, connections
         reference = fractions(base_url, rows[:32], 1, args.delay, args.reps)
-        print(f"reference C=1 (32 requests): fraction of limit {statistics.median(reference):.2f} "
-              f"(range {min(reference):.2f}-{max(reference):.2f})")
+        print(line("reference C=1 (32 requests)", reference, reference))
         for concurrency in args.concurrency:
-            got = fractions(base_url, rows, concurrency, args.delay, args.reps)
-            print(f"C={concurrency:>2}: fraction of limit {statistics.median(got):.2f} "
-                  f"(range {min(got):.2f}-{max(got):.2f}); vs C=1 reference {statistics.median(got) / statistics.median(reference):.2f}")
+            print(line(f"C={concurrency:>2}, thread pool (evaluate)", fractions(
+                base_url, rows, concurrency, args.delay, args.reps), reference))
+            if args.async_client:
+                print(line(f"C={concurrency:>2}, AsyncOpenAI gather     ", fractions(
+                    base_url, rows, concurrency, args.delay, args.reps, use_async=True), reference))
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
