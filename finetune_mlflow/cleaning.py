@@ -5,35 +5,45 @@ Each returns new lists plus what it dropped, so the step module can log every co
 
 from __future__ import annotations
 
-import json
-import re
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from finetune_mlflow.errors import DataError
 from finetune_mlflow.records import Example
 
-_WHITESPACE = re.compile(r"\s+")
-
 
 def normalize_text(text: str) -> str:
-    """Unicode NFC plus whitespace collapsed to single spaces: the same answer always has the same bytes."""
-    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+    """Unicode NFC plus whitespace collapsed to single spaces: the same answer always has the same bytes.
+    (`str.split()` splits on exactly the characters `\\s` matches in a str pattern, several times faster.)"""
+    return " ".join(unicodedata.normalize("NFC", text).split())
 
 
-def normalize_example(example: Example) -> Example:
+def normalize_example(example: Example, shared: dict[str, str] | None = None) -> Example:
+    """`shared` memoizes the texts many examples repeat (a SQuAD context has about five questions, a title
+    hundreds), so each is normalized once."""
+    shared = {} if shared is None else shared
+    for key in ("title", "context"):
+        if example[key] not in shared:
+            shared[example[key]] = normalize_text(example[key])
     return {
         **example,
-        "title": normalize_text(example["title"]),
+        "title": shared[example["title"]],
         "question": normalize_text(example["question"]),
-        "context": normalize_text(example["context"]),
+        "context": shared[example["context"]],
         "answers": [normalize_text(answer) for answer in example["answers"]],
     }
 
 
-def _content_key(example: Example) -> str:
-    return json.dumps([example["question"], example["context"], example["answers"]], ensure_ascii=False)
+def normalize_examples(examples: Iterable[Example]) -> list[Example]:
+    shared: dict[str, str] = {}
+    return [normalize_example(example, shared) for example in examples]
+
+
+def _content_key(example: Example) -> tuple[str, str, tuple[str, ...]]:
+    """Hashable content of an example (a tuple of the strings themselves: no encoding, and a shared context's
+    hash is computed once)."""
+    return example["question"], example["context"], tuple(example["answers"])
 
 
 @dataclass(frozen=True)
@@ -53,9 +63,9 @@ def deduplicate(examples: list[Example], path: str) -> Deduplicated:
     The same id with different content is not a duplicate but a conflict: it is refused, since either answer
     could be the wrong one.
     """
-    seen_content: set[str] = set()
+    seen_content: set[tuple] = set()
     seen_pairs: set[tuple[str, str]] = set()
-    content_by_id: dict[str, tuple[str, Any]] = {}
+    content_by_id: dict[str, tuple[tuple, Any]] = {}
     kept: list[Example] = []
     exact = pairs = 0
     for example in examples:
@@ -139,5 +149,8 @@ def take_first(examples: list[Example], limit: int) -> list[Example]:
     return examples[:limit] if limit else examples
 
 
+CANONICAL_COLUMNS = ("id", "title", "question", "context", "answers")
+
+
 def canonical_row(example: Example) -> dict[str, Any]:
-    return {key: example[key] for key in ("id", "title", "question", "context", "answers")}
+    return {key: example[key] for key in CANONICAL_COLUMNS}

@@ -162,5 +162,8 @@ def resolve_model(reference: str, config: Config) -> ResolvedModel:
     else:
         # A provider's own model id, e.g. an existing `ft:gpt-4o-mini-...` model or a Vertex endpoint.
         return ResolvedModel(get_provider(config.tune.provider, config), reference, config.tune.base_model)
-    loaded = mlflow.pyfunc.load_model(reference, dst_path=str(scratch_dir("model"))).unwrap_python_model()
+    # suppress_warnings: no check of the version's pinned requirements against this environment (it maps every
+    # installed distribution to its modules, ~0.3 s); evaluation calls the provider here, not the served package.
+    loaded = mlflow.pyfunc.load_model(reference, dst_path=str(scratch_dir("model")),
+                                      suppress_warnings=True).unwrap_python_model()
     return ResolvedModel(loaded.provider, loaded.model_id, base_model)

@@ -1,7 +1,7 @@
 """A team's MLflow on loopback, as the README's recipe builds it: a fresh PostgreSQL database, an S3-compatible
 store (moto's server mode) and `mlflow server` proxying artifacts to it. Storage credentials exist only in the
 tracking server's environment; `client_env` is what a teammate's shell holds. Used by the team-deployment test
-and by `tests/benchmarks/bench_team_server.py`.
+and by `benchmarks/bench_team_server.py`.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ SETTING_PARAMS = {"epochs": ("epochs", "hp.n_epochs", "hp.epoch_count"),
 SEARCH_PAGE = 1000
 # get_metric_history has no multi-run form in the client API: against a tracking server, overlap the round trips
 # (48 histories over loopback HTTP, medians of 5: 4.0 -> 2.1 s and 5.0 -> 3.6 s in two runs of
-# tests/benchmarks/bench_report_curves.py); on SQLite threads made no consistent difference, so none there.
+# benchmarks/bench_report_curves.py); on SQLite threads made no consistent difference, so none there.
 HISTORY_THREADS = 8
 REMOTE_SCHEMES = ("http", "https", "databricks")
 

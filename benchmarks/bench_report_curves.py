@@ -3,7 +3,7 @@ vs 8 threads (what `report.collect._curves` uses against a tracking server).
 
 Both read the same runs from the same store, alternating, so the ratio is what matters. The client API has no
 multi-run history call; the pool pays off against a tracking server (round trips overlap), not against SQLite.
-Usage: `python tests/benchmarks/bench_report_curves.py [--runs 24] [--reps 5] [--tracking-uri URI]` (default: a
+Usage: `python -m benchmarks.bench_report_curves [--quick] [--runs 24] [--reps 5] [--tracking-uri URI]` (default: a
 fresh SQLite store in a temporary directory; for a server, start `mlflow server` on that store and pass its URL).
 """
 
@@ -43,7 +43,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=24)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tracking-uri", default="")
+    parser.add_argument("--quick", action="store_true", help="8 runs, 2 repetitions")
     args = parser.parse_args()
+    if args.quick:
+        args.runs, args.reps = 8, 2
     with tempfile.TemporaryDirectory() as folder:
         client = MlflowClient(args.tracking_uri or f"sqlite:///{Path(folder) / 'bench.db'}")
         runs = ensure_runs(client, args.runs, Path(folder) / "artifacts")

@@ -4,7 +4,7 @@ and registering a model with the whole package as code (the previous way) beside
 Everything runs in one invocation, interleaved repetition by repetition, so both sides see the same machine load.
 Each `main` repetition is a new experiment (nothing reused from earlier ones) in one store per backend; the server
 is `tests/team_servers.py`'s: a fresh PostgreSQL database, moto's S3 on loopback, `mlflow server` proxying.
-Needs PostgreSQL on 127.0.0.1:5432. Usage: `python -m tests.benchmarks.bench_team_server [--quick] [--reps N]`
+Needs PostgreSQL on 127.0.0.1:5432. Usage: `python -m benchmarks.bench_team_server [--quick] [--reps N]`
 (`--quick`: a 200-example, 1-epoch `main`, as in the team-deployment test; default: the shipped data).
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from finetune_mlflow.providers.local import span_model
 from finetune_mlflow.config import load_config
-from finetune_mlflow.providers.local import save_weights
+from finetune_mlflow.providers.local import span_model
+from finetune_mlflow.providers.local.provider import save_weights
 from finetune_mlflow.registry import EXAMPLE_INPUT, PACKAGE_DIR, register_tuned_model
 from tests import team_servers as team
 from tests.conftest import ROOT, SQUAD_TRAIN, SQUAD_VALIDATION, squad_subset
@@ -102,7 +102,9 @@ def bench_registration(url: str, endpoint: str, folder: Path, reps: int) -> None
                     old_registration(run.info.run_id, weights)
                 else:
                     register_tuned_model(run_id=run.info.run_id, config=config, provider="local",
-                                         model_id="localjob-bench/weights.npz", tags={}, description="")
+                                         model_id="localjob-bench/weights.npz", logged_model_id=None,
+                                         artifacts={"weights": str(weights)}, packages=("numpy",), tags={},
+                                         description="")
                 times[name].append(time.perf_counter() - started)
     keys = [k for k in team.bucket_keys(endpoint) if "/models/m-" in k]
     per_model: dict[str, int] = {}

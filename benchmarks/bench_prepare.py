@@ -1,0 +1,101 @@
+"""Benchmark: `prepare` on synthetic SQuAD data of a chosen size (time, peak RSS), this checkout vs a reference.
+
+The synthetic file replicates the shipped `data/squad/train.json` articles with new ids and titles until it holds
+the asked number of questions, in a temporary folder (nothing large is committed). Each size runs the
+`finetune_mlflow prepare` entry point in a fresh process against one SQLite store per checkout. `--reference DIR` runs the
+same command from another checkout (e.g. a `git worktree` of an older commit) side by side, for the ratio.
+Usage (repository root): `python -m benchmarks.bench_prepare [--quick] [--sizes 100000] [--reps 2]
+[--reference /work/wt/perf-base]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "squad" / "train.json"
+
+
+def synthetic_squad(n_questions: int, path: Path) -> Path:
+    """A SQuAD v1.1 file of `n_questions` questions: the shipped articles again and again, new ids and titles."""
+    articles = json.loads(SHIPPED.read_text(encoding="utf-8"))["data"]
+    out, count, copy = [], 0, 0
+    while count < n_questions:
+        for article in articles:
+            paragraphs = []
+            for paragraph in article["paragraphs"]:
+                qas = [{**qa, "id": f"{qa['id']}-{copy}"} for qa in paragraph["qas"][: n_questions - count]]
+                count += len(qas)
+                if qas:
+                    paragraphs.append({"context": paragraph["context"], "qas": qas})
+            if paragraphs:
+                out.append({"title": f"{article['title']} ({copy})", "paragraphs": paragraphs})
+        copy += 1
+    path.write_text(json.dumps({"version": "1.1", "data": out}), encoding="utf-8")
+    return path
+
+
+def run_prepare(checkout: Path, data: Path, store: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one `prepare` process run from `checkout`."""
+    command = [sys.executable, "-c", "import resource, runpy, sys; sys.argv = sys.argv[1:]; "
+               "code = 0\ntry: runpy.run_module('finetune_mlflow', run_name='__main__')\n"
+               "except SystemExit as e: code = e.code or 0\n"
+               "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+               "sys.exit(code)", "finetune_mlflow", "prepare", "--train_data", str(data),
+               "--max_examples", "0"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "PYTHONPATH": str(checkout)}
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"prepare failed in {checkout}:\n{done.stderr[-2000:]}")
+    rss = next(line for line in done.stderr.splitlines() if line.startswith("maxrss_kb"))
+    return wall, int(rss.split()[1]) / 1024
+
+
+def measure(checkout: Path, data: Path, reps: int) -> tuple[list[float], float]:
+    """`reps` timed runs against one store, after an untimed warm-up run that creates it (a new SQLite store
+    spends seconds creating its tables, which a user pays once, not per prepare)."""
+    walls, peak = [], 0.0
+    with tempfile.TemporaryDirectory() as store:
+        run_prepare(checkout, data, Path(store))
+        for _ in range(reps):
+            wall, rss = run_prepare(checkout, data, Path(store))
+            walls.append(wall)
+            peak = max(peak, rss)
+    return walls, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reference", type=Path, help="another checkout to run side by side")
+    parser.add_argument("--quick", action="store_true", help="20,000 questions, one repetition")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.reps = [20_000], 1
+    checkouts = {"this": SHIPPED.parent.parent.parent} | ({"reference": args.reference} if args.reference else {})
+    print(f"cpus {os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory() as scratch:
+        for size in args.sizes:
+            data = synthetic_squad(size, Path(scratch) / f"squad-{size}.json")
+            results = {name: measure(checkout, data, args.reps) for name, checkout in checkouts.items()}
+            for name, (walls, rss) in results.items():
+                print(f"{size:>8} questions, {name:>9}: {statistics.median(walls):6.1f} s "
+                      f"(range {min(walls):.1f}-{max(walls):.1f}), peak RSS {rss:.0f} MB")
+            if "reference" in results:
+                ratio = statistics.median(results["reference"][0]) / statistics.median(results["this"][0])
+                print(f"{size:>8} questions: this checkout is {ratio:.1f}x the reference's speed")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
