@@ -163,10 +163,7 @@ def test_a_redundant_trainer_launch_leaves_the_running_job_alone(prepared):
     first = json.loads(wait_for_file(job_dir / "pid.json").read_text())["pid"]
     # The first trainer may finish before a second interpreter starts: hold the job's lock as it does meanwhile.
     with open(job_dir / "trainer.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass  # the first trainer still holds it: the same situation
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits while the first trainer holds it, then stands in for it
         second = subprocess.run([sys.executable, "-m", "finetune_mlflow.providers.local.trainer", str(job_dir)],
                                 capture_output=True, text=True, timeout=60)
     assert second.returncode == 0 and "another trainer holds this job" in second.stderr

@@ -51,8 +51,8 @@ def team_server(tmp_path_factory):
 def command(step: str, small_squad) -> list[str]:
     train, validation = small_squad
     return [sys.executable, "-m", "finetune_mlflow", step, "--config", str(ROOT / "experiments" / "squad_local.yaml"),
-            "--train_data", str(train), "--validation_data", str(validation), "--max_examples", "200",
-            "--epochs", "2", "--poll_interval", "0.2", "--set", "data.max_validation_examples=60",
+            "--train_data", str(train), "--validation_data", str(validation), "--max_examples", "0",
+            "--epochs", "2", "--poll_interval", "0.2",
             "--set", "evaluate.bootstrap_samples=200"]
 
 
