@@ -108,3 +108,33 @@ sweep:
     runs = MlflowClient().search_runs(["0"])
     assert not [r for r in runs if r.data.tags.get("finetune.step") == "tune"]  # nothing launched
     assert {r.info.status for r in runs} <= {"FINISHED", "FAILED"}
+
+
+def test_a_sweep_against_the_openai_fake_runs_children_in_parallel_within_its_limit(tmp_path, small_squad,
+                                                                                    openai_fake, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    train, validation = small_squad
+    path = tmp_path / "openai_sweep.yaml"
+    path.write_text(f"""
+data: {{train_data: {train}, validation_data: {validation}, max_examples: 150}}
+tune: {{provider: openai, base_model: gpt-4o-mini-2024-07-18, poll_interval: 0.05,
+        registered_model_name: squad-qa-openai-sweep}}
+evaluate: {{checkpoints: last, trace_samples: 0, bootstrap_samples: 200}}
+sweep:
+  grid: {{epochs: [1, 2, 3]}}
+  max_parallel_jobs: 2
+""", encoding="utf-8")
+    assert cli_main(["sweep", "--config", str(path)]) == 0
+    client = MlflowClient()
+    parent = client.search_runs(["0"], "tags.`finetune.step` = 'sweep'")[0]
+    children = [r for r in client.search_runs(["0"], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+                if r.data.tags["finetune.step"] == "tune"]
+    assert len(children) == 3 and len(openai_fake.created_jobs) == 3
+    assert all(c.info.status == "FINISHED" for c in children)
+    # Children ran side by side, never more than max_parallel_jobs at once.
+    edges = sorted([(c.info.start_time, 1) for c in children] + [(c.info.end_time, -1) for c in children])
+    running, most = 0, 0
+    for _, change in edges:
+        running += change
+        most = max(most, running)
+    assert most == 2
