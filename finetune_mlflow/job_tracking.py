@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import mlflow
+from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -190,6 +191,16 @@ def _logged_model(client: MlflowClient, run_id: str, job: TuningJob) -> str:
     return model.model_id
 
 
+def _set_aside(model_id: str, checkpoint_id: str) -> None:
+    """The final model's LoggedModel when a checkpoint is registered instead: it keeps its linked scores and ends
+    FAILED with the reason, so nothing is left PENDING."""
+    client = MlflowClient()
+    if client.get_logged_model(model_id).status == LoggedModelStatus.PENDING:
+        client.set_logged_model_tags(model_id, {"finetune.end_reason": f"checkpoint {checkpoint_id} was registered "
+                                                "instead of the final model"})
+        client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+
+
 def _evaluate_final(provider: Provider, job: TuningJob, run_id: str, config: Config, examples: list[dict],
                     base: Evaluation, candidates: list[Checkpoint]) -> tuple[dict[str, float], list]:
     """The final model's metrics and rows: evaluated against `base` (after one cost guard over it and every
@@ -264,7 +275,10 @@ def _register(provider: Provider, job: TuningJob, run_id: str, config: Config, p
     what = (f"checkpoint {selection.checkpoint.checkpoint_id} (step {selection.checkpoint.step}) of "
             if selection.checkpoint else "")
     # The final model's LoggedModel carries its linked scores; a winning checkpoint gets a LoggedModel of its own.
-    logged = None if selection.checkpoint else MlflowClient().get_run(run_id).data.tags.get(LOGGED_MODEL_TAG)
+    logged = MlflowClient().get_run(run_id).data.tags.get(LOGGED_MODEL_TAG)
+    if selection.checkpoint and logged:
+        _set_aside(logged, selection.checkpoint.checkpoint_id)
+        logged = None
     return register_tuned_model(
         run_id=run_id, config=config, provider=name, model_id=selection.model, logged_model_id=logged,
         artifacts=provider.model_artifacts(selection.model), packages=provider.serving_packages,
