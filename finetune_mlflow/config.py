@@ -179,6 +179,8 @@ class TransformersConfig:
                            low=0, high=1_000_000)
     max_restarts: int = knob(3, "how often a rerun may restart a trainer that died before the job fails",
                              low=0, high=100)
+    num_processes: int = knob(1, "data-parallel training processes through `accelerate launch` (one per GPU; on the "
+                              "CPU, gloo processes); 1: a single process", low=1, high=256)
 
 
 @dataclass(frozen=True)

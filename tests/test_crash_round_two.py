@@ -124,7 +124,7 @@ def test_dead_trainer_is_restarted_on_the_same_job(small_squad, tmp_path):
     again = rerun(command, run_id)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "restarted it from scratch" in again.stderr
-    assert json.loads((job_dir / "restarts.json").read_text()) == {"count": 1}
+    assert len(json.loads((job_dir / "restarts.json").read_text())) == 1
     assert_completed_once(client, run_id)
 
 

@@ -19,7 +19,8 @@ from finetune_mlflow.errors import ConfigError, ProviderError
 from finetune_mlflow.providers.local.passage_cache import BoundedCache
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningRequest
-from finetune_mlflow.providers.local.provider import MAX_RESTARTS
+from finetune_mlflow.providers.job_dir import restart_times
+from finetune_mlflow.providers.local.provider import LocalProvider
 from finetune_mlflow.preparation import build_splits, write_prepared
 from finetune_mlflow.providers.local.provider import weights_file
 
@@ -143,8 +144,8 @@ def test_a_killed_trainer_is_restarted_then_a_trainer_that_keeps_dying_is_a_fail
             killed.add(pid)
         assert time.monotonic() < deadline, "the job neither restarted nor failed"
         time.sleep(0.02)
-    assert current.error_code == "trainer_died" and len(killed) == MAX_RESTARTS + 1
-    assert json.loads((provider.jobs_dir / job.job_id / "restarts.json").read_text()) == {"count": MAX_RESTARTS}
+    assert current.error_code == "trainer_died" and len(killed) == LocalProvider.max_restarts + 1
+    assert len(restart_times(provider.jobs_dir / job.job_id)) == LocalProvider.max_restarts
 
 
 def wait_for_file(path: Path, seconds: float = 30.0) -> Path:

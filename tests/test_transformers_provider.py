@@ -16,6 +16,7 @@ pytest.importorskip("trl", reason="the transformers provider needs the extra: pi
 
 from finetune_mlflow.config import load_config  # noqa: E402
 from finetune_mlflow.errors import ConfigError, DataError  # noqa: E402
+from finetune_mlflow.liveness import pid_alive  # noqa: E402
 from finetune_mlflow.providers import get_provider  # noqa: E402
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, TuningRequest  # noqa: E402
 from finetune_mlflow.squad_metrics import best_over_golds  # noqa: E402
@@ -89,6 +90,19 @@ def kill_after_first_checkpoint(job_dir: Path) -> None:
     time.sleep(0.3)
 
 
+def workers_of(job_dir: Path) -> list[int]:
+    """Pids of the `--worker` processes `accelerate launch` started for this job."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--worker" in command and str(job_dir).encode() in command:
+            found.append(int(proc.name))
+    return found
+
+
 def test_a_job_streams_losses_survives_kill_9_and_its_merged_model_learned_the_toy_set(tiny_model, prepared):
     """One job for all of it (each trainer process costs seconds of imports): killed after its first checkpoint,
     restarted by the rerun's start_job, resumed from that checkpoint, finished, merged, better than the base."""
@@ -137,3 +151,52 @@ def test_predict_batch_keeps_order_and_splits_latency(tiny_model):
     assert [p.text for p in batch] == [p.text for p in singles]  # greedy: batching changes no answer
     assert [p.input_tokens for p in batch] == [p.input_tokens for p in singles]
     assert len({p.latency_ms for p in batch}) <= 3  # one latency per batch of 3: 8 pairs -> 3 batches
+
+
+def test_several_workers_through_accelerate_launch_train_one_job_and_a_dead_launcher_leaves_no_worker(
+        tiny_model, prepared):
+    """num_processes=2 on the CPU: `accelerate launch` runs two gloo workers (the same command runs one per GPU).
+    Each step is logged once (rank 0), a step covers both workers' batches, and after kill -9 of the process that
+    launched them the relaunch stops the orphaned workers, then resumes from the last checkpoint."""
+    provider = provider_for(**{"transformers.num_processes": "2", "transformers.save_steps": "2"})
+    job = provider.start_job(request(tiny_model, prepared, run_id="ddp", epochs=6))
+    job_dir = Path(job.tags["transformers.job_dir"])
+    kill_after_first_checkpoint(job_dir)
+    orphans = workers_of(job_dir)
+    final = wait(provider, job.job_id, 180)
+    assert final.state is JobState.SUCCEEDED, (job_dir / "trainer.log").read_text()[-3000:]
+    assert orphans and not any(pid_alive(pid) for pid in orphans)
+    assert final.metrics["num_processes"] == 2 and final.metrics["resumed"] == 1.0
+    train = [p.step for p in provider.read_metrics(job.job_id, None).points if p.key == "train_loss"]
+    assert train == list(range(1, 13))  # 12 examples / (batch 4 x 2 workers) = 2 steps per epoch, each once
+    assert [c["epoch"] for c in json.loads((job_dir / "status.json").read_text())["checkpoints"]] == list(range(1, 7))
+    assert Path(final.tuned_model, "config.json").exists()
+
+
+def test_an_epoch_checkpoint_saved_but_never_listed_is_recovered(tmp_path):
+    """A trainer killed between Hugging Face's save and our callback leaves an unlisted epoch-end checkpoint;
+    mid-epoch and half-written ones stay out."""
+    from finetune_mlflow.providers.transformers.job_events import recovered_checkpoints
+
+    def checkpoint(step: int, epoch: float, complete: bool = True) -> None:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text(json.dumps({"epoch": epoch, "global_step": step, "log_history": [
+                {"loss": 1.0, "step": step}, {"eval_loss": 0.5 / epoch, "step": step}]}))
+
+    checkpoint(2, 1.0), checkpoint(3, 1.5), checkpoint(4, 2.0), checkpoint(6, 3.0, complete=False)
+    listed = [{"checkpoint_id": "epoch-1", "epoch": 1, "step": 2, "path": str(tmp_path / "checkpoint-2"),
+               "val_loss": 0.5}]
+    found = recovered_checkpoints(tmp_path, listed)
+    assert [(c["checkpoint_id"], c["step"], c["val_loss"]) for c in found] == [("epoch-1", 2, 0.5), ("epoch-2", 4, 0.25)]
+
+
+def test_restart_counts_written_by_earlier_versions_still_count(tmp_path):
+    from finetune_mlflow.providers.job_dir import restart_times
+
+    assert restart_times(tmp_path) == []
+    (tmp_path / "restarts.json").write_text('{"count": 2}')
+    assert restart_times(tmp_path) == [0.0, 0.0]
+    (tmp_path / "restarts.json").write_text("[1.5]")
+    assert restart_times(tmp_path) == [1.5]

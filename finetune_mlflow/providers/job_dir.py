@@ -9,9 +9,12 @@ job that kept training while nobody watched.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,11 +23,17 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
-from finetune_mlflow.providers.base import MetricPoint, MetricsPage, ProviderBase
+from finetune_mlflow.errors import ProviderError
+from finetune_mlflow.liveness import pid_alive
+from finetune_mlflow.providers.base import MetricPoint, MetricsPage, ProviderBase, TuningJob
+
+logger = logging.getLogger(__name__)
 
 TRAINER_PID = "pid.json"  # written by the trainer that holds the job's lock
 LAUNCHER_PID = "launch.json"  # written by start_job for the process it launched
 TRAINER_LOCK = "trainer.lock"
+RESTARTS = "restarts.json"  # when a dead trainer of this job was relaunched: a list of times
+ACTIVE = ("pending", "running")
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -46,6 +55,26 @@ def launch_trainer(job_dir: Path, module: str) -> int:
     return process.pid
 
 
+def restart_times(job_dir: Path) -> list[float]:
+    """When this job's trainer was relaunched (jobs written before the format was shared hold {"count": n})."""
+    try:
+        recorded = json.loads((job_dir / RESTARTS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    return [0.0] * int(recorded["count"]) if isinstance(recorded, dict) else [float(t) for t in recorded]
+
+
+def stop_leftovers(job_dir: Path) -> None:
+    """SIGKILL every process still working for this job after its trainer died: workers that `accelerate launch`
+    started (each in a session of its own) keep training when the process above them dies. A process counts when
+    one of its arguments is this job's folder, so nothing unrelated is touched."""
+    wanted = str(job_dir).encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError):
+            if int(proc.name) != os.getpid() and wanted in (proc / "cmdline").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+
+
 def run_trainer(job_dir: Path, train: Callable[[Path], None]) -> int:
     """The trainer process's shell: take the job's lock (a redundant launch exits), record the pid, run `train`;
     any exception ends as a failed status with its type and message."""
@@ -63,18 +92,98 @@ def run_trainer(job_dir: Path, train: Callable[[Path], None]) -> int:
         train(job_dir)
     except Exception as e:  # noqa: BLE001 - every failure must end as a readable job status
         traceback.print_exc()
-        write_json_atomic(job_dir / "status.json", {
-            "state": "failed", "updated": time.time(), "error_code": getattr(e, "error_code", type(e).__name__),
-            "error_message": str(e),
-        })
+        record_failure(job_dir, e)
         return 1
     return 0
 
 
+def record_failure(job_dir: Path, error: Exception) -> None:
+    write_json_atomic(job_dir / "status.json", {
+        "state": "failed", "updated": time.time(), "error_code": getattr(error, "error_code", type(error).__name__),
+        "error_message": str(error),
+    })
+
+
 class JobDirectoryProvider(ProviderBase):
-    """What every job-directory provider reads the same way; subclasses set `jobs_dir` and start/train jobs."""
+    """What every job-directory provider does the same way: read status and events, notice a trainer that died
+    without a final status and relaunch it (or fail the job), cancel. Subclasses set `jobs_dir` and
+    `trainer_module`, and start jobs."""
 
     jobs_dir: Path
+    trainer_module: str
+    max_restarts = 3  # a trainer that keeps dying (out of memory, a bug) is a failed job, not a loop
+    relaunch_note = "restarted it"  # what a relaunched trainer does, for the log line
+
+    def _read_status(self, job_id: str) -> dict:
+        try:
+            return json.loads((self._job_dir(job_id) / "status.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ProviderError(self.name, f"job {job_id} not found under {self.jobs_dir}; was it started on this "
+                                f"machine with the same {self.name}.jobs_dir?", status=404) from None
+
+    def _live_pid(self, job_dir: Path) -> int | None:
+        """The pid of the process training (or about to train) the job, if one is alive."""
+        for name in (TRAINER_PID, LAUNCHER_PID):
+            try:
+                pid = int(json.loads((job_dir / name).read_text(encoding="utf-8"))["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if pid_alive(pid):
+                return pid
+        return None
+
+    def _trainer_died(self, job_dir: Path) -> bool:
+        """The trainer's own pid once it runs, before that the launched process's: recorded, and not alive."""
+        pid_file = next((job_dir / name for name in (TRAINER_PID, LAUNCHER_PID) if (job_dir / name).exists()), None)
+        return pid_file is not None and not pid_alive(json.loads(pid_file.read_text(encoding="utf-8"))["pid"])
+
+    def _checked_status(self, job_id: str, restart: bool = True) -> dict:
+        """status.json; a trainer found dead without a final status is relaunched (`restart`, at most
+        `max_restarts` times), else the status becomes failed with `trainer_died`."""
+        job_dir = self._job_dir(job_id)
+        status = self._read_status(job_id)
+        if status["state"] in ACTIVE and self._trainer_died(job_dir):
+            status = self._read_status(job_id)  # it may have written its final status just before exiting
+            if status["state"] in ACTIVE:
+                restarts = restart_times(job_dir)
+                if not restart or len(restarts) >= self.max_restarts:
+                    return {"state": "failed", "error_code": "trainer_died", "error_message": (
+                        f"the trainer exited without a final status ({len(restarts) + 1} time(s)); see "
+                        f"{job_id}/trainer.log in the {self.name} jobs home")}
+                return self._relaunch(job_dir, status, len(restarts) + 1)
+        return status
+
+    def _relaunch(self, job_dir: Path, status: dict, count: int) -> dict:
+        write_json_atomic(job_dir / RESTARTS, restart_times(job_dir) + [time.time()])
+        stop_leftovers(job_dir)
+        status = self._status_for_relaunch(job_dir, status)
+        (job_dir / TRAINER_PID).unlink(missing_ok=True)
+        pid = launch_trainer(job_dir, self.trainer_module)
+        logger.warning("%s job %s: its trainer had died without a final status; %s (pid %d, restart %d of %d)",
+                       self.name, job_dir.name, self.relaunch_note, pid, count, self.max_restarts)
+        return {**status, "restarts": count}
+
+    def _status_for_relaunch(self, job_dir: Path, status: dict) -> dict:
+        """The status a relaunched trainer starts from (a trainer that resumes keeps the current one)."""
+        return status
+
+    def cancel_job(self, job_id: str) -> TuningJob:
+        """SIGTERM to the trainer's process group, then status `cancelled` (a job already ended stays as it is)."""
+        job_dir = self._job_dir(self.check_job_id(job_id))
+        pid = self._live_pid(job_dir)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        stop_leftovers(job_dir)
+        status = self._checked_status(job_id, restart=False)
+        if status["state"] in ACTIVE or status.get("error_code") == "trainer_died":
+            write_json_atomic(job_dir / "status.json", {"state": "cancelled", "updated": time.time(),
+                                                        "error_message": "cancelled by finetune-mlflow cancel"})
+            logger.info("%s job %s cancelled%s", self.name, job_id, f" (trainer pid {pid} stopped)" if pid else "")
+        return self.get_job(job_id)
 
     def _job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id

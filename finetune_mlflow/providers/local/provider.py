@@ -8,12 +8,10 @@ reattaches to a job that kept training while nobody watched.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import signal
 import time
 import uuid
 from functools import lru_cache
@@ -27,17 +25,9 @@ from finetune_mlflow.providers.local import span_features, span_model
 from finetune_mlflow.providers.local.passage_cache import BoundedCache
 from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.config import Config
-from finetune_mlflow.errors import ConfigError, ProviderError
+from finetune_mlflow.errors import ConfigError
 from finetune_mlflow.records import read_jsonl
-from finetune_mlflow.liveness import pid_alive
-from finetune_mlflow.providers.job_dir import (
-    LAUNCHER_PID,
-    TRAINER_PID,
-    JobDirectoryProvider,
-    launch_trainer,
-
-    write_json_atomic,
-)
+from finetune_mlflow.providers.job_dir import TRAINER_PID, JobDirectoryProvider, launch_trainer, write_json_atomic
 from finetune_mlflow.providers.base import (
     MODEL_ARTIFACT,
     Checkpoint,
@@ -58,8 +48,6 @@ JOB_ID = re.compile(r"(?!\.\.?$)[A-Za-z0-9._-]+")
 WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.npz")
 PASSAGE_CACHE_ENTRIES = 256
 PASSAGE_CACHE_BYTES = 64 << 20
-RESTARTS = "restarts.json"  # how often a dead trainer was relaunched on this job
-MAX_RESTARTS = 3  # a trainer that keeps dying (out of memory, a bug) is a failed job, not a loop
 TRAINER_MODULE = "finetune_mlflow.providers.local.trainer"
 
 
@@ -113,14 +101,14 @@ def load_weights(path: str) -> tuple[span_model.Weights, dict[str, float], int]:
 
 
 class LocalProvider(JobDirectoryProvider):
-    JOB_ID_PATTERN = re.compile(r"localjob-[0-9a-f]{12}")
-    JOB_ID_EXAMPLE = "localjob- and 12 hex digits"
     serving_packages = ("numpy",)
     name = "local"
     JOB_ID_PATTERN = re.compile(r"localjob-[0-9a-f]{12}")
     JOB_ID_EXAMPLE = "localjob- and 12 hex digits"
     max_concurrency = 1  # in-process numpy model: threads would only contend for the GIL
     max_parallel_jobs = os.cpu_count() or 1  # each job trains in its own process, one core each
+    trainer_module = TRAINER_MODULE
+    relaunch_note = "restarted it from scratch"
 
     def __init__(self, config: Config):
         self.config = config
@@ -180,84 +168,24 @@ class LocalProvider(JobDirectoryProvider):
             logger.info("local job %s started (pid %d, dir %s)", job_id, pid, job_dir)
         return self.get_job(job_id)
 
-    def _live_pid(self, job_dir: Path) -> int | None:
-        """The pid of the process training (or about to train) the job, if one is alive."""
-        for name in (TRAINER_PID, LAUNCHER_PID):
-            try:
-                pid = int(json.loads((job_dir / name).read_text(encoding="utf-8"))["pid"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            if pid_alive(pid):
-                return pid
-        return None
+    def _status_for_relaunch(self, job_dir: Path, status: dict) -> dict:
+        """The local trainer starts over on the same job (the run's metric sink skips the steps it already holds)."""
+        pending = {"state": "pending", "updated": time.time()}
+        write_json_atomic(job_dir / "status.json", pending)
+        return pending
 
-    def _restart(self, job_dir: Path) -> TuningJob | None:
-        """Relaunch the trainer of a job whose trainer died without a final status (kill -9, a reboot), from
-        scratch on the same job (the run's metric sink skips the steps it already holds); None once it has
-        been relaunched MAX_RESTARTS times."""
-        restarts = json.loads((job_dir / RESTARTS).read_text(encoding="utf-8"))["count"] \
-            if (job_dir / RESTARTS).exists() else 0
-        if restarts >= MAX_RESTARTS:
-            return None
-        write_json_atomic(job_dir / RESTARTS, {"count": restarts + 1})
-        (job_dir / TRAINER_PID).unlink(missing_ok=True)
-        write_json_atomic(job_dir / "status.json", {"state": "pending", "updated": time.time()})
-        pid = launch_trainer(job_dir, TRAINER_MODULE)
-        logger.warning("local job %s: its trainer had died without a final status; restarted it from scratch "
-                       "(pid %d, restart %d of %d)", job_dir.name, pid, restarts + 1, MAX_RESTARTS)
-        return TuningJob(job_dir.name, JobState.PENDING, "restarted", base_model=BASE_MODEL,
-                         tags={"local.trainer_restarts": str(restarts + 1)}, **self._job_facts(job_dir))
-
-    def cancel_job(self, job_id: str) -> TuningJob:
-        """SIGTERM to the trainer's process group, then status `cancelled` (a job already ended stays as it is)."""
-        job_dir = self._job_dir(self.check_job_id(job_id))
-        pid = self._live_pid(job_dir)
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        job = self.get_job(job_id, restart=False)
-        if job.state in (JobState.PENDING, JobState.RUNNING) or job.error_code == "trainer_died":
-            write_json_atomic(job_dir / "status.json", {"state": "cancelled", "updated": time.time(),
-                                                        "error_message": "cancelled by finetune-mlflow cancel"})
-            logger.info("local job %s cancelled%s", job_id, f" (trainer pid {pid} stopped)" if pid else "")
-        return self.get_job(job_id, restart=False)
-
-    def get_job(self, job_id: str, *, restart: bool = True) -> TuningJob:
-        """The job's status; a trainer found dead without a final status is restarted (`restart`, at most
-        MAX_RESTARTS times), else the job is FAILED with `trainer_died`."""
-        job_dir = self._job_dir(job_id)
-        try:
-            status = json.loads((job_dir / "status.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ProviderError("local", f"job {job_id} not found under {self.jobs_dir}; was it started on this "
-                                "machine with the same local.jobs_dir?", status=404) from None
-        state = JobState(status["state"])
-        if state in (JobState.PENDING, JobState.RUNNING):
-            # The trainer's own pid once it runs; before that, the process launched to become it.
-            pid_file = next((job_dir / name for name in (TRAINER_PID, LAUNCHER_PID) if (job_dir / name).exists()),
-                            None)
-            if pid_file is not None and not pid_alive(json.loads(pid_file.read_text())["pid"]):
-                # Re-read: the trainer may have written its final status just before exiting.
-                status = json.loads((job_dir / "status.json").read_text(encoding="utf-8"))
-                state = JobState(status["state"])
-                if state in (JobState.PENDING, JobState.RUNNING):
-                    restarted = self._restart(job_dir) if restart else None
-                    if restarted is not None:
-                        return restarted
-                    return TuningJob(job_id, JobState.FAILED, "process_died", error_code="trainer_died",
-                                     error_message=f"the trainer process exited without a final status; see "
-                                                   f"{job_id}/trainer.log in the local jobs home")
+    def get_job(self, job_id: str) -> TuningJob:
+        status = self._checked_status(job_id)
+        tags = {"local.best_checkpoint": status["best_checkpoint"]} if "best_checkpoint" in status else {}
+        if "restarts" in status:
+            tags["local.trainer_restarts"] = str(status["restarts"])
         return TuningJob(
-            job_id=job_id, state=state, provider_status=status["state"],
+            job_id=job_id, state=JobState(status["state"]), provider_status=status["state"],
             # Named relative to the jobs home, never by this machine's absolute path (see weights_file).
             tuned_model=f"{job_id}/{WEIGHTS_FILE}" if status.get("tuned_model") else None,
-            error_code=status.get("error_code"), error_message=status.get("error_message"),
-            tags={"local.best_checkpoint": status["best_checkpoint"]} if "best_checkpoint" in status else {},
+            error_code=status.get("error_code"), error_message=status.get("error_message"), tags=tags,
             metrics={k: float(v) for k, v in status.get("metrics", {}).items()},
-            base_model=BASE_MODEL, **self._job_facts(job_dir),
+            base_model=BASE_MODEL, **self._job_facts(self._job_dir(job_id)),
         )
 
     @staticmethod

@@ -52,3 +52,12 @@ def check_lengths(tokenizer: Any, records: list[dict], path: Path, max_seq_lengt
                         f"{max_seq_length} ({len(too_long)} of {len(records)} examples are); raise max_seq_length "
                         "or lower data.max_example_chars")
     return total
+
+
+def check_processes(processes: int, device: str) -> None:
+    """One data-parallel worker per GPU: more workers than GPUs would share one and fail at the first step."""
+    import torch
+
+    if device == "cuda" and processes > torch.cuda.device_count():
+        raise ConfigError(f"transformers.num_processes is {processes} but torch sees {torch.cuda.device_count()} "
+                          "GPU(s); use at most one process per GPU")

@@ -38,6 +38,27 @@ def read_checkpoints(job_dir: Path) -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
 
 
+def checkpoint_entry(folder: Path, epoch: int, step: int, log_history: list[dict]) -> dict:
+    losses = [entry["eval_loss"] for entry in log_history if "eval_loss" in entry]
+    return {"checkpoint_id": f"epoch-{epoch}", "epoch": epoch, "step": step, "path": str(folder),
+            "val_loss": losses[-1] if losses else None}
+
+
+def recovered_checkpoints(output_dir: Path, listed: list[dict]) -> list[dict]:
+    """`listed` plus the epoch-end checkpoints Hugging Face finished writing but a killed trainer never listed (it
+    died between the save and the callback after it): a resumed job would otherwise skip that epoch's candidate."""
+    known = {entry["epoch"] for entry in listed}
+    found = list(listed)
+    for state_file in sorted(output_dir.glob("checkpoint-*/trainer_state.json")):
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        epoch = float(state.get("epoch") or 0)
+        if epoch >= 1 and abs(epoch - round(epoch)) < 1e-6 and round(epoch) not in known:
+            known.add(round(epoch))
+            found.append(checkpoint_entry(state_file.parent, round(epoch), int(state["global_step"]),
+                                          state.get("log_history", [])))
+    return sorted(found, key=lambda entry: entry["step"])
+
+
 class JobEvents(TrainerCallback):
     def __init__(self, job_dir: Path, save_steps: int, on_progress: Callable[[dict], None]):
         self.job_dir = job_dir
@@ -47,7 +68,14 @@ class JobEvents(TrainerCallback):
         self.checkpoints = read_checkpoints(job_dir)
         self.epoch_ended = False
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.checkpoints = recovered_checkpoints(Path(args.output_dir), self.checkpoints)
+            write_json_atomic(self.job_dir / CHECKPOINTS, self.checkpoints)
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:  # data-parallel workers: rank 0 speaks for all
+            return
         now = int(time.time() * 1000)
         lines = []
         for hf_key, key in LOSS_KEYS.items():
@@ -72,15 +100,12 @@ class JobEvents(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Each epoch's adapter is a checkpoint candidate; the trainer saved it just before this call."""
-        if not self.epoch_ended:
+        if not self.epoch_ended or not state.is_world_process_zero:
             return
         self.epoch_ended = False
-        losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
         epoch = int(round(state.epoch))
-        self.checkpoints = [c for c in self.checkpoints if c["epoch"] != epoch] + [{
-            "checkpoint_id": f"epoch-{epoch}", "epoch": epoch, "step": state.global_step,
-            "path": str(Path(args.output_dir) / f"checkpoint-{state.global_step}"),
-            "val_loss": losses[-1] if losses else None,
-        }]
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.checkpoints = [c for c in self.checkpoints if c["epoch"] != epoch] + [
+            checkpoint_entry(folder, epoch, state.global_step, state.log_history)]
         write_json_atomic(self.job_dir / CHECKPOINTS, self.checkpoints)
         self.on_progress({"completed_step_count": state.global_step, "total_steps": state.max_steps})

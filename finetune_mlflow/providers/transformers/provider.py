@@ -1,15 +1,15 @@
 """LoRA fine-tuning of an open-weights causal LM on this machine (GPU when there is one), shaped like a cloud job.
 
-The job directory follows the local provider's layout (`spec.json`, `status.json` replaced atomically,
-`events.jsonl` read with a byte-offset cursor, a lock and pid file held by a detached trainer), so the job-directory
-readers are the local provider's own. What differs: a trainer that died (kill -9, OOM, reboot) is restarted by the
-next `get_job` and resumes from its last Hugging Face checkpoint, up to `transformers.max_restarts` times.
+The job directory is the shared one (providers/job_dir.py: `spec.json`, `status.json` replaced atomically,
+`events.jsonl` read with a byte-offset cursor, a lock and pid file held by a detached trainer, a dead trainer
+relaunched by the next `get_job`). What differs from the local provider: a relaunched trainer resumes from its
+last Hugging Face checkpoint (up to `transformers.max_restarts` times), and `transformers.num_processes` > 1 trains
+with several processes through `accelerate launch`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import time
@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from finetune_mlflow.config import Config
-from finetune_mlflow.errors import ConfigError, ProviderError
+from finetune_mlflow.errors import ConfigError
 from finetune_mlflow.providers.base import (
     MODEL_ARTIFACT,
     JobState,
@@ -26,15 +26,7 @@ from finetune_mlflow.providers.base import (
     TuningJob,
     TuningRequest,
 )
-from finetune_mlflow.liveness import pid_alive
-from finetune_mlflow.providers.job_dir import (
-    LAUNCHER_PID,
-    TRAINER_PID,
-    JobDirectoryProvider,
-    launch_trainer,
-
-    write_json_atomic,
-)
+from finetune_mlflow.providers.job_dir import TRAINER_PID, JobDirectoryProvider, launch_trainer, write_json_atomic
 from finetune_mlflow.prompt import clean_completion
 from finetune_mlflow.providers.transformers.requirements import SERVING_PACKAGES
 from finetune_mlflow.records import read_jsonl
@@ -42,7 +34,6 @@ from finetune_mlflow.records import read_jsonl
 logger = logging.getLogger(__name__)
 
 TRAINER_MODULE = "finetune_mlflow.providers.transformers.trainer"
-RESTARTS = "restarts.json"
 DEFAULT_BATCH_SIZE = 8
 CHAT_RECORDS = Path("transformers")  # prepared/transformers/: system, user (shared prompt), assistant (answer)
 
@@ -63,18 +54,21 @@ class TransformersProvider(JobDirectoryProvider):
     max_concurrency = 1  # one in-process model; predict_batch is where the throughput comes from
     batched_prediction = True
     serving_packages = SERVING_PACKAGES
+    trainer_module = TRAINER_MODULE
+    relaunch_note = "restarted it; it resumes from its last checkpoint"
 
     def __init__(self, config: Config):
         _require_extra()
         self.config = config
         self.settings = config.transformers
         self.jobs_dir = Path(self.settings.jobs_dir) if self.settings.jobs_dir else default_jobs_dir()
+        self.max_restarts = self.settings.max_restarts
 
     def preflight(self, request: TuningRequest) -> PreflightReport:
         """Every check that can fail before a job exists: base model, LoRA targets, example lengths."""
         from finetune_mlflow.providers.transformers import checks, model_source
 
-        model_source.resolve_device(self.settings.device)
+        checks.check_processes(self.settings.num_processes, model_source.resolve_device(self.settings.device))
         source = model_source.resolve(request.base_model)
         checks.check_lora_targets(self.settings.target_modules, checks.module_names(model_source.model_config(source)))
         tokenizer = model_source.load_tokenizer(source)
@@ -98,6 +92,7 @@ class TransformersProvider(JobDirectoryProvider):
             "precision": s.precision, "device": s.device, "eval_batch_size": s.eval_batch_size,
             "gradient_accumulation_steps": s.gradient_accumulation_steps, "logging_steps": s.logging_steps,
             "eval_steps": s.eval_steps, "val_loss_examples": s.val_loss_examples, "save_steps": s.save_steps,
+            "num_processes": s.num_processes,
         }
 
     def start_job(self, request: TuningRequest) -> TuningJob:
@@ -120,41 +115,14 @@ class TransformersProvider(JobDirectoryProvider):
         pid = launch_trainer(job_dir, TRAINER_MODULE)
         logger.info("transformers job %s: trainer started (pid %d, dir %s)", job_dir.name, pid, job_dir)
 
-    def _trainer_died(self, job_dir: Path) -> bool:
-        pid_file = next((job_dir / name for name in (TRAINER_PID, LAUNCHER_PID) if (job_dir / name).exists()), None)
-        return pid_file is not None and not pid_alive(json.loads(pid_file.read_text())["pid"])
-
-    def _read_status(self, job_id: str) -> dict:
-        try:
-            return json.loads((self._job_dir(job_id) / "status.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ProviderError("transformers", f"job {job_id} not found under {self.jobs_dir}; was it started on "
-                                "this machine with the same transformers.jobs_dir?", status=404) from None
-
     def get_job(self, job_id: str) -> TuningJob:
-        job_dir = self._job_dir(job_id)
-        status = self._read_status(job_id)
-        if JobState(status["state"]) in (JobState.PENDING, JobState.RUNNING) and self._trainer_died(job_dir):
-            status = self._read_status(job_id)  # it may have written its final status just before exiting
-            if JobState(status["state"]) in (JobState.PENDING, JobState.RUNNING):
-                return self._restart(job_dir, status)
-        return self._job(job_id, status)
-
-    def _restart(self, job_dir: Path, status: dict) -> TuningJob:
-        """Relaunch a dead trainer (it resumes from its last checkpoint), or give up after max_restarts."""
-        restarts = json.loads((job_dir / RESTARTS).read_text()) if (job_dir / RESTARTS).exists() else []
-        if len(restarts) >= self.settings.max_restarts:
-            return TuningJob(job_dir.name, JobState.FAILED, "process_died", error_code="trainer_died",
-                             error_message=f"the trainer died {len(restarts) + 1} times without a final status; see "
-                                           f"{job_dir / 'trainer.log'}")
-        write_json_atomic(job_dir / RESTARTS, restarts + [time.time()])
-        logger.warning("transformers job %s: the trainer died; restarting it from its last checkpoint", job_dir.name)
-        self._launch(job_dir)
-        return self._job(job_dir.name, status)
+        return self._job(job_id, self._checked_status(job_id))
 
     def _job(self, job_id: str, status: dict) -> TuningJob:
         checkpoints = status.get("checkpoints", [])
         tags = {"transformers.job_dir": str(self._job_dir(job_id))}
+        if "restarts" in status:
+            tags["transformers.trainer_restarts"] = str(status["restarts"])
         if checkpoints:
             tags["transformers.checkpoints"] = ",".join(c["checkpoint_id"] for c in checkpoints)
         return TuningJob(job_id=job_id, state=JobState(status["state"]), provider_status=status["state"],
