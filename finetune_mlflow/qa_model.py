@@ -38,8 +38,9 @@ class QAModel(mlflow.pyfunc.PythonModel):
         if missing:
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(
                 f"input needs columns question and context; missing {', '.join(sorted(missing))}")
-        answers = [
-            self.provider.predict(self.model_id, str(question), str(passage)).text
-            for question, passage in zip(model_input["question"], model_input["context"])
-        ]
-        return pd.DataFrame({"answer": answers})
+        pairs = [(str(q), str(c)) for q, c in zip(model_input["question"], model_input["context"])]
+        if self.provider.batched_prediction:  # one batched generation (a GPU batch) instead of row after row
+            predictions = self.provider.predict_batch(self.model_id, pairs)
+        else:
+            predictions = [self.provider.predict(self.model_id, question, passage) for question, passage in pairs]
+        return pd.DataFrame({"answer": [prediction.text for prediction in predictions]})

@@ -131,6 +131,32 @@ def test_a_job_streams_losses_survives_kill_9_and_its_merged_model_learned_the_t
     assert mean_f1(provider, final.tuned_model, examples) > 0.75
     one = provider.predict(final.tuned_model, FACTS[0][0], PASSAGES[3])
     assert one.text == "blue" and one.output_tokens >= 1 and one.input_tokens > 20 and one.latency_ms > 0
+    served_answers_equal_the_batch(provider, final.tuned_model, examples[:6])
+
+
+def served_answers_equal_the_batch(provider, tuned_model: str, examples: list[dict]) -> None:
+    """The registered version ships the merged model: loaded with the jobs folder gone, its pyfunc answers a
+    DataFrame in one batched generation, the same answers as the provider's."""
+    import mlflow
+    import pandas as pd
+
+    from finetune_mlflow.registry import register_tuned_model
+
+    expected = [p.text for p in provider.predict_batch(tuned_model, [(e["question"], e["context"]) for e in examples])]
+    with mlflow.start_run() as run:
+        version = register_tuned_model(
+            run_id=run.info.run_id, config=provider.config, provider="transformers", model_id=tuned_model,
+            logged_model_id=None, artifacts=provider.model_artifacts(tuned_model),
+            packages=provider.serving_packages, tags={}, description="tiny")
+    moved = Path(tuned_model).parent.with_name("moved-away")
+    Path(tuned_model).parent.rename(moved)
+    try:
+        model = mlflow.pyfunc.load_model(version.model_uri)
+        answers = model.predict(pd.DataFrame({"question": [e["question"] for e in examples],
+                                              "context": [e["context"] for e in examples]}))
+    finally:
+        moved.rename(Path(tuned_model).parent)
+    assert list(answers["answer"]) == expected
 
 
 def test_a_trainer_that_keeps_dying_fails_the_job(tiny_model, prepared):
