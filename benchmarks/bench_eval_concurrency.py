@@ -18,6 +18,7 @@ import math
 import os
 import statistics
 import time
+from typing import Callable
 
 from benchmarks.out_of_process import fake_openai_process
 from finetune_mlflow.config import load_config
@@ -70,18 +71,35 @@ async def _gather(base_url: str, rows: list[dict], concurrency: int) -> float:
     return wall
 
 
+CPU_MS: list[float] = []  # the evaluating process's CPU per request, one entry per timed repetition
+
+
+def _timed(run: Callable[[], float], n: int) -> float:
+    cpu = time.process_time()
+    wall = run()
+    CPU_MS.append((time.process_time() - cpu) * 1000.0 / n)
+    return wall
+
+
 def fractions(base_url: str, rows: list[dict], concurrency: int, delay: float, reps: int,
               use_async: bool = False) -> list[float]:
     limit = math.ceil(len(rows) / concurrency) * delay
     if use_async:
-        return [limit / asyncio.run(_gather(base_url, rows, concurrency)) for _ in range(reps)]
-    return [limit / evaluate(base_url, rows, concurrency).wall_seconds for _ in range(reps)]
+        return [limit / _timed(lambda: asyncio.run(_gather(base_url, rows, concurrency)), len(rows))
+                for _ in range(reps)]
+    return [limit / _timed(lambda: evaluate(base_url, rows, concurrency).wall_seconds, len(rows))
+            for _ in range(reps)]
 
 
-def line(label: str, got: list[float], reference: list[float]) -> str:
+def line(label: str, got: list[float], reference: list[float], n: int, limit: float) -> str:
+    """The fraction, and the ceiling the client's own CPU puts on it: one process (one GIL) cannot finish n
+    requests faster than n x its CPU per request, whatever the concurrency."""
     median = statistics.median(got)
+    cpu_ms = statistics.median(CPU_MS[-len(got):])
+    ceiling = min(1.0, limit / (n * cpu_ms / 1000.0))
     return (f"{label}: fraction of limit {median:.2f} (range {min(got):.2f}-{max(got):.2f}); "
-            f"vs C=1 reference {median / statistics.median(reference):.2f}")
+            f"vs C=1 reference {median / statistics.median(reference):.2f}; client CPU {cpu_ms:.2f} ms/request, "
+            f"CPU-bound ceiling {ceiling:.2f}")
 
 
 def main() -> None:
@@ -101,13 +119,15 @@ def main() -> None:
     with fake_openai_process(args.delay) as base_url:
         evaluate(base_url, rows[:32], 8)  # warm-up: imports, connections
         reference = fractions(base_url, rows[:32], 1, args.delay, args.reps)
-        print(line("reference C=1 (32 requests)", reference, reference))
+        print(line("reference C=1 (32 requests)", reference, reference, 32, 32 * args.delay))
         for concurrency in args.concurrency:
+            limit = math.ceil(len(rows) / concurrency) * args.delay
             print(line(f"C={concurrency:>2}, thread pool (evaluate)", fractions(
-                base_url, rows, concurrency, args.delay, args.reps), reference))
+                base_url, rows, concurrency, args.delay, args.reps), reference, len(rows), limit))
             if args.async_client:
                 print(line(f"C={concurrency:>2}, AsyncOpenAI gather     ", fractions(
-                    base_url, rows, concurrency, args.delay, args.reps, use_async=True), reference))
+                    base_url, rows, concurrency, args.delay, args.reps, use_async=True), reference, len(rows),
+                    limit))
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
