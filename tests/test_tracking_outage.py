@@ -58,7 +58,9 @@ def test_metric_points_survive_a_tracking_server_outage(small_squad, tmp_path, m
     url = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           # A killed server refuses at once; the timeout only has to outlast a slow answer on a loaded machine.
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
     command = [sys.executable, "-m", "finetune_mlflow", "tune", "--train_data", str(train), "--validation_data",
                str(validation), "--epochs", "10", "--batch_size", "4", "--poll_interval", "0.2"]
     tune = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
