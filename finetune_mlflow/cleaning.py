@@ -46,27 +46,32 @@ def normalize_examples(examples: Iterable[Example]) -> Iterator[Example]:
         yield normalize_example(example, shared)
 
 
-_SHARED_TEXTS = 4096
+_SHARED_TEXTS = 64  # texts held: a few paragraphs (their questions come together), not a file of contexts
 
 
-def _digest(*texts: str) -> Any:
-    """A blake2b digest (16 bytes) of texts, each length-prefixed: no two lists of texts hash alike."""
-    digest = hashlib.blake2b(digest_size=16)
+def _add(digest: Any, text: str) -> None:
+    """Hash a text length-prefixed, so no two lists of texts hash alike."""
+    data = text.encode("utf-8", "surrogatepass")
+    digest.update(len(data).to_bytes(8, "little"))
+    digest.update(data)
+
+
+def _key(person: bytes, *texts: str) -> Any:
+    """A 16-byte blake2b hash of texts; `person` keeps the kinds of key apart."""
+    digest = hashlib.blake2b(digest_size=16, person=person)
     for text in texts:
-        data = text.encode("utf-8", "surrogatepass")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
+        _add(digest, text)
     return digest
 
 
-def content_keys(example: Example) -> tuple[bytes, bytes]:
-    """Digests of (question, context) and of (question, context, answers): what deduplication remembers of a
-    row instead of its texts (a million rows cost about a hundred megabytes, not the input's gigabytes)."""
-    digest = _digest(example["question"], example["context"])
+def content_keys(example: Example) -> tuple[bytes, bytes, bytes]:
+    """Keys of the id, of (question, context) and of (question, context, answers): what deduplication remembers
+    of a row instead of its texts (about 250 bytes a row, where the rows themselves are kilobytes)."""
+    digest = _key(b"pair", example["question"], example["context"])
     pair = digest.digest()
     for answer in example["answers"]:
-        digest.update(_digest(answer).digest())
-    return pair, digest.digest()
+        _add(digest, answer)
+    return _key(b"id", example["id"]).digest(), pair, digest.digest()
 
 
 @dataclass
@@ -82,26 +87,27 @@ class Tally:
         return self.n_exact_duplicates + self.n_question_context_duplicates
 
 
-def deduplicate(examples: Iterable[Example], path: str, tally: Tally) -> Iterator[Example]:
+def deduplicate(examples: Iterable[Example], path: str, tally: Tally,
+                first_line: Callable[[str], int | None] = lambda example_id: None) -> Iterator[Example]:
     """Drop exact duplicates, then repeated (question, context) pairs (first wins); every row is counted.
 
     The same id with different content is not a duplicate but a conflict: it is refused, since either answer
-    could be the wrong one.
+    could be the wrong one; `first_line` finds the line of the id's first row for the message (the shell reads
+    the input again: remembering every row's line would cost memory for every row, for a message).
     """
-    kept: dict[bytes, bytes] = {}  # (question, context) key of each kept row -> its content key
-    first_by_id: dict[bytes, tuple[bytes, Any]] = {}  # id digest -> (content key, line) of its first row
+    content_of: dict[bytes, bytes] = {}  # id key or (question, context) key of a kept row -> content key
     for example in examples:
         tally.n_raw += 1
-        pair, content = content_keys(example)
-        first = first_by_id.setdefault(_digest(example["id"]).digest(), (content, example.get("source_line")))
-        if first[0] != content:
+        id_key, pair, content = content_keys(example)
+        if content_of.setdefault(id_key, content) != content:
+            first = first_line(example["id"])
             raise DataError(path, example.get("source_line"),
-                            f"id {example['id']!r} appears again with different content (first at line "
-                            f"{first[1]}); give each example a unique id")
-        if pair not in kept:
-            kept[pair] = content
+                            f"id {example['id']!r} appears again with different content"
+                            f"{f' (first at line {first})' if first else ''}; give each example a unique id")
+        kept = content_of.setdefault(pair, content)
+        if kept is content:
             yield example
-        elif kept[pair] == content:
+        elif kept == content:
             tally.n_exact_duplicates += 1
         else:
             tally.n_question_context_duplicates += 1
@@ -145,7 +151,7 @@ def validate_examples(examples: Iterable[Example], path: str, *, extractive: boo
 def article_key(example: Example) -> str:
     """The article an example belongs to: its title or, untitled, a digest of its context (remembering every
     title costs little; remembering every context would cost the input's size)."""
-    return example["title"] or "\x00" + _digest(example["context"]).hexdigest()
+    return example["title"] or "\x00" + _key(b"article", example["context"]).hexdigest()
 
 
 def held_out_articles(articles: Iterable[str], validation_fraction: float) -> set[str]:

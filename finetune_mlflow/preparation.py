@@ -78,7 +78,12 @@ def data_fingerprint(config: Config) -> str:
 
 def _cleaned(path: str, config: Config, tally: cleaning.Tally, drop: Drop) -> Iterator[Example]:
     """One input's rows read, normalized, deduplicated and validated as they stream through."""
-    rows = cleaning.deduplicate(cleaning.normalize_examples(read_examples(resolve_input(path))), path, tally)
+    local = resolve_input(path)
+
+    def first_line(example_id: str) -> int | None:  # for an id conflict's message: the input read again
+        return next((e["source_line"] for e in read_examples(local) if e["id"] == example_id), None)
+
+    rows = cleaning.deduplicate(cleaning.normalize_examples(read_examples(local)), path, tally, first_line)
     return cleaning.validate_examples(rows, path, extractive=config.data.extractive,
                                       max_chars=config.data.max_example_chars, on_invalid=config.data.on_invalid,
                                       tally=tally, drop=drop)
