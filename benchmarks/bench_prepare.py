@@ -57,12 +57,14 @@ def synthetic_squad(n_questions: int, path: Path) -> Path:
     return path
 
 
-def run_prepare(checkout: Path, data: Path, store: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one `prepare` process run from `checkout`."""
+def run_prepare(checkout: Path, data: Path, store: Path) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak RSS (MB) of one `prepare` process run from `checkout` (CPU time moves
+    less than wall time with the load of a shared machine)."""
     command = [sys.executable, "-c", "import resource, runpy, sys; sys.argv = sys.argv[1:]; "
                "code = 0\ntry: runpy.run_module('finetune_mlflow', run_name='__main__')\n"
                "except SystemExit as e: code = e.code or 0\n"
-               "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+               "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
+               "print('maxrss_kb', usage.ru_maxrss, usage.ru_utime + usage.ru_stime, file=sys.stderr)\n"
                "sys.exit(code)", "finetune_mlflow", "prepare", "--train_data", str(data),
                "--max_examples", "0"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "PYTHONPATH": str(checkout)}
@@ -71,21 +73,22 @@ def run_prepare(checkout: Path, data: Path, store: Path) -> tuple[float, float]:
     wall = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(f"prepare failed in {checkout}:\n{done.stderr[-2000:]}")
-    rss = next(line for line in done.stderr.splitlines() if line.startswith("maxrss_kb"))
-    return wall, int(rss.split()[1]) / 1024
+    _, rss, cpu = next(line for line in done.stderr.splitlines() if line.startswith("maxrss_kb")).split()
+    return wall, float(cpu), int(rss) / 1024
 
 
-def measure(checkout: Path, data: Path, reps: int, warm_up: Path) -> tuple[list[float], float]:
+def measure(checkout: Path, data: Path, reps: int, warm_up: Path) -> tuple[list[float], list[float], float]:
     """`reps` timed runs against one store, after an untimed warm-up run on a small file that creates it (a new
     SQLite store spends seconds creating its tables, which a user pays once, not per prepare)."""
-    walls, peak = [], 0.0
+    walls, cpus, peak = [], [], 0.0
     with tempfile.TemporaryDirectory() as store:
         run_prepare(checkout, warm_up, Path(store))
         for _ in range(reps):
-            wall, rss = run_prepare(checkout, data, Path(store))
+            wall, cpu, rss = run_prepare(checkout, data, Path(store))
             walls.append(wall)
+            cpus.append(cpu)
             peak = max(peak, rss)
-    return walls, peak
+    return walls, cpus, peak
 
 
 def main() -> None:
@@ -105,12 +108,15 @@ def main() -> None:
             data = synthetic_squad(size, Path(scratch) / f"squad-{size}.json")
             results = {name: measure(checkout, data, args.reps, warm_up) for name, checkout in checkouts.items()}
             data.unlink()  # a million questions are about 450 MB
-            for name, (walls, rss) in results.items():
+            for name, (walls, cpus, rss) in results.items():
                 print(f"{size:>8} questions, {name:>9}: {statistics.median(walls):6.1f} s "
-                      f"(range {min(walls):.1f}-{max(walls):.1f}), peak RSS {rss:.0f} MB", flush=True)
+                      f"(range {min(walls):.1f}-{max(walls):.1f}), CPU {statistics.median(cpus):.1f} s, "
+                      f"peak RSS {rss:.0f} MB, load {os.getloadavg()[0]:.1f}", flush=True)
             if "reference" in results:
-                ratio = statistics.median(results["reference"][0]) / statistics.median(results["this"][0])
-                print(f"{size:>8} questions: this checkout is {ratio:.1f}x the reference's speed")
+                ratios = [statistics.median(results["reference"][i]) / statistics.median(results["this"][i])
+                          for i in (0, 1)]
+                print(f"{size:>8} questions: this checkout is {ratios[0]:.1f}x the reference's speed "
+                      f"({ratios[1]:.1f}x in CPU time)")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 

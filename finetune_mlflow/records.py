@@ -3,6 +3,10 @@
 Parsing is strict about structure: anything that is not the expected shape is a DataError naming the file, the
 line (or JSON path) and the reason. Row-level content problems (empty fields, answers missing from the context)
 are left to `cleaning.validate_examples`, which can drop them under `on_invalid: drop`.
+
+Files stream: JSONL and CSV a line at a time, a SQuAD object an article at a time (decoded from a sliding window
+over its text, which keeps count of lines), so memory follows the block size and the largest article, not the
+file; an error deep in a file names the same line (and column) as reading it whole would.
 """
 
 from __future__ import annotations
@@ -428,8 +432,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return list(iter_jsonl(path))
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False)  # one, not one per row as `json.dumps(ensure_ascii=False)` builds
+
+
 def jsonl_line(row: dict[str, Any]) -> str:
-    return json.dumps(row, ensure_ascii=False) + "\n"
+    return _ENCODER.encode(row) + "\n"
 
 
 def open_jsonl(path: Path) -> TextIO:
