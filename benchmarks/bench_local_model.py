@@ -65,13 +65,14 @@ def _prepare(out_dir: str) -> dict:
     from finetune_mlflow.config import load_config
 
     prepare = _first_module("finetune_mlflow.preparation", "finetune_mlflow.steps.prepare")
-    build_splits, write_prepared = prepare.build_splits, prepare.write_prepared
-
     config = load_config(str(REPO / "experiments" / "squad_local.yaml"), {
         "train_data": str(REPO / "data" / "squad" / "train.json"),
         "validation_data": str(REPO / "data" / "squad" / "validation.json")})
-    train, validation, _, dropped = build_splits(config)
-    write_prepared(Path(out_dir), train, validation, dropped)
+    if hasattr(prepare, "write_splits"):  # streaming prepare
+        counts, _ = prepare.write_splits(config, Path(out_dir))
+        return {"train": counts["n_train"], "validation": counts["n_val"]}
+    train, validation, _, dropped = prepare.build_splits(config)
+    prepare.write_prepared(Path(out_dir), train, validation, dropped)
     return {"train": len(train), "validation": len(validation)}
 
 

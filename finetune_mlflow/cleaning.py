@@ -1,13 +1,16 @@
-"""Pure data steps of `prepare`: normalize, dedupe, validate, split, truncate. No I/O, no MLflow.
+"""Pure data steps of `prepare`: normalize, dedupe, validate, split. No I/O, no MLflow.
 
-Each returns new lists plus what it dropped, so the step module can log every count; nothing is lost silently.
+Each is a generator over rows, so a million questions stream through without being held; what a step drops is
+counted in a `Tally` (invalid rows also handed to a `drop` callback), so the step module can log every count;
+nothing is lost silently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
-from dataclasses import dataclass, field
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 from finetune_mlflow.errors import DataError
 from finetune_mlflow.records import Example
@@ -35,58 +38,79 @@ def normalize_example(example: Example, shared: dict[str, str] | None = None) ->
     }
 
 
-def normalize_examples(examples: Iterable[Example]) -> list[Example]:
+def normalize_examples(examples: Iterable[Example]) -> Iterator[Example]:
     shared: dict[str, str] = {}
-    return [normalize_example(example, shared) for example in examples]
+    for example in examples:
+        if len(shared) > _SHARED_TEXTS:  # bounded: shared texts come in runs (one paragraph's questions)
+            shared.clear()
+        yield normalize_example(example, shared)
 
 
-def _content_key(example: Example) -> tuple[str, str, tuple[str, ...]]:
-    """Hashable content of an example (a tuple of the strings themselves: no encoding, and a shared context's
-    hash is computed once)."""
-    return example["question"], example["context"], tuple(example["answers"])
+_SHARED_TEXTS = 64  # texts held: a few paragraphs (their questions come together), not a file of contexts
 
 
-@dataclass(frozen=True)
-class Deduplicated:
-    examples: list[Example]
-    n_exact_duplicates: int
-    n_question_context_duplicates: int
+def _add(digest: Any, text: str) -> None:
+    """Hash a text length-prefixed, so no two lists of texts hash alike."""
+    data = text.encode("utf-8", "surrogatepass")
+    digest.update(len(data).to_bytes(8, "little"))
+    digest.update(data)
+
+
+def _key(person: bytes, *texts: str) -> Any:
+    """A 16-byte blake2b hash of texts; `person` keeps the kinds of key apart."""
+    digest = hashlib.blake2b(digest_size=16, person=person)
+    for text in texts:
+        _add(digest, text)
+    return digest
+
+
+def content_keys(example: Example) -> tuple[bytes, bytes, bytes]:
+    """Keys of the id, of (question, context) and of (question, context, answers): what deduplication remembers
+    of a row instead of its texts (about 250 bytes a row, where the rows themselves are kilobytes)."""
+    digest = _key(b"pair", example["question"], example["context"])
+    pair = digest.digest()
+    for answer in example["answers"]:
+        _add(digest, answer)
+    return _key(b"id", example["id"]).digest(), pair, digest.digest()
+
+
+@dataclass
+class Tally:
+    """What the streaming steps saw and dropped of one input, complete once all its rows have been consumed."""
+    n_raw: int = 0
+    n_exact_duplicates: int = 0
+    n_question_context_duplicates: int = 0
+    n_invalid: int = 0
 
     @property
-    def n_dropped(self) -> int:
+    def n_duplicates(self) -> int:
         return self.n_exact_duplicates + self.n_question_context_duplicates
 
 
-def deduplicate(examples: list[Example], path: str) -> Deduplicated:
-    """Drop exact duplicates, then repeated (question, context) pairs (first wins).
+def deduplicate(examples: Iterable[Example], path: str, tally: Tally,
+                first_line: Callable[[str], int | None] = lambda example_id: None) -> Iterator[Example]:
+    """Drop exact duplicates, then repeated (question, context) pairs (first wins); every row is counted.
 
     The same id with different content is not a duplicate but a conflict: it is refused, since either answer
-    could be the wrong one.
+    could be the wrong one; `first_line` finds the line of the id's first row for the message (the shell reads
+    the input again: remembering every row's line would cost memory for every row, for a message).
     """
-    seen_content: set[tuple] = set()
-    seen_pairs: set[tuple[str, str]] = set()
-    content_by_id: dict[str, tuple[tuple, Any]] = {}
-    kept: list[Example] = []
-    exact = pairs = 0
+    content_of: dict[bytes, bytes] = {}  # id key or (question, context) key of a kept row -> content key
     for example in examples:
-        content = _content_key(example)
-        previous = content_by_id.get(example["id"])
-        if previous is not None and previous[0] != content:
+        tally.n_raw += 1
+        id_key, pair, content = content_keys(example)
+        if content_of.setdefault(id_key, content) != content:
+            first = first_line(example["id"])
             raise DataError(path, example.get("source_line"),
-                            f"id {example['id']!r} appears again with different content (first at line "
-                            f"{previous[1]}); give each example a unique id")
-        content_by_id.setdefault(example["id"], (content, example.get("source_line")))
-        if content in seen_content:
-            exact += 1
-            continue
-        pair = (example["question"], example["context"])
-        if pair in seen_pairs:
-            pairs += 1
-            continue
-        seen_content.add(content)
-        seen_pairs.add(pair)
-        kept.append(example)
-    return Deduplicated(kept, exact, pairs)
+                            f"id {example['id']!r} appears again with different content"
+                            f"{f' (first at line {first})' if first else ''}; give each example a unique id")
+        kept = content_of.setdefault(pair, content)
+        if kept is content:
+            yield example
+        elif kept == content:
+            tally.n_exact_duplicates += 1
+        else:
+            tally.n_question_context_duplicates += 1
 
 
 def example_problem(example: Example, *, extractive: bool, max_chars: int) -> str | None:
@@ -108,45 +132,39 @@ def example_problem(example: Example, *, extractive: bool, max_chars: int) -> st
     return None
 
 
-@dataclass(frozen=True)
-class Validated:
-    examples: list[Example]
-    # (line, reason) of every dropped example, for the log and the `dropped.jsonl` artifact.
-    dropped: list[dict[str, Any]] = field(default_factory=list)
-
-
-def validate_examples(examples: list[Example], path: str, *, extractive: bool, max_chars: int,
-                      on_invalid: str) -> Validated:
-    kept, dropped = [], []
+def validate_examples(examples: Iterable[Example], path: str, *, extractive: bool, max_chars: int,
+                      on_invalid: str, tally: Tally, drop: Callable[[dict[str, Any]], None]) -> Iterator[Example]:
+    """The usable examples; an unusable one fails naming its line, or goes to `drop` as its file, line, id and
+    reason (for the log and the `dropped.jsonl` artifact)."""
     for example in examples:
         problem = example_problem(example, extractive=extractive, max_chars=max_chars)
         if problem is None:
-            kept.append(example)
+            yield example
         elif on_invalid == "fail":
             raise DataError(path, example.get("source_line"),
                             f"{problem} (id {example['id']!r}); fix the row or set data.on_invalid: drop")
         else:
-            dropped.append({"file": path, "line": example.get("source_line"), "id": example["id"],
-                            "reason": problem})
-    return Validated(kept, dropped)
+            tally.n_invalid += 1
+            drop({"file": path, "line": example.get("source_line"), "id": example["id"], "reason": problem})
 
 
-def split_by_article(examples: list[Example], validation_fraction: float) -> tuple[list[Example], list[Example]]:
-    """Split on whole articles (title, or context when untitled) with scikit-learn's GroupShuffleSplit and a fixed
-    seed: no article is on both sides, and the split depends on the set of articles, not on input order."""
+def article_key(example: Example) -> str:
+    """The article an example belongs to: its title or, untitled, a digest of its context (remembering every
+    title costs little; remembering every context would cost the input's size)."""
+    return example["title"] or "\x00" + _key(b"article", example["context"]).hexdigest()
+
+
+def held_out_articles(articles: Iterable[str], validation_fraction: float) -> set[str]:
+    """The validation articles: scikit-learn's GroupShuffleSplit with a fixed seed over the set of articles,
+    which is what splitting every row by article gives (it depends on the set alone, not on rows or order)."""
     from sklearn.model_selection import GroupShuffleSplit  # imported here: only a split pays its import time
 
-    articles = [example["title"] or example["context"] for example in examples]
-    if len(set(articles)) < 2:
-        return list(examples), []
+    unique = sorted(set(articles))
+    if len(unique) < 2:
+        return set()
     splitter = GroupShuffleSplit(n_splits=1, test_size=validation_fraction, random_state=0)
-    train_index, validation_index = next(splitter.split(articles, groups=articles))
-    return [examples[i] for i in sorted(train_index)], [examples[i] for i in sorted(validation_index)]
-
-
-def take_first(examples: list[Example], limit: int) -> list[Example]:
-    """The first `limit` examples (0: all), deterministic so reruns see the same data."""
-    return examples[:limit] if limit else examples
+    _, validation_index = next(splitter.split(unique, groups=unique))
+    return {unique[i] for i in validation_index}
 
 
 CANONICAL_COLUMNS = ("id", "title", "question", "context", "answers")

@@ -6,22 +6,27 @@ answers), one folder per provider that has its own record format (`openai/`, `ve
 dropped row with its file, line and reason), `manifest.json`. Metrics: `n_raw`, `n_duplicates_dropped`,
 `n_invalid_dropped`, `n_train`, `n_val`, `tokens_{mean,p50,p95,max}` (approximate). Params: `data_sha256` and the
 data config. Inputs: both splits as MLflow datasets. Tags: `finetune.step=prepare`, `finetune.data_sha256`.
+
+Rows stream from the reader through the cleaning steps into the output files; what is held per row is its
+deduplication keys (`cleaning.deduplicate`). Splitting one file by article spools the cleaned rows to disk until
+the set of articles, and with it the held-out ones, is known.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import hashlib
 import json
 import logging
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import mlflow
-import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
 
@@ -30,11 +35,15 @@ from finetune_mlflow.config import Config
 from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.errors import DataError
 from finetune_mlflow.providers import training_records
-from finetune_mlflow.records import read_examples, read_input_bytes, read_jsonl, write_jsonl
+from finetune_mlflow.records import (Example, input_blocks, iter_jsonl, jsonl_line, open_jsonl, read_examples,
+                                     read_jsonl)
 from finetune_mlflow.scratch import download_artifacts, scratch_dir
+from finetune_mlflow.stats import counted_percentiles
 from finetune_mlflow.tracking import code_version, find_finished_run, log_values, step_run
 
 logger = logging.getLogger(__name__)
+
+Drop = Callable[[dict], None]  # takes each dropped row's file, line, id and reason
 
 PREPARED = "prepared"
 
@@ -66,30 +75,35 @@ def data_fingerprint(config: Config) -> str:
     for uri in (config.data.train_data, config.data.validation_data):
         if uri:
             path = resolve_input(uri)
-            digest.update(read_input_bytes(path) if path.is_file() else uri.encode())
+            for block in input_blocks(path) if path.is_file() else [uri.encode()]:
+                digest.update(block)
     return digest.hexdigest()
 
 
-def _clean(path: str, config: Config) -> tuple[list[dict], dict[str, int], list[dict]]:
-    raw = read_examples(resolve_input(path))
-    normalized = cleaning.normalize_examples(raw)
-    deduplicated = cleaning.deduplicate(normalized, path)
-    validated = cleaning.validate_examples(
-        deduplicated.examples, path, extractive=config.data.extractive, max_chars=config.data.max_example_chars,
-        on_invalid=config.data.on_invalid,
-    )
-    counts = {"n_raw": len(raw), "n_duplicates_dropped": deduplicated.n_dropped,
-              "n_invalid_dropped": len(validated.dropped)}
-    if deduplicated.n_dropped or validated.dropped:
+def _cleaned(path: str, config: Config, tally: cleaning.Tally, drop: Drop) -> Iterator[Example]:
+    """One input's rows read, normalized, deduplicated and validated as they stream through."""
+    local = resolve_input(path)
+
+    def first_line(example_id: str) -> int | None:  # for an id conflict's message: the input read again
+        return next((e["source_line"] for e in read_examples(local) if e["id"] == example_id), None)
+
+    rows = cleaning.deduplicate(cleaning.normalize_examples(read_examples(local)), path, tally, first_line)
+    return cleaning.validate_examples(rows, path, extractive=config.data.extractive,
+                                      max_chars=config.data.max_example_chars, on_invalid=config.data.on_invalid,
+                                      tally=tally, drop=drop)
+
+
+def _log_drops(path: str, tally: cleaning.Tally) -> None:
+    if tally.n_duplicates or tally.n_invalid:
         logger.warning("%s: dropped %d duplicate and %d invalid rows (see prepared/dropped.jsonl)", path,
-                       deduplicated.n_dropped, len(validated.dropped))
-    return validated.examples, counts, validated.dropped
+                       tally.n_duplicates, tally.n_invalid)
 
 
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
-    """Python's cycle collector paused while millions of acyclic dicts, lists and strings are built: each of its
-    full passes walks them all (a third of the time of reading 100k SQuAD questions); nothing here is a cycle."""
+    """Python's cycle collector paused while the rows stream through: nothing here is a cycle, and its passes
+    would walk the dicts and lists of each freshly decoded article (a third of the time when prepare held every
+    row)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -99,44 +113,82 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def build_splits(config: Config) -> tuple[list[dict], list[dict], dict[str, int], list[dict]]:
-    """Clean both inputs (or split the one) and apply the example limits; returns train, val, counts, dropped."""
-    with _collector_paused():
-        return _build_splits(config)
+class _SplitFiles:
+    """One split's JSONL files (canonical, and each provider's own format) written a row at a time, up to
+    `limit` rows (0: all), which keeps the first N after cleaning; counts the rows and their token lengths."""
+
+    def __init__(self, stack: contextlib.ExitStack, directory: Path, split: str, limit: int):
+        formats = {"": cleaning.canonical_row, **training_records()}
+        self.files = [(convert, stack.enter_context(open_jsonl(directory / folder / f"{split}.jsonl")))
+                      for folder, convert in formats.items()]
+        self.limit, self.count, self.tokens = limit, 0, collections.Counter()
+
+    def add(self, example: Example) -> None:
+        if self.limit and self.count >= self.limit:
+            return
+        self.count += 1
+        self.tokens[approx_tokens(example["question"] + example["context"] + example["answers"][0])] += 1
+        for convert, handle in self.files:
+            handle.write(jsonl_line(convert(example)))
 
 
-def _build_splits(config: Config) -> tuple[list[dict], list[dict], dict[str, int], list[dict]]:
-    train, counts, dropped = _clean(config.data.train_data, config)
-    if config.data.validation_data:
-        validation, val_counts, val_dropped = _clean(config.data.validation_data, config)
-        counts = {key: counts[key] + val_counts[key] for key in counts}
-        dropped += val_dropped
-        train_titles = {e["title"] for e in train if e["title"]}
-        overlap = sorted(train_titles & {e["title"] for e in validation if e["title"]})
-        if overlap:
-            logger.warning("articles in both splits (leaks answers into validation): %s", ", ".join(overlap[:5]))
-    else:
-        train, validation = cleaning.split_by_article(train, config.data.validation_fraction)
-    train = cleaning.take_first(train, config.data.max_examples)
-    validation = cleaning.take_first(validation, config.data.max_validation_examples)
-    counts.update(n_train=len(train), n_val=len(validation))
-    return train, validation, counts, dropped
+def _write_each(config: Config, splits: dict[str, _SplitFiles], drop: Drop) -> list[cleaning.Tally]:
+    """Train and validation files, each streamed into its own split; warns of articles in both."""
+    tallies, titles = [], []
+    for path, split in ((config.data.train_data, splits["train"]), (config.data.validation_data,
+                                                                   splits["validation"])):
+        tallies.append(cleaning.Tally())
+        titles.append(set())
+        for example in _cleaned(path, config, tallies[-1], drop):
+            split.add(example)
+            titles[-1].add(example["title"])
+        _log_drops(path, tallies[-1])
+    overlap = sorted((titles[0] & titles[1]) - {""})
+    if overlap:
+        logger.warning("articles in both splits (leaks answers into validation): %s", ", ".join(overlap[:5]))
+    return tallies
 
 
-def write_prepared(directory: Path, train: list[dict], validation: list[dict], dropped: list[dict]) -> None:
-    for split, examples in (("train", train), ("validation", validation)):
-        write_jsonl(directory / f"{split}.jsonl", map(cleaning.canonical_row, examples))
-        for fmt, convert in training_records().items():
-            write_jsonl(directory / fmt / f"{split}.jsonl", map(convert, examples))
-    write_jsonl(directory / "dropped.jsonl", dropped)
+def _write_split(config: Config, splits: dict[str, _SplitFiles], drop: Drop) -> list[cleaning.Tally]:
+    """One file split by article: the cleaned rows are spooled to disk while their articles are collected, then
+    sent to their split once the held-out articles are known."""
+    tally, articles = cleaning.Tally(), set()
+    with tempfile.TemporaryDirectory(prefix="finetune-mlflow-spool-") as folder:
+        spool = Path(folder) / "cleaned.jsonl"
+        with open_jsonl(spool) as handle:
+            for example in _cleaned(config.data.train_data, config, tally, drop):
+                articles.add(cleaning.article_key(example))
+                handle.write(jsonl_line(cleaning.canonical_row(example)))
+        _log_drops(config.data.train_data, tally)
+        held_out = cleaning.held_out_articles(articles, config.data.validation_fraction)
+        for row in iter_jsonl(spool):
+            splits["validation" if cleaning.article_key(row) in held_out else "train"].add(row)
+    return [tally]
 
 
-def token_stats(examples: list[dict]) -> dict[str, float]:
-    lengths = np.array([approx_tokens(e["question"] + e["context"] + e["answers"][0]) for e in examples])
-    if not len(lengths):
+def write_splits(config: Config, directory: Path) -> tuple[dict[str, int], dict[str, float]]:
+    """Clean both inputs (or split the one) into the prepared files of `directory` as the rows stream through;
+    returns the counts and the train split's token statistics."""
+    limits = {"train": config.data.max_examples, "validation": config.data.max_validation_examples}
+    with _collector_paused(), contextlib.ExitStack() as stack:
+        dropped = stack.enter_context(open_jsonl(directory / "dropped.jsonl"))
+        splits = {split: _SplitFiles(stack, directory, split, limit) for split, limit in limits.items()}
+        write = _write_each if config.data.validation_data else _write_split
+        tallies = write(config, splits, lambda row: dropped.write(jsonl_line(row)))
+    counts = {"n_raw": sum(t.n_raw for t in tallies), "n_duplicates_dropped": sum(t.n_duplicates for t in tallies),
+              "n_invalid_dropped": sum(t.n_invalid for t in tallies), "n_train": splits["train"].count,
+              "n_val": splits["validation"].count}
+    return counts, token_stats(splits["train"].tokens)
+
+
+def token_stats(lengths: Mapping[int, int]) -> dict[str, float]:
+    """Mean, median, p95 and max of approximate token lengths held as length -> rows (as numpy computes them)."""
+    n = sum(lengths.values())
+    if not n:
         return {}
-    return {"tokens_mean": float(lengths.mean()), "tokens_p50": float(np.percentile(lengths, 50)),
-            "tokens_p95": float(np.percentile(lengths, 95)), "tokens_max": float(lengths.max())}
+    p50, p95 = counted_percentiles(lengths, (50, 95))
+    return {"tokens_mean": sum(length * count for length, count in lengths.items()) / n, "tokens_p50": p50,
+            "tokens_p95": p95, "tokens_max": float(max(length for length, count in lengths.items() if count))}
 
 
 def _dataset_source(source: str) -> Any:
@@ -172,22 +224,21 @@ def prepare_data(config: Config, fingerprint: str | None = None) -> Prepared:
     """Run prepare as a (nested) `prepare` run; `fingerprint` is `data_fingerprint(config)` when the caller has it."""
     fingerprint = fingerprint or data_fingerprint(config)
     with step_run("prepare", run_name="prepare", tags={"finetune.data_sha256": fingerprint}) as run:
-        train, validation, counts, dropped = build_splits(config)
-        if not train or not validation:
-            raise DataError(config.data.train_data, None, f"after cleaning, train has {len(train)} and validation "
-                            f"{len(validation)} examples; both need at least one")
         directory = scratch_dir("prepared") / PREPARED
-        write_prepared(directory, train, validation, dropped)
+        counts, tokens = write_splits(config, directory)
+        if not counts["n_train"] or not counts["n_val"]:
+            raise DataError(config.data.train_data, None, f"after cleaning, train has {counts['n_train']} and "
+                            f"validation {counts['n_val']} examples; both need at least one")
         manifest = {"data_sha256": fingerprint, "counts": counts, "code_version": code_version(),
                     "train_data": config.data.train_data, "validation_data": config.data.validation_data}
         (directory / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         mlflow.log_artifacts(str(directory), PREPARED)
-        log_values(mlflow.tracking.MlflowClient(), run.info.run_id, metrics={**counts, **token_stats(train)},
+        log_values(mlflow.tracking.MlflowClient(), run.info.run_id, metrics={**counts, **tokens},
                    params={"data_sha256": fingerprint, **config.section_params("data")})
         source = config.data.train_data
         _log_dataset(fingerprint, source, "train", "training")
         _log_dataset(fingerprint, config.data.validation_data or source, "validation", "validation")
-        logger.info("prepared %d train / %d validation examples (run %s)", len(train), len(validation),
+        logger.info("prepared %d train / %d validation examples (run %s)", counts["n_train"], counts["n_val"],
                     run.info.run_id)
         return Prepared(run.info.run_id, directory, fingerprint)
 

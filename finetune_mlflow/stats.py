@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -53,3 +56,25 @@ def paired_bootstrap_delta(candidate: Sequence[float], baseline: Sequence[float]
     if a.shape != b.shape:
         raise ValueError(f"paired scores must align: {a.shape} vs {b.shape}")
     return bootstrap_interval(a - b, samples=samples, seed=seed, confidence=confidence)
+
+
+def counted_percentiles(counts: Mapping[int, int], percents: Sequence[float]) -> list[float]:
+    """`np.percentile` (linear interpolation) of values held as value -> how many times it occurs: a streamed
+    million lengths kept as one entry per distinct length, not one per row."""
+    values = sorted(value for value, count in counts.items() if count)
+    ends = list(itertools.accumulate(counts[value] for value in values))  # 1 + index of each value's last copy
+    last = ends[-1] - 1 if ends else -1
+    if last < 0:
+        raise ValueError("no values")
+
+    def nth(index: int) -> float:  # the index-th smallest value, counting copies
+        return float(values[bisect.bisect_right(ends, index)])
+
+    results = []
+    for percent in percents:
+        position = last * (percent / 100)  # numpy's virtual index for the linear method
+        below = math.floor(position)
+        fraction, low, high = position - below, nth(below), nth(min(below + 1, last))
+        # numpy's lerp: from the nearer end, so the result is exact at either end
+        results.append(high - (high - low) * (1 - fraction) if fraction >= 0.5 else low + (high - low) * fraction)
+    return results

@@ -21,7 +21,7 @@ from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Provider, TuningRequest
 from finetune_mlflow.providers.job_dir import restart_times
 from finetune_mlflow.providers.local.provider import LocalProvider
-from finetune_mlflow.preparation import build_splits, write_prepared
+from finetune_mlflow.preparation import write_splits
 from finetune_mlflow.providers.local.provider import weights_file
 
 
@@ -29,8 +29,7 @@ from finetune_mlflow.providers.local.provider import weights_file
 def prepared(small_squad, tmp_path) -> Path:
     train, validation = small_squad
     config = load_config(None, {"train_data": str(train), "validation_data": str(validation), "max_examples": "150"})
-    train_rows, validation_rows, _, dropped = build_splits(config)
-    write_prepared(tmp_path / "prepared", train_rows, validation_rows, dropped)
+    write_splits(config, tmp_path / "prepared")
     return tmp_path / "prepared"
 
 

@@ -23,7 +23,7 @@ def example(**fields):
 
 
 def test_reads_squad_json_with_lines_for_every_question():
-    examples = read_examples(SQUAD_TRAIN)
+    examples = list(read_examples(SQUAD_TRAIN))
     assert len(examples) == 8580
     assert all(e["source_line"] for e in examples)
     first = examples[0]
@@ -34,19 +34,19 @@ def test_reads_jsonl_and_csv(tmp_path):
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text('{"question": "Who?", "context": "Ada wrote it.", "answer": "Ada"}\n\n'
                      '{"question": "What?", "context": "A poem.", "answers": ["A poem"]}\n', encoding="utf-8")
-    rows = read_examples(jsonl)
+    rows = list(read_examples(jsonl))
     assert [r["answers"] for r in rows] == [["Ada"], ["A poem"]]
     assert [r["source_line"] for r in rows] == [1, 3]
     csv = tmp_path / "d.csv"
     csv.write_text('question,context,answers\nWho?,Ada wrote it.,"[""Ada""]"\n', encoding="utf-8")
-    assert read_examples(csv)[0]["answers"] == ["Ada"]
+    assert next(read_examples(csv))["answers"] == ["Ada"]
 
 
 def test_broken_jsonl_line_is_named(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"question": "Who?", "context": "Ada.", "answer": "Ada"}\n{"question": \n', encoding="utf-8")
     with pytest.raises(DataError, match=r"d\.jsonl:2: malformed JSON"):
-        read_examples(path)
+        list(read_examples(path))
 
 
 def test_normalize_is_nfc_and_collapses_whitespace():
@@ -56,14 +56,14 @@ def test_normalize_is_nfc_and_collapses_whitespace():
 
 def test_deduplicate_drops_exact_and_question_context_duplicates():
     rows = [example(), example(id="q2"), example(id="q3", answers=["Ada wrote"]), example(id="q4", question="X?")]
-    result = cleaning.deduplicate(rows, "f")
-    assert [r["id"] for r in result.examples] == ["q1", "q4"]
-    assert (result.n_exact_duplicates, result.n_question_context_duplicates) == (1, 1)
+    tally = cleaning.Tally()
+    assert [r["id"] for r in cleaning.deduplicate(rows, "f", tally)] == ["q1", "q4"]
+    assert (tally.n_raw, tally.n_exact_duplicates, tally.n_question_context_duplicates) == (4, 1, 1)
 
 
 def test_same_id_with_different_content_is_refused():
     with pytest.raises(DataError, match="appears again with different content"):
-        cleaning.deduplicate([example(), example(question="Other?", source_line=7)], "f")
+        list(cleaning.deduplicate([example(), example(question="Other?", source_line=7)], "f", cleaning.Tally()))
 
 
 @pytest.mark.parametrize(
@@ -78,20 +78,35 @@ def test_same_id_with_different_content_is_refused():
 )
 def test_invalid_rows_fail_with_line_or_are_dropped_and_counted(fields, problem):
     rows = [example(**fields, source_line=3), example(id="ok", question="Which?")]
+    tally, dropped = cleaning.Tally(), []
     with pytest.raises(DataError, match=rf"f:3: .*{problem}"):
-        cleaning.validate_examples(rows, "f", extractive=True, max_chars=40, on_invalid="fail")
-    kept = cleaning.validate_examples(rows, "f", extractive=True, max_chars=40, on_invalid="drop")
-    assert [r["id"] for r in kept.examples] == ["ok"]
-    assert kept.dropped[0]["line"] == 3 and problem.split()[0] in kept.dropped[0]["reason"]
+        list(cleaning.validate_examples(rows, "f", extractive=True, max_chars=40, on_invalid="fail", tally=tally,
+                                        drop=dropped.append))
+    kept = cleaning.validate_examples(rows, "f", extractive=True, max_chars=40, on_invalid="drop", tally=tally,
+                                      drop=dropped.append)
+    assert [r["id"] for r in kept] == ["ok"]
+    assert dropped[0]["line"] == 3 and problem.split()[0] in dropped[0]["reason"] and tally.n_invalid == 1
 
 
-def test_split_by_article_is_deterministic_and_disjoint():
-    rows = [example(id=f"{t}{i}", title=f"article-{t}") for t in range(10) for i in range(5)]
-    train, validation = cleaning.split_by_article(rows, 0.2)
-    assert {r["title"] for r in train}.isdisjoint({r["title"] for r in validation})
-    assert len(validation) == 10 and len(train) == 40
-    assert cleaning.split_by_article(list(reversed(rows)), 0.2)[1] != [] and \
-        {r["title"] for r in cleaning.split_by_article(list(reversed(rows)), 0.2)[1]} == {r["title"] for r in validation}
+def test_held_out_articles_are_the_row_level_group_split():
+    """The held-out articles are GroupShuffleSplit's over every row (what prepare did when it held the rows),
+    whatever the order, so streaming kept the split."""
+    from sklearn.model_selection import GroupShuffleSplit
+
+    rows = [example(id=f"{t}{i}", title=f"article-{t}") for t in range(10) for i in range(t % 3 + 1)]
+    held_out = cleaning.held_out_articles((cleaning.article_key(r) for r in rows), 0.2)
+    titles = [r["title"] for r in rows]
+    _, index = next(GroupShuffleSplit(n_splits=1, test_size=0.2, random_state=0).split(titles, groups=titles))
+    assert held_out == {titles[i] for i in index} and len(held_out) == 2
+    assert cleaning.held_out_articles(reversed(titles), 0.2) == held_out
+    assert cleaning.held_out_articles(["one"] * 5, 0.2) == set()  # one article cannot be split
+
+
+def test_untitled_rows_are_grouped_by_context():
+    rows = [example(id=f"{c}{i}", title="", context=f"Ada wrote poem {c}.") for c in range(10) for i in range(3)]
+    keys = {cleaning.article_key(r) for r in rows}
+    assert len(keys) == 10 and all(len(key) < 40 for key in keys)  # a digest, not the context
+    assert len(cleaning.held_out_articles(keys, 0.2)) == 2
 
 
 def test_provider_formats_share_one_prompt():

@@ -17,7 +17,7 @@ import pytest
 from finetune_mlflow.config import load_config
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Prediction, Provider, TuningRequest
-from finetune_mlflow.preparation import build_splits, write_prepared
+from finetune_mlflow.preparation import write_splits
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.openai_server import JobScript as OpenAIScript
 from tests.fakes.vertex_server import FakeVertexServer
@@ -42,8 +42,7 @@ def prepared(small_squad, tmp_path) -> Path:
     train, validation = small_squad
     config = load_config(None, {"train_data": str(train), "validation_data": str(validation), "max_examples": "40",
                                 "data.max_validation_examples": "12"})
-    train_rows, validation_rows, _, dropped = build_splits(config)
-    write_prepared(tmp_path / "prepared", train_rows, validation_rows, dropped)
+    write_splits(config, tmp_path / "prepared")
     return tmp_path / "prepared"
 
 
