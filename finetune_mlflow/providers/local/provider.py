@@ -88,7 +88,7 @@ def weights_file(jobs_dir: Path, model_id: str) -> Path:
     return path
 
 
-WEIGHTS_FORMAT = 2  # 2: sparse span ranker (blocks of (features, 1 + question types)); 1 had no format key
+WEIGHTS_FORMAT = 3  # 3: + question-head tables and wh-place features; 2: sparse span ranker; 1 had no format key
 
 
 def save_weights(path: Path, weights: span_model.Weights, idf: dict[str, float], max_span_tokens: int) -> None:
