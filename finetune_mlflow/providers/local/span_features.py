@@ -293,15 +293,21 @@ def question(text: str, p: Passage, idf: dict[str, float], answers: Sequence[str
     head = question_head(text, words)
     return Question(question_type(text), bucket("h:" + head), asks_object(words), matched.astype(np.int32),
                     matched_stem.astype(np.int32), weight.astype(np.float32), after, place,
-                    _focus(head, q_stems),
+                    _focus(words, q_stems),
                     gold_spans(p, answers, max_span_tokens))
 
 
-def _focus(head: str, q_stems: list[str]) -> int:
-    """The answer's category named in the question ("what river" -> "river"): in the context it stands right
-    next to the answer ("the river Rhine", "Rhine river")."""
-    parts = head.split()
-    noun = stem(parts[1]) if len(parts) == 2 and parts[0] in ("what", "which") else ""
+_GENERIC = frozenset("type kind sort form name types kinds forms part".split())
+
+
+def _focus(words: Sequence[str], q_stems: list[str]) -> int:
+    """The answer's category named in the question ("what river" -> "river", "what type of rock" -> "rock"): in
+    the context it stands right next to the answer ("the river Rhine", "Rhine river")."""
+    wh = next((k for k, w in enumerate(words) if w in ("what", "which")), -1)
+    following = [w for w in words[wh + 1:] if w not in ("the", "a", "an")] if wh >= 0 else []
+    if len(following) >= 3 and following[0] in _GENERIC and following[1] == "of":
+        following = following[2:]
+    noun = stem(following[0]) if following else ""
     return q_stems.index(noun) if noun in q_stems else -1
 
 

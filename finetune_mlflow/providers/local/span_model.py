@@ -30,11 +30,11 @@ START_DYNAMIC = ("sent_score", "sent_best", "sent_second", "sent_far", "window",
                  "left_bigram", "sent_left_idf", "sent_bigrams", "left_before_wh", "left_after_wh",
                  "near_left_before_wh", "near_left_after_wh") + tuple(
     f"{form}left_match<={d}" for form in ("", "object_") for d in DISTANCE_BUCKETS) + ("focus_left2",) + tuple(
-    f"left3_place{k}" for k in range(sf.QPOS_BUCKETS))
+    f"left{d}_place{k}" for d in (1, 3, "_sentence") for k in range(sf.QPOS_BUCKETS))
 END_DYNAMIC = ("match_right1", "match_right3", "right_bigram", "sent_right_idf", "right_after_wh", "right_before_wh",
                "near_right_after_wh", "near_right_before_wh") + tuple(
     f"{form}right_match<={d}" for form in ("", "object_") for d in DISTANCE_BUCKETS) + ("focus_right2",) + tuple(
-    f"right3_place{k}" for k in range(sf.QPOS_BUCKETS))
+    f"right{d}_place{k}" for d in (1, 3, "_sentence") for k in range(sf.QPOS_BUCKETS))
 INSIDE_DYNAMIC = ("q_match", "q_match_idf", "focus")
 START_NAMES = sf.STATIC_START_NAMES + START_DYNAMIC
 END_NAMES = sf.STATIC_END_NAMES + END_DYNAMIC
@@ -167,7 +167,8 @@ def _start_features(b: Batch, x: _Context) -> np.ndarray:
         left, left * b.form[:, None], _clipped_sum(x.before, s_first, k), _clipped_sum(x.after, s_first, k),
         _clipped_sum(x.before, np.maximum(k - 5, s_first), k), _clipped_sum(x.after, np.maximum(k - 5, s_first), k),
         _clipped_sum(b.focus, np.maximum(k - 2, s_first), k) > 0,
-        _window_sum(x.place, np.maximum(k - 3, s_first), k) > 0,
+        _window_sum(x.place, np.maximum(k - 1, s_first), k) > 0, _window_sum(x.place, np.maximum(k - 3, s_first), k) > 0,
+        _window_sum(x.place, s_first, k) > 0,
     ]).astype(float)
 
 
@@ -182,7 +183,8 @@ def _end_features(b: Batch, x: _Context) -> np.ndarray:
         right, right * b.form[:, None], _clipped_sum(x.after, k + 1, s_last), _clipped_sum(x.before, k + 1, s_last),
         _clipped_sum(x.after, k + 1, near), _clipped_sum(x.before, k + 1, near),
         _clipped_sum(b.focus, k + 1, np.minimum(k + 3, s_last)) > 0,
-        _window_sum(x.place, k + 1, np.minimum(k + 4, s_last)) > 0,
+        _window_sum(x.place, k + 1, np.minimum(k + 2, s_last)) > 0, _window_sum(x.place, k + 1, np.minimum(k + 4, s_last)) > 0,
+        _window_sum(x.place, k + 1, s_last) > 0,
     ]).astype(float)
 
 
