@@ -89,6 +89,9 @@ def analyse(results: list[dict]) -> None:
         gold_sentences = {int(r["sentence"][g[0]]) for g in r["gold"]}
         right_sentence = r["span"] is not None and int(r["sentence"][r["span"][0]]) in gold_sentences
         groups["sentence " + ("right" if right_sentence else "wrong")].append(r)
+        if right_sentence and r["em"] < 1:
+            overlap = any(r["span"][0] <= g[1] and g[0] <= r["span"][1] for g in r["gold"])
+            groups["error: right sentence, " + ("overlaps gold" if overlap else "disjoint")].append(r)
         length = int(min(g[1] - g[0] for g in r["gold"])) + 1
         groups[f"gold length {min(length, 5)}{'+' if length >= 5 else ''}"].append(r)
     print(f"{'group':<34} {'n':>5} {'F1':>6} {'EM':>6}")
