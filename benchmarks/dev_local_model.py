@@ -74,8 +74,9 @@ def predictions(rows: list[dict], idf: dict, w: span_model.Weights, size: int) -
         p = passages[k]
         text = "" if span is None else p.text[p.offsets[span[0], 0]: p.offsets[span[1], 1]]
         em, f1 = best_over_golds(text, row["answers"])
-        out.append({"row": row, "text": text, "em": em, "f1": f1, "qtype": span_model.QUESTION_TYPES[q.qtype],
-                    "span": span, "gold": q.gold, "sentence": p.sentence})
+        qtype = span_model.QUESTION_TYPES[span_features.question_type(row["question"])]
+        out.append({"row": row, "text": text, "em": em, "f1": f1, "qtype": qtype, "span": span, "gold": q.gold,
+                    "sentence": p.sentence})
     return out
 
 

@@ -36,6 +36,9 @@ FUNCTION_WORDS = (
 )
 _FUNCTION_INDEX = {word: index for index, word in enumerate(FUNCTION_WORDS)}
 QUESTION_TYPES = ("who", "when", "where", "why", "number", "how", "what", "other")
+# The model's weight columns: the question types, with "what" split by form ("what did X sign" asks for the
+# object, "what caused X" for the subject: the answer sits on opposite sides of the matched verb).
+WEIGHT_TYPES = QUESTION_TYPES + ("what (object)",)
 LEXICAL_BUCKETS = 1 << 13
 _YEAR = re.compile(r"1\d{3}|20\d{2}")
 
@@ -71,6 +74,11 @@ def question_type(question: str) -> int:
         if stripped in ("what", "which"):
             return QUESTION_TYPES.index("what")
     return QUESTION_TYPES.index("other")
+
+
+def weight_type(qtype: int, form: int) -> int:
+    """Index into WEIGHT_TYPES of a question of type `qtype` and form `form` (see asks_object)."""
+    return WEIGHT_TYPES.index("what (object)") if QUESTION_TYPES[qtype] == "what" and form else qtype
 
 
 def question_head(question: str, words: Sequence[str] | None = None) -> str:
@@ -260,7 +268,7 @@ def approx_bytes(p: Passage) -> int:
 class Question:
     """What a question adds to its passage: a few numbers, no per-token arrays."""
 
-    qtype: int
+    qtype: int  # index into WEIGHT_TYPES
     head: int  # bucket of the question head ("what year")
     form: int  # 1 when an auxiliary follows the wh-word ("what did X sign"): the answer is not the subject
     matched: np.ndarray  # (m,) int32 positions of passage tokens whose stem is a question word
@@ -291,7 +299,8 @@ def question(text: str, p: Passage, idf: dict[str, float], answers: Sequence[str
     else:
         weight, after, place = np.zeros(0), np.zeros(0, np.int8), np.zeros(0, np.int8)
     head = question_head(text, words)
-    return Question(question_type(text), bucket("h:" + head), asks_object(words), matched.astype(np.int32),
+    form = asks_object(words)
+    return Question(weight_type(question_type(text), form), bucket("h:" + head), form, matched.astype(np.int32),
                     matched_stem.astype(np.int32), weight.astype(np.float32), after, place,
                     _focus(words, q_stems),
                     gold_spans(p, answers, max_span_tokens))

@@ -3,8 +3,9 @@
 A span (i..j) inside one sentence of the context scores
     s(i, j) = start(i) + end(j) + sum_{k=i..j} inside(k) + length(j - i)
 where each term is a dot product of token features with weights, and every weight column is repeated per
-question type (who/when/how many...) so that "when" can learn to like years and "who" capitalized words: a weight
-block has shape (features, 1 + types), column 0 shared, column 1 + t for type t. Because the score decomposes over
+question type (who/when/how many..., "what" split by form: sf.WEIGHT_TYPES) so that "when" can learn to like
+years and "who" capitalized words: a weight block has shape (features, 1 + types), column 0 shared, column 1 + t
+for type t. Because the score decomposes over
 tokens, every span of a minibatch is scored with one sparse product per role and a few vector operations, and the
 softmax gradient over all spans is exact (no candidate sampling). The loss is -log P(gold spans).
 
@@ -24,7 +25,7 @@ from finetune_mlflow.providers.local import span_features as sf
 from finetune_mlflow.providers.local.span_corpus import Batch, Corpus, Spans, batch, build_corpus, spans
 
 QUESTION_TYPES = sf.QUESTION_TYPES
-TYPES = 1 + len(QUESTION_TYPES)
+TYPES = 1 + len(sf.WEIGHT_TYPES)
 DISTANCE_BUCKETS = (1, 2, 3, 6, 10)
 START_DYNAMIC = ("sent_score", "sent_best", "sent_second", "sent_far", "window", "match_left1", "match_left3",
                  "left_bigram", "sent_left_idf", "sent_bigrams", "left_before_wh", "left_after_wh",
