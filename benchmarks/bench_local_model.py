@@ -123,7 +123,8 @@ def _train(prepared: str, n: str, epochs: str, evaluate: str) -> dict:
             "validation": str(Path(prepared) / "validation.jsonl"), "epochs": int(epochs),
             "learning_rate": config.tune.learning_rate, "batch_size": config.tune.batch_size, "seed": 0,
             "max_span_tokens": config.local.max_span_tokens, "eval_every_steps": config.local.eval_every_steps,
-            "validation_loss_examples": config.local.validation_loss_examples}
+            "validation_loss_examples": config.local.validation_loss_examples,
+            "average_every_steps": getattr(config.local, "average_every_steps", 0)}
     (job / "spec.json").write_text(json.dumps(spec))
     (job / "status.json").write_text(json.dumps({"state": "pending"}))
     started = time.perf_counter()

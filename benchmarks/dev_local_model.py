@@ -48,13 +48,13 @@ def fit(rows: list[dict], dev: list[dict], args) -> tuple[span_model.Weights, di
     best, info = None, {}
     for report, w in span_model.train(train, val, span_model.initial_weights(size), epochs=args.epochs,
                                       learning_rate=args.learning_rate, batch_size=args.batch_size, seed=0,
-                                      eval_every_steps=10**9, max_span_tokens=size, **_l2(args)):
+                                      eval_every_steps=10**9, max_span_tokens=size, **_options(args)):
         if report.epoch_end and (best is None or report.val_loss <= info["val_loss"]):
             best, info = w.copy(), {"epoch": report.epoch + 1, "val_loss": report.val_loss}
     return best, idf, info
 
 
-def _l2(args) -> dict:
+def _options(args) -> dict:
     """Only the options given, so the script also runs against an older tree."""
     return {k: v for k, v in (("l2", args.l2), ("average_every", args.average_every)) if v}
 
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=config.tune.batch_size)
     parser.add_argument("--max-span-tokens", type=int, default=config.local.max_span_tokens)
     parser.add_argument("--l2", type=float, default=None)
-    parser.add_argument("--average-every", type=int, default=0)
+    parser.add_argument("--average-every", type=int, default=getattr(config.local, "average_every_steps", 0))
     parser.add_argument("--show", type=int, default=0, help="print this many wrong dev answers")
     args = parser.parse_args()
     train, dev = dev_split()

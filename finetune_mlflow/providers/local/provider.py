@@ -169,6 +169,7 @@ class LocalProvider(JobDirectoryProvider):
                 "max_span_tokens": self.config.local.max_span_tokens,
                 "eval_every_steps": self.config.local.eval_every_steps,
                 "validation_loss_examples": self.config.local.validation_loss_examples,
+                "average_every_steps": self.config.local.average_every_steps,
             })
         job_dir = self._job_dir(job_id)
         # The trainer records its own pid once it holds the job's lock; until then nothing trains this job. A
