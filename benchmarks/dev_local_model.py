@@ -5,8 +5,9 @@ Features and hyperparameters are chosen here, never on data/squad/validation.jso
 does (same idf, same Adam steps, best epoch by val_loss on the first 300 dev questions) and is scored on all dev
 questions, with an error analysis:
 
-    python benchmarks/dev_local_model.py                  # dev F1/EM, per question type, error breakdown
-    python benchmarks/dev_local_model.py --epochs 4 --learning-rate 0.002
+    PYTHONPATH=. python benchmarks/dev_local_model.py     # dev F1/EM, per question type, error breakdown (~30 s)
+    PYTHONPATH=. python benchmarks/dev_local_model.py --epochs 4 --learning-rate 0.002 --show 20
+    PYTHONPATH=<another tree> python benchmarks/dev_local_model.py   # that tree's model and settings
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+import finetune_mlflow
 from finetune_mlflow import cleaning
 from finetune_mlflow.config import load_config
 from finetune_mlflow.preparation import build_splits
@@ -28,11 +30,13 @@ from finetune_mlflow.providers.local.trainer import featurize_rows, idf_of
 from finetune_mlflow.squad_metrics import best_over_golds
 
 REPO = Path(__file__).resolve().parents[1]
+# The settings of the tree being imported, so that `PYTHONPATH=<another tree>` measures that tree as it was.
+EXPERIMENT = Path(finetune_mlflow.__file__).resolve().parents[1] / "experiments" / "squad_local.yaml"
 DEV_FRACTION = 0.17  # 6 of the 35 training articles
 
 
 def dev_split() -> tuple[list[dict], list[dict]]:
-    config = load_config(str(REPO / "experiments" / "squad_local.yaml"), {
+    config = load_config(str(EXPERIMENT), {
         "train_data": str(REPO / "data" / "squad" / "train.json"),
         "validation_data": str(REPO / "data" / "squad" / "validation.json")})
     train, _, _, _ = build_splits(config)
@@ -40,7 +44,7 @@ def dev_split() -> tuple[list[dict], list[dict]]:
 
 
 def fit(rows: list[dict], dev: list[dict], args) -> tuple[span_model.Weights, dict, dict]:
-    """Train like the trainer: best epoch by val_loss on the first `validation_loss_examples` dev questions."""
+    """Train like the trainer: best epoch by val_loss on the first 300 dev questions."""
     size = args.max_span_tokens
     idf = idf_of(rows)
     train, _ = featurize_rows(rows, idf, size)
@@ -104,7 +108,7 @@ def analyse(results: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    config = load_config(str(REPO / "experiments" / "squad_local.yaml"))
+    config = load_config(str(EXPERIMENT))
     parser.add_argument("--epochs", type=int, default=config.tune.epochs)
     parser.add_argument("--learning-rate", type=float, default=config.tune.learning_rate)
     parser.add_argument("--batch-size", type=int, default=config.tune.batch_size)
@@ -120,7 +124,8 @@ def main() -> None:
     with threadpool_limits(limits=1):
         w, idf, info = fit(train, dev, args)
         results = predictions(dev, idf, w, args.max_span_tokens)
-    print(f"best epoch {info['epoch']} (dev val_loss {info['val_loss']:.4f}); {time.process_time() - started:.1f} s CPU")
+    print(f"best epoch {info['epoch']} (dev val_loss {info['val_loss']:.4f}); "
+          f"{time.process_time() - started:.1f} s CPU")
     print(f"dev F1 {100 * np.mean([r['f1'] for r in results]):.2f} EM {100 * np.mean([r['em'] for r in results]):.2f}")
     analyse(results)
     rng = np.random.default_rng(0)

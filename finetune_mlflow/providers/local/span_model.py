@@ -163,13 +163,15 @@ def _start_features(b: Batch, x: _Context) -> np.ndarray:
     return np.column_stack([
         score, rank == 0, rank == 1, rank >= 2,
         _clipped_sum(b.weight, np.maximum(k - 10, b.first), np.minimum(k + 11, b.last)),
-        _clipped_sum(matched, np.maximum(k - 1, b.first), k), _clipped_sum(matched, np.maximum(k - 3, b.first), k) > 0,
+        _clipped_sum(matched, np.maximum(k - 1, b.first), k),
+        _clipped_sum(matched, np.maximum(k - 3, b.first), k) > 0,
         _clipped_sum(x.bigram, np.maximum(k - 1, b.first), k) > 0, _clipped_sum(b.weight, s_first, k), sent_bigrams,
         left, left * b.form[:, None], _clipped_sum(x.before, s_first, k), _clipped_sum(x.after, s_first, k),
         _clipped_sum(x.before, np.maximum(k - 5, s_first), k), _clipped_sum(x.after, np.maximum(k - 5, s_first), k),
         _clipped_sum(b.focus, np.maximum(k - 2, s_first), k) > 0,
-        _window_sum(x.place, np.maximum(k - 1, s_first), k) > 0, _window_sum(x.place, np.maximum(k - 3, s_first), k) > 0,
-        _window_sum(x.place, s_first, k) > 0,
+        # where the question's words sit around its wh-word (`_Context.place`), 1 / 3 tokens / the sentence left
+        _window_sum(x.place, np.maximum(k - 1, s_first), k) > 0,
+        _window_sum(x.place, np.maximum(k - 3, s_first), k) > 0, _window_sum(x.place, s_first, k) > 0,
     ]).astype(float)
 
 
@@ -184,8 +186,8 @@ def _end_features(b: Batch, x: _Context) -> np.ndarray:
         right, right * b.form[:, None], _clipped_sum(x.after, k + 1, s_last), _clipped_sum(x.before, k + 1, s_last),
         _clipped_sum(x.after, k + 1, near), _clipped_sum(x.before, k + 1, near),
         _clipped_sum(b.focus, k + 1, np.minimum(k + 3, s_last)) > 0,
-        _window_sum(x.place, k + 1, np.minimum(k + 2, s_last)) > 0, _window_sum(x.place, k + 1, np.minimum(k + 4, s_last)) > 0,
-        _window_sum(x.place, k + 1, s_last) > 0,
+        _window_sum(x.place, k + 1, np.minimum(k + 2, s_last)) > 0,
+        _window_sum(x.place, k + 1, np.minimum(k + 4, s_last)) > 0, _window_sum(x.place, k + 1, s_last) > 0,
     ]).astype(float)
 
 
