@@ -89,15 +89,18 @@ def test_training_lowers_the_loss_on_a_tiny_set():
     assert span_model.answer(p, "In what year did Rollo sign a treaty?", {}, last, 6) == "911"
 
 
-def test_weight_averaging_yields_the_running_mean_of_the_trajectory():
+def test_weight_averaging_yields_the_running_mean_of_the_snapshots():
+    """Snapshots every `average_every` steps and at each epoch's end (a run shorter than `average_every` steps
+    still averages its epochs, never the untrained start)."""
     corpus, _ = _corpus([("In what year did Rollo sign a treaty?", "911"), ("Who signed a treaty?", "Rollo")])
     start = span_model.initial_weights(6)
-    options = dict(epochs=3, learning_rate=0.05, batch_size=2, seed=0, eval_every_steps=1, max_span_tokens=6)
+    options = dict(epochs=3, learning_rate=0.05, batch_size=1, seed=0, eval_every_steps=1, max_span_tokens=6)
     plain = [w.copy() for _, w in span_model.train(corpus, corpus, start, **options)]
-    averaged = [w.copy() for _, w in span_model.train(corpus, corpus, start, average_every=1, **options)]
+    averaged = [w.copy() for _, w in span_model.train(corpus, corpus, start, average_every=5, **options)]
+    np.testing.assert_array_equal(averaged[0].blocks["start"], plain[0].blocks["start"])  # before any snapshot
+    snapshots = [plain[k] for k in (1, 3, 4, 5)]  # epoch ends (steps 2, 4, 6) and step 5
     for name, block in averaged[-1].blocks.items():
-        expected = (start.blocks[name] + sum(w.blocks[name] for w in plain)) / (1 + len(plain))
-        np.testing.assert_allclose(block, expected, atol=1e-12)
+        np.testing.assert_allclose(block, sum(w.blocks[name] for w in snapshots) / 4, atol=1e-12)
 
 
 def test_an_empty_or_punctuation_only_context_answers_nothing():

@@ -396,11 +396,11 @@ def train(train_set: Corpus, val_set: Corpus | None, start: Weights, *, epochs: 
           average_every: int = 0) -> Iterator[tuple[StepReport, Weights]]:
     """Adam over minibatches of questions; yields after every step so the caller can stream losses, and always
     measures val_loss at the end of an epoch so per-epoch checkpoints can be compared. `average_every` > 0:
-    the yielded model is the mean of the weights every that many steps (Polyak averaging: minibatch noise in
-    the rarely-seen lexical rows averages out)."""
+    the yielded model is the mean of the weights taken every that many steps and at each epoch's end (Polyak
+    averaging: minibatch noise in the rarely-seen lexical rows averages out); the latest weights until then."""
     rng = np.random.default_rng(seed)
-    w, state, step = start.copy(), {}, 0
-    mean = start.copy() if average_every else w
+    w, state, step, snapshots = start.copy(), {}, 0, 0
+    mean = start.copy()
     for epoch in range(epochs):
         order = rng.permutation(len(train_set))
         for begin in range(0, len(order), batch_size):
@@ -409,12 +409,14 @@ def train(train_set: Corpus, val_set: Corpus | None, start: Weights, *, epochs: 
             step += 1
             _adam(w, grads.scaled(1.0 / len(chosen)), state, step, learning_rate, l2)
             epoch_end = begin + batch_size >= len(order)
-            if average_every and step % average_every == 0:
-                _average_into(mean, w, step // average_every + 1)
+            if average_every and (step % average_every == 0 or epoch_end):
+                snapshots += 1
+                _average_into(mean, w, snapshots)
+            model = mean if snapshots else w
             val = None
             if val_set is not None and len(val_set) and (step % eval_every_steps == 0 or epoch_end):
-                val = mean_loss(val_set, mean, max_span_tokens)
-            yield StepReport(step, epoch, float(np.mean(losses)), val, epoch_end), mean
+                val = mean_loss(val_set, model, max_span_tokens)
+            yield StepReport(step, epoch, float(np.mean(losses)), val, epoch_end), model
 
 
 def answer(p: sf.Passage, question: str, idf: dict[str, float], w: Weights, max_span_tokens: int) -> str:
