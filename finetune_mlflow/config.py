@@ -119,7 +119,7 @@ class LocalConfig:
     validation_loss_examples: int = knob(300, "validation examples val_loss is computed on", low=1,
                                          high=1_000_000)
     average_every_steps: int = knob(8, "checkpoints hold the running mean of the weights taken every N steps "
-                                    "(0: the latest weights)", low=0, high=1_000_000)
+                                    "and at each epoch's end (0: the latest weights)", low=0, high=1_000_000)
 
 
 @dataclass(frozen=True)
