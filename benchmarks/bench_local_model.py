@@ -1,7 +1,7 @@
 """Benchmark the local span ranker: F1/EM against training size, trainer time and peak memory, featurization.
 
-Every figure is measured for this checkout AND for a reference commit (default 85b5ea3, the code before the
-sparse rewrite) in the same run, each in fresh subprocesses, on the same prepared shipped data:
+Every figure is measured for this checkout AND for a reference commit (default 658c839, the model before the
+question-head and focus features) in the same run, each in fresh subprocesses, on the same prepared shipped data:
 
     python benchmarks/bench_local_model.py --quick        # this checkout only, once: 49 s on 2 cores (load 3)
     python benchmarks/bench_local_model.py                 # both trees, 3 repetitions, 87k-question scale test
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = "85b5ea3"
+REFERENCE = "658c839"
 
 
 def export_tree(commit: str, dest: Path) -> Path:
@@ -124,7 +124,8 @@ def _train(prepared: str, n: str, epochs: str, evaluate: str) -> dict:
             "validation": str(Path(prepared) / "validation.jsonl"), "epochs": int(epochs),
             "learning_rate": config.tune.learning_rate, "batch_size": config.tune.batch_size, "seed": 0,
             "max_span_tokens": config.local.max_span_tokens, "eval_every_steps": config.local.eval_every_steps,
-            "validation_loss_examples": config.local.validation_loss_examples}
+            "validation_loss_examples": config.local.validation_loss_examples,
+            "average_every_steps": getattr(config.local, "average_every_steps", 0)}
     (job / "spec.json").write_text(json.dumps(spec))
     (job / "status.json").write_text(json.dumps({"state": "pending"}))
     started = time.perf_counter()
@@ -153,9 +154,21 @@ def _score(model: str, validation: Path) -> dict:
         model = f"{path.parent.name}/{path.name}"
     else:
         provider = local.LocalProvider(load_config(None))
-    scores = [best_over_golds(provider.predict(model, r["question"], r["context"]).text, r["answers"])
-              for r in read_jsonl(validation)]
-    return {"em": 100 * sum(s[0] for s in scores) / len(scores), "f1": 100 * sum(s[1] for s in scores) / len(scores)}
+    rows = read_jsonl(validation)
+    scores = [best_over_golds(provider.predict(model, r["question"], r["context"]).text, r["answers"]) for r in rows]
+    return {"em": 100 * sum(s[0] for s in scores) / len(scores), "f1": 100 * sum(s[1] for s in scores) / len(scores),
+            "by_type": _by_type(rows, [s[1] for s in scores])}
+
+
+def _by_type(rows: list[dict], f1: list[float]) -> dict[str, list[float]]:
+    """Question type -> [questions, F1] (the model's own question typing)."""
+    features = _first_module("finetune_mlflow.providers.local.span_features")
+    out: dict[str, list[float]] = {}
+    for row, score in zip(rows, f1):
+        kind = features.QUESTION_TYPES[features.question_type(row["question"])]
+        n, total = out.get(kind, [0, 0.0])
+        out[kind] = [n + 1, total + 100 * score]
+    return {kind: [n, total / n] for kind, (n, total) in sorted(out.items(), key=lambda item: -item[1][0])}
 
 
 WORKERS = {"prepare": _prepare, "featurize": _featurize, "train": _train}
@@ -196,6 +209,8 @@ def report(label: str, result: dict) -> None:
               f"{_range([r['cpu_seconds'] for r in runs], '{:.1f}'):>12} "
               f"{_range([r['peak_rss_mb'] for r in runs], '{:.0f}'):>12}  {best or 'last epoch'}")
     small, full = next(iter(runs_by_size.values()))[0], runs_by_size[max(runs_by_size)]
+    print("validation F1 by question type (full size): " + ", ".join(
+        f"{kind} ({int(n)}) {f1:.1f}" for kind, (n, f1) in full[0]["by_type"].items()))
     per_1000 = (min(r["peak_rss_mb"] for r in full) - small["peak_rss_mb"]) / (full[0]["n"] - small["n"]) * 1000
     print(f"trainer memory: {per_1000:.1f} MB per 1,000 training questions "
           f"(peak RSS slope {small['n']}->{full[0]['n']})")

@@ -118,6 +118,8 @@ class LocalConfig:
     eval_every_steps: int = knob(10, "val_loss every N training steps", low=1, high=1_000_000)
     validation_loss_examples: int = knob(300, "validation examples val_loss is computed on", low=1,
                                          high=1_000_000)
+    average_every_steps: int = knob(8, "checkpoints hold the running mean of the weights taken every N steps "
+                                    "and at each epoch's end (0: the latest weights)", low=0, high=1_000_000)
 
 
 @dataclass(frozen=True)

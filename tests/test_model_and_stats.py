@@ -40,9 +40,24 @@ def test_question_types():
     assert span_model.QUESTION_TYPES[span_features.question_type("Who signed the treaty?")] == "who"
 
 
+def test_question_words_know_their_place_around_the_wh_word_and_the_focus_noun():
+    """The wh-word's neighbours in the question are the answer's neighbours in the context ("Rollo signed what"
+    -> "Rollo signed a treaty"); in "what type of treaty" the answer's category is "treaty", not "type"."""
+    p = span_features.passage(CONTEXT)
+    q = span_features.question("In 911 Rollo signed what type of treaty with King Charles?", p, {}, ["a treaty"], 6)
+    words = [p.text[slice(*p.offsets[k])] for k in q.matched]
+    assert dict(zip(words, q.place.tolist())) == {"911": 0, "Rollo": 1, "signed": 2, "treaty": 4, "King": 5,
+                                                  "Charles": 6}
+    assert q.focus == q.matched_stem[words.index("treaty")]
+    assert span_features.WEIGHT_TYPES[q.qtype] == "what"
+    assert span_features.WEIGHT_TYPES[span_features.question("What did Rollo sign?", p, {}, [], 6).qtype] == \
+        "what (object)"
+
+
 def test_gradient_matches_finite_differences():
-    corpus, _ = _corpus([("In what year did Rollo sign a treaty?", "911"), ("Who signed a treaty?", "Rollo")])
-    b = batch(corpus, np.arange(2), 6)
+    corpus, _ = _corpus([("In what year did Rollo sign a treaty?", "911"), ("Who signed a treaty?", "Rollo"),
+                         ("What type of treaty did Rollo sign?", "a treaty")])
+    b = batch(corpus, np.arange(3), 6)
     w = span_model.initial_weights(6)
     rng = np.random.default_rng(0)
     for block in w.blocks.values():
@@ -72,6 +87,20 @@ def test_training_lowers_the_loss_on_a_tiny_set():
     assert span_model.mean_loss(corpus, last, 6) < before / 2
     assert sum(r.epoch_end for r in reports) == 20 and all(r.val_loss is not None for r in reports if r.epoch_end)
     assert span_model.answer(p, "In what year did Rollo sign a treaty?", {}, last, 6) == "911"
+
+
+def test_weight_averaging_yields_the_running_mean_of_the_snapshots():
+    """Snapshots every `average_every` steps and at each epoch's end (a run shorter than `average_every` steps
+    still averages its epochs, never the untrained start)."""
+    corpus, _ = _corpus([("In what year did Rollo sign a treaty?", "911"), ("Who signed a treaty?", "Rollo")])
+    start = span_model.initial_weights(6)
+    options = dict(epochs=3, learning_rate=0.05, batch_size=1, seed=0, eval_every_steps=1, max_span_tokens=6)
+    plain = [w.copy() for _, w in span_model.train(corpus, corpus, start, **options)]
+    averaged = [w.copy() for _, w in span_model.train(corpus, corpus, start, average_every=5, **options)]
+    np.testing.assert_array_equal(averaged[0].blocks["start"], plain[0].blocks["start"])  # before any snapshot
+    snapshots = [plain[k] for k in (1, 3, 4, 5)]  # epoch ends (steps 2, 4, 6) and step 5
+    for name, block in averaged[-1].blocks.items():
+        np.testing.assert_allclose(block, sum(w.blocks[name] for w in snapshots) / 4, atol=1e-12)
 
 
 def test_an_empty_or_punctuation_only_context_answers_nothing():

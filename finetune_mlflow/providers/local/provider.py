@@ -76,7 +76,7 @@ def weights_file(jobs_dir: Path, model_id: str) -> Path:
     return path
 
 
-WEIGHTS_FORMAT = 2  # 2: sparse span ranker (blocks of (features, 1 + question types)); 1 had no format key
+WEIGHTS_FORMAT = 3  # 3: + question-head tables and wh-place features; 2: sparse span ranker; 1 had no format key
 
 
 def save_weights(path: Path, weights: span_model.Weights, idf: dict[str, float], max_span_tokens: int) -> None:
@@ -157,6 +157,7 @@ class LocalProvider(JobDirectoryProvider):
                 "max_span_tokens": self.config.local.max_span_tokens,
                 "eval_every_steps": self.config.local.eval_every_steps,
                 "validation_loss_examples": self.config.local.validation_loss_examples,
+                "average_every_steps": self.config.local.average_every_steps,
             })
         job_dir = self._job_dir(job_id)
         # The trainer records its own pid once it holds the job's lock; until then nothing trains this job. A

@@ -40,10 +40,12 @@ class Corpus:
     qtype: np.ndarray
     head: np.ndarray
     form: np.ndarray
+    focus: np.ndarray  # (Q,) see Question.focus
     matched: np.ndarray  # flat, sliced by match_offset
     matched_stem: np.ndarray
     weight: np.ndarray
     after: np.ndarray
+    place: np.ndarray
     match_offset: np.ndarray
     gold: np.ndarray  # (G, 2), sliced by gold_offset
     gold_offset: np.ndarray
@@ -71,9 +73,10 @@ def build_corpus(passages: Sequence[Passage], questions: Iterable[tuple[int, Que
         sentence=flat("sentence", np.int32), punct=flat("punct", bool), shape=flat("shape", np.int8),
         word=flat("word", np.int32), passage_of=np.array([k for k, _ in pairs], dtype=np.int32),
         qtype=np.array([q.qtype for q in qs], dtype=np.int8), head=np.array([q.head for q in qs], dtype=np.int32),
-        form=np.array([q.form for q in qs], dtype=np.int8),
+        form=np.array([q.form for q in qs], dtype=np.int8), focus=np.array([q.focus for q in qs], dtype=np.int32),
         matched=matched, matched_stem=_ragged([q.matched_stem for q in qs], np.int32)[0],
         weight=_ragged([q.weight for q in qs], np.float32)[0], after=_ragged([q.after for q in qs], np.int8)[0],
+        place=_ragged([q.place for q in qs], np.int8)[0],
         match_offset=match_offset,
         gold=gold, gold_offset=gold_offset,
     )
@@ -102,6 +105,8 @@ class Batch:
     weight: np.ndarray  # (T,) idf share of the matched question word, 0 if none
     match_key: np.ndarray  # (T,) question word id of a matched token, -1 if none
     after: np.ndarray  # (T,) 1.0 where the matched question word comes after the wh-word
+    place: np.ndarray  # (T,) place of the matched question word around the wh-word (Question.place), -1 if none
+    focus: np.ndarray  # (T,) 1.0 where the token matches the question's focus noun (Question.focus)
     gold_key: np.ndarray  # span keys (start * max_len + length - 1) of gold spans
     n_examples: int
 
@@ -130,6 +135,8 @@ def batch(c: Corpus, examples: np.ndarray, max_span_tokens: int) -> Batch:
     match_key[base[m_example] + c.matched[m]] = c.matched_stem[m]
     after = np.zeros(len(rows))
     after[base[m_example] + c.matched[m]] = c.after[m]
+    place = np.full(len(rows), -1, dtype=np.int64)
+    place[base[m_example] + c.matched[m]] = c.place[m]
     g = _ranges(c.gold_offset[examples], c.gold_offset[examples + 1])
     g_example = np.repeat(np.arange(len(examples)), c.gold_offset[examples + 1] - c.gold_offset[examples])
     gold = c.gold[g].astype(np.int64)
@@ -139,7 +146,8 @@ def batch(c: Corpus, examples: np.ndarray, max_span_tokens: int) -> Batch:
         last=(base + lengths)[example], sentence=c.sentence[rows] + sentence_base[example], punct=c.punct[rows],
         shape=c.shape[rows], word=c.word[rows], qtype=c.qtype[examples][example].astype(np.int64),
         head=c.head[examples][example].astype(np.int64), form=c.form[examples][example].astype(float),
-        weight=weight, match_key=match_key, after=after,
+        weight=weight, match_key=match_key, after=after, place=place,
+        focus=((match_key >= 0) & (match_key == c.focus[examples][example])).astype(float),
         gold_key=(gold[:, 0] + base[g_example]) * max_span_tokens + gold[:, 1] - gold[:, 0],
         n_examples=len(examples),
     )

@@ -36,6 +36,9 @@ FUNCTION_WORDS = (
 )
 _FUNCTION_INDEX = {word: index for index, word in enumerate(FUNCTION_WORDS)}
 QUESTION_TYPES = ("who", "when", "where", "why", "number", "how", "what", "other")
+# The model's weight columns: the question types, with "what" split by form ("what did X sign" asks for the
+# object, "what caused X" for the subject: the answer sits on opposite sides of the matched verb).
+WEIGHT_TYPES = QUESTION_TYPES + ("what (object)",)
 LEXICAL_BUCKETS = 1 << 13
 _YEAR = re.compile(r"1\d{3}|20\d{2}")
 
@@ -45,12 +48,13 @@ STATIC_END_NAMES = ("bias", "cap", "digit", "stop", "year", "month", "next_punct
 STATIC_INSIDE_NAMES = ("length", "cap", "digit", "stop", "year", "month", "punct", "number_word")
 FUNCTION_WIDTH = len(FUNCTION_WORDS) + 1
 SUFFIX_BUCKETS = 1 << 11  # last three letters: a cheap stand-in for part of speech (-ion, -ed, -ly, 19-)
-# start ids: [previous function word | previous word | word | suffix of previous | suffix];
-# end: [next function word | next word | word | suffix of next | suffix];
-# inside: [word | suffix | question head x token shape | question head x word] (the last two added per question).
-START_IDS_WIDTH = FUNCTION_WIDTH + 2 * LEXICAL_BUCKETS + 2 * SUFFIX_BUCKETS
-END_IDS_WIDTH = FUNCTION_WIDTH + 2 * LEXICAL_BUCKETS + 2 * SUFFIX_BUCKETS
-INSIDE_IDS_WIDTH = 3 * LEXICAL_BUCKETS + SUFFIX_BUCKETS
+# start ids: [previous function word | previous word | word | suffix of previous | suffix | question head x
+# previous word]; end: [next function word | next word | word | suffix of next | suffix | question head x next word];
+# inside: [word | suffix | question head x token shape | question head x word | question head x suffix].
+# The question head columns are added per question (span_model.question_block), after the passage's own.
+PASSAGE_IDS_WIDTH = FUNCTION_WIDTH + 2 * LEXICAL_BUCKETS + 2 * SUFFIX_BUCKETS
+START_IDS_WIDTH = END_IDS_WIDTH = PASSAGE_IDS_WIDTH + LEXICAL_BUCKETS
+INSIDE_IDS_WIDTH = 4 * LEXICAL_BUCKETS + SUFFIX_BUCKETS
 
 
 def question_type(question: str) -> int:
@@ -70,6 +74,11 @@ def question_type(question: str) -> int:
         if stripped in ("what", "which"):
             return QUESTION_TYPES.index("what")
     return QUESTION_TYPES.index("other")
+
+
+def weight_type(qtype: int, form: int) -> int:
+    """Index into WEIGHT_TYPES of a question of type `qtype` and form `form` (see asks_object)."""
+    return WEIGHT_TYPES.index("what (object)") if QUESTION_TYPES[qtype] == "what" and form else qtype
 
 
 def question_head(question: str, words: Sequence[str] | None = None) -> str:
@@ -105,6 +114,24 @@ def _after_wh(words: Sequence[str], q_stems: Sequence[str]) -> list[int]:
     for k, w in enumerate(words):
         first.setdefault(stem(w), k)
     return [int(first.get(s, 0) > wh) for s in q_stems]
+
+
+QPOS_BUCKETS = 7
+
+
+def _around_wh(words: Sequence[str], q_stems: Sequence[str]) -> list[int]:
+    """Per question stem: its place among the question's content words around the wh-word, 0..2 = third or
+    earlier / second / first before it, 3..6 = first / second / third / later after it. The wh-word's neighbours
+    in the question tend to be the answer's neighbours in the context ("they resemble what?" -> "resemble X")."""
+    wh = next((k for k, w in enumerate(words) if w in _WH), 0)
+    first: dict[str, int] = {}
+    for k, w in enumerate(words):
+        first.setdefault(stem(w), k)
+    before = sorted((s for s in q_stems if first.get(s, 0) < wh), key=lambda s: -first[s])
+    after = [s for s in q_stems if first.get(s, 0) >= wh]
+    place = {s: 2 - min(r, 2) for r, s in enumerate(before)}
+    place.update({s: 3 + min(r, 3) for r, s in enumerate(after)})
+    return [place[s] for s in q_stems]
 
 
 @lru_cache(maxsize=1 << 17)
@@ -241,13 +268,15 @@ def approx_bytes(p: Passage) -> int:
 class Question:
     """What a question adds to its passage: a few numbers, no per-token arrays."""
 
-    qtype: int
+    qtype: int  # index into WEIGHT_TYPES
     head: int  # bucket of the question head ("what year")
     form: int  # 1 when an auxiliary follows the wh-word ("what did X sign"): the answer is not the subject
     matched: np.ndarray  # (m,) int32 positions of passage tokens whose stem is a question word
     matched_stem: np.ndarray  # (m,) int32 id of that stem among the question's words (for distinct counts)
     weight: np.ndarray  # (m,) float32 idf / total idf of the question's words
     after: np.ndarray  # (m,) int8 1 if that question word comes after the wh-word in the question
+    place: np.ndarray  # (m,) int8 its place around the wh-word (see _around_wh)
+    focus: int  # id among the question's words of the noun after "what"/"which" ("river"), -1 if none
     gold: np.ndarray  # (g, 2) int32 token start/end (inclusive) of gold spans
 
 
@@ -266,12 +295,29 @@ def question(text: str, p: Passage, idf: dict[str, float], answers: Sequence[str
     if len(matched):
         weight = np.array([idf.get(s, 1.0) / total for s in q_stems])[matched_stem]
         after = np.array(_after_wh(words, q_stems), dtype=np.int8)[matched_stem]
+        place = np.array(_around_wh(words, q_stems), dtype=np.int8)[matched_stem]
     else:
-        weight, after = np.zeros(0), np.zeros(0, np.int8)
-    return Question(question_type(text), bucket("h:" + question_head(text, words)), asks_object(words),
-                    matched.astype(np.int32),
-                    matched_stem.astype(np.int32), weight.astype(np.float32), after,
+        weight, after, place = np.zeros(0), np.zeros(0, np.int8), np.zeros(0, np.int8)
+    head = question_head(text, words)
+    form = asks_object(words)
+    return Question(weight_type(question_type(text), form), bucket("h:" + head), form, matched.astype(np.int32),
+                    matched_stem.astype(np.int32), weight.astype(np.float32), after, place,
+                    _focus(words, q_stems),
                     gold_spans(p, answers, max_span_tokens))
+
+
+_GENERIC = frozenset("type kind sort form name types kinds forms part".split())
+
+
+def _focus(words: Sequence[str], q_stems: list[str]) -> int:
+    """The answer's category named in the question ("what river" -> "river", "what type of rock" -> "rock"): in
+    the context it stands right next to the answer ("the river Rhine", "Rhine river")."""
+    wh = next((k for k, w in enumerate(words) if w in ("what", "which")), -1)
+    following = [w for w in words[wh + 1:] if w not in ("the", "a", "an")] if wh >= 0 else []
+    if len(following) >= 3 and following[0] in _GENERIC and following[1] == "of":
+        following = following[2:]
+    noun = stem(following[0]) if following else ""
+    return q_stems.index(noun) if noun in q_stems else -1
 
 
 def gold_spans(p: Passage, answers: Sequence[str], max_span_tokens: int) -> np.ndarray:

@@ -3,8 +3,9 @@
 A span (i..j) inside one sentence of the context scores
     s(i, j) = start(i) + end(j) + sum_{k=i..j} inside(k) + length(j - i)
 where each term is a dot product of token features with weights, and every weight column is repeated per
-question type (who/when/how many...) so that "when" can learn to like years and "who" capitalized words: a weight
-block has shape (features, 1 + types), column 0 shared, column 1 + t for type t. Because the score decomposes over
+question type (who/when/how many..., "what" split by form: sf.WEIGHT_TYPES) so that "when" can learn to like
+years and "who" capitalized words: a weight block has shape (features, 1 + types), column 0 shared, column 1 + t
+for type t. Because the score decomposes over
 tokens, every span of a minibatch is scored with one sparse product per role and a few vector operations, and the
 softmax gradient over all spans is exact (no candidate sampling). The loss is -log P(gold spans).
 
@@ -24,16 +25,18 @@ from finetune_mlflow.providers.local import span_features as sf
 from finetune_mlflow.providers.local.span_corpus import Batch, Corpus, Spans, batch, build_corpus, spans
 
 QUESTION_TYPES = sf.QUESTION_TYPES
-TYPES = 1 + len(QUESTION_TYPES)
+TYPES = 1 + len(sf.WEIGHT_TYPES)
 DISTANCE_BUCKETS = (1, 2, 3, 6, 10)
 START_DYNAMIC = ("sent_score", "sent_best", "sent_second", "sent_far", "window", "match_left1", "match_left3",
                  "left_bigram", "sent_left_idf", "sent_bigrams", "left_before_wh", "left_after_wh",
                  "near_left_before_wh", "near_left_after_wh") + tuple(
-    f"{form}left_match<={d}" for form in ("", "object_") for d in DISTANCE_BUCKETS)
+    f"{form}left_match<={d}" for form in ("", "object_") for d in DISTANCE_BUCKETS) + ("focus_left2",) + tuple(
+    f"left{d}_place{k}" for d in (1, 3, "_sentence") for k in range(sf.QPOS_BUCKETS))
 END_DYNAMIC = ("match_right1", "match_right3", "right_bigram", "sent_right_idf", "right_after_wh", "right_before_wh",
                "near_right_after_wh", "near_right_before_wh") + tuple(
-    f"{form}right_match<={d}" for form in ("", "object_") for d in DISTANCE_BUCKETS)
-INSIDE_DYNAMIC = ("q_match", "q_match_idf")
+    f"{form}right_match<={d}" for form in ("", "object_") for d in DISTANCE_BUCKETS) + ("focus_right2",) + tuple(
+    f"right{d}_place{k}" for d in (1, 3, "_sentence") for k in range(sf.QPOS_BUCKETS))
+INSIDE_DYNAMIC = ("q_match", "q_match_idf", "focus")
 START_NAMES = sf.STATIC_START_NAMES + START_DYNAMIC
 END_NAMES = sf.STATIC_END_NAMES + END_DYNAMIC
 INSIDE_NAMES = sf.STATIC_INSIDE_NAMES + INSIDE_DYNAMIC
@@ -81,6 +84,12 @@ def _clipped_sum(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarr
     return padded[hi] - padded[np.minimum(lo, hi)]
 
 
+def _window_sum(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """`_clipped_sum` of every column of a (T, c) array."""
+    padded = np.vstack([np.zeros((1, values.shape[1])), np.cumsum(values, axis=0)])
+    return padded[hi] - padded[np.minimum(lo, hi)]
+
+
 def _distance_buckets(matched: np.ndarray, sentence: np.ndarray, direction: int) -> np.ndarray:
     """(T, buckets): is the nearest matched token on one side (+1 left, -1 right) in the same sentence <= d away."""
     n = len(matched)
@@ -121,42 +130,86 @@ def _sentence_bounds(sentence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, np.repeat(starts + sizes, sizes)
 
 
-def question_block(b: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Question-dependent features of every batch token for start, end and inside, and the inside ids
-    (question head x token shape, question head x word)."""
+@dataclass(frozen=True)
+class _Context:
+    """Per batch token: what the start and end features of `question_block` share."""
+
+    k: np.ndarray  # token index in the batch
+    matched: np.ndarray  # 1.0 where the token matches a question word
+    bigram: np.ndarray  # 1.0 where tokens k-1, k match adjacent content words of the question
+    s_first: np.ndarray  # first token of the token's sentence
+    s_last: np.ndarray  # one past its last token
+    after: np.ndarray  # idf of a matched question word that comes after the wh-word (else 0)
+    before: np.ndarray  # ... that comes before it
+    place: np.ndarray  # (T, QPOS_BUCKETS) one-hot place of a matched question word around the wh-word
+
+
+def _context(b: Batch) -> _Context:
     k = np.arange(len(b.example))
     matched = (b.weight > 0).astype(float)
-    score, rank = _sentence_rank_features(b)
     s_first, s_last = _sentence_bounds(b.sentence)
-    left1 = _clipped_sum(matched, np.maximum(k - 1, b.first), k)
-    right1 = _clipped_sum(matched, k + 1, np.minimum(k + 2, b.last))
-    # Tokens k-1, k match adjacent content words of the question (a question bigram).
     bigram = (matched > 0) & (np.r_[-2, b.match_key[:-1]] == b.match_key - 1) & (s_first < k)
-    bigram = bigram.astype(float)
-    sent_bigrams = np.minimum(np.bincount(b.sentence, weights=bigram, minlength=int(b.sentence.max(initial=0)) + 1)
-                              [b.sentence], 3) / 3
+    place = (b.place[:, None] == np.arange(sf.QPOS_BUCKETS)).astype(float)
+    return _Context(k, matched, bigram.astype(float), s_first, s_last, b.weight * b.after,
+                    b.weight * (1 - b.after), place)
+
+
+def _start_features(b: Batch, x: _Context) -> np.ndarray:
+    k, matched, s_first = x.k, x.matched, x.s_first
+    score, rank = _sentence_rank_features(b)
+    n_sentences = int(b.sentence.max(initial=0)) + 1
+    sent_bigrams = np.minimum(np.bincount(b.sentence, weights=x.bigram, minlength=n_sentences)[b.sentence], 3) / 3
     left = _distance_buckets(matched > 0, b.sentence, 1)
-    after, before = b.weight * b.after, b.weight * (1 - b.after)  # idf of question words after/before the wh-word
-    right = _distance_buckets(matched > 0, b.sentence, -1)
-    start = np.column_stack([
+    return np.column_stack([
         score, rank == 0, rank == 1, rank >= 2,
         _clipped_sum(b.weight, np.maximum(k - 10, b.first), np.minimum(k + 11, b.last)),
-        left1, _clipped_sum(matched, np.maximum(k - 3, b.first), k) > 0,
-        _clipped_sum(bigram, np.maximum(k - 1, b.first), k) > 0, _clipped_sum(b.weight, s_first, k), sent_bigrams,
-        left, left * b.form[:, None], _clipped_sum(before, s_first, k), _clipped_sum(after, s_first, k),
-        _clipped_sum(before, np.maximum(k - 5, s_first), k), _clipped_sum(after, np.maximum(k - 5, s_first), k),
+        _clipped_sum(matched, np.maximum(k - 1, b.first), k),
+        _clipped_sum(matched, np.maximum(k - 3, b.first), k) > 0,
+        _clipped_sum(x.bigram, np.maximum(k - 1, b.first), k) > 0, _clipped_sum(b.weight, s_first, k), sent_bigrams,
+        left, left * b.form[:, None], _clipped_sum(x.before, s_first, k), _clipped_sum(x.after, s_first, k),
+        _clipped_sum(x.before, np.maximum(k - 5, s_first), k), _clipped_sum(x.after, np.maximum(k - 5, s_first), k),
+        _clipped_sum(b.focus, np.maximum(k - 2, s_first), k) > 0,
+        # where the question's words sit around its wh-word (`_Context.place`), 1 / 3 tokens / the sentence left
+        _window_sum(x.place, np.maximum(k - 1, s_first), k) > 0,
+        _window_sum(x.place, np.maximum(k - 3, s_first), k) > 0, _window_sum(x.place, s_first, k) > 0,
     ]).astype(float)
-    end = np.column_stack([
-        right1, _clipped_sum(matched, k + 1, np.minimum(k + 4, b.last)) > 0,
-        _clipped_sum(bigram, k + 2, np.minimum(k + 3, b.last)) > 0, _clipped_sum(b.weight, k + 1, s_last),
-        right, right * b.form[:, None], _clipped_sum(after, k + 1, s_last), _clipped_sum(before, k + 1, s_last),
-        _clipped_sum(after, k + 1, np.minimum(k + 6, s_last)), _clipped_sum(before, k + 1, np.minimum(k + 6, s_last)),
+
+
+def _end_features(b: Batch, x: _Context) -> np.ndarray:
+    k, matched, s_last = x.k, x.matched, x.s_last
+    right = _distance_buckets(matched > 0, b.sentence, -1)
+    near = np.minimum(k + 6, s_last)
+    return np.column_stack([
+        _clipped_sum(matched, k + 1, np.minimum(k + 2, b.last)),
+        _clipped_sum(matched, k + 1, np.minimum(k + 4, b.last)) > 0,
+        _clipped_sum(x.bigram, k + 2, np.minimum(k + 3, b.last)) > 0, _clipped_sum(b.weight, k + 1, s_last),
+        right, right * b.form[:, None], _clipped_sum(x.after, k + 1, s_last), _clipped_sum(x.before, k + 1, s_last),
+        _clipped_sum(x.after, k + 1, near), _clipped_sum(x.before, k + 1, near),
+        _clipped_sum(b.focus, k + 1, np.minimum(k + 3, s_last)) > 0,
+        _window_sum(x.place, k + 1, np.minimum(k + 2, s_last)) > 0,
+        _window_sum(x.place, k + 1, np.minimum(k + 4, s_last)) > 0, _window_sum(x.place, k + 1, s_last) > 0,
     ]).astype(float)
-    inside = np.column_stack([matched, b.weight])
-    base = sf.LEXICAL_BUCKETS + sf.SUFFIX_BUCKETS
-    lexical = np.column_stack([base + (b.head * 7 + b.shape) % sf.LEXICAL_BUCKETS,
-                               base + sf.LEXICAL_BUCKETS + (b.head * 31 + b.word) % sf.LEXICAL_BUCKETS])
-    return start, end, inside, lexical
+
+
+def _head_ids(b: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Table ids of the question head crossed with the token before a start, after an end, and with each inside
+    token's shape, word and suffix: "what year" likes 4-digit tokens, "who" x "by" the token after it."""
+    lex, k = sf.LEXICAL_BUCKETS, np.arange(len(b.example))
+    previous = np.where(k > b.first, b.word[np.maximum(k - 1, 0)], lex - 1)
+    following = np.where(k + 1 < b.last, b.word[np.minimum(k + 1, len(k) - 1)], lex - 2)
+    base = lex + sf.SUFFIX_BUCKETS
+    inside = np.column_stack([base + (b.head * 7 + b.shape) % lex, base + lex + (b.head * 31 + b.word) % lex,
+                              base + 2 * lex + (b.head * 17 + b.suffix) % lex])
+    return (sf.PASSAGE_IDS_WIDTH + (b.head * 13 + previous) % lex,
+            sf.PASSAGE_IDS_WIDTH + (b.head * 19 + following) % lex, inside)
+
+
+def question_block(b: Batch) -> tuple[np.ndarray, ...]:
+    """Question-dependent features of every batch token: dense start, end and inside features, then the table
+    ids that cross the question head with the passage (`_head_ids`)."""
+    x = _context(b)
+    inside = np.column_stack([x.matched, b.weight, b.focus])
+    return (_start_features(b, x), _end_features(b, x), inside, *_head_ids(b))
 
 
 def _typed(scores: np.ndarray, qtype: np.ndarray) -> np.ndarray:
@@ -177,10 +230,10 @@ class Scored:
 
 
 def _role_features(b: Batch) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    start_q, end_q, inside_q, lexical = question_block(b)
-    return {"start": (np.hstack([b.start, start_q]), b.start_ids),
-            "end": (np.hstack([b.end, end_q]), b.end_ids),
-            "inside": (np.hstack([b.inside, inside_q]), np.column_stack([b.word, b.suffix, lexical]))}
+    start_q, end_q, inside_q, start_head, end_head, inside_head = question_block(b)
+    return {"start": (np.hstack([b.start, start_q]), np.column_stack([b.start_ids, start_head])),
+            "end": (np.hstack([b.end, end_q]), np.column_stack([b.end_ids, end_head])),
+            "inside": (np.hstack([b.inside, inside_q]), np.column_stack([b.word, b.suffix, inside_head]))}
 
 
 def score_batch(b: Batch, w: Weights, max_span_tokens: int) -> Scored:
@@ -332,13 +385,22 @@ def _adam(w: Weights, grads: Gradient, state: dict, step: int, learning_rate: fl
             params[:] = _adam_update(params, grads.dense[k] + l2 * params, m, v, step, learning_rate)
 
 
+def _average_into(mean: Weights, w: Weights, count: int) -> None:
+    """mean <- running mean of the `count` weight snapshots so far (the newest is `w`)."""
+    for k, block in mean.blocks.items():
+        block += (w.blocks[k] - block) / count
+
+
 def train(train_set: Corpus, val_set: Corpus | None, start: Weights, *, epochs: int, learning_rate: float,
           batch_size: int, seed: int, eval_every_steps: int, max_span_tokens: int, l2: float = 1e-3,
-          ) -> Iterator[tuple[StepReport, Weights]]:
+          average_every: int = 0) -> Iterator[tuple[StepReport, Weights]]:
     """Adam over minibatches of questions; yields after every step so the caller can stream losses, and always
-    measures val_loss at the end of an epoch so per-epoch checkpoints can be compared."""
+    measures val_loss at the end of an epoch so per-epoch checkpoints can be compared. `average_every` > 0:
+    the yielded model is the mean of the weights taken every that many steps and at each epoch's end (Polyak
+    averaging: minibatch noise in the rarely-seen lexical rows averages out); the latest weights until then."""
     rng = np.random.default_rng(seed)
-    w, state, step = start.copy(), {}, 0
+    w, state, step, snapshots = start.copy(), {}, 0, 0
+    mean = start.copy()
     for epoch in range(epochs):
         order = rng.permutation(len(train_set))
         for begin in range(0, len(order), batch_size):
@@ -347,10 +409,14 @@ def train(train_set: Corpus, val_set: Corpus | None, start: Weights, *, epochs: 
             step += 1
             _adam(w, grads.scaled(1.0 / len(chosen)), state, step, learning_rate, l2)
             epoch_end = begin + batch_size >= len(order)
+            if average_every and (step % average_every == 0 or epoch_end):
+                snapshots += 1
+                _average_into(mean, w, snapshots)
+            model = mean if snapshots else w
             val = None
             if val_set is not None and len(val_set) and (step % eval_every_steps == 0 or epoch_end):
-                val = mean_loss(val_set, w, max_span_tokens)
-            yield StepReport(step, epoch, float(np.mean(losses)), val, epoch_end), w
+                val = mean_loss(val_set, model, max_span_tokens)
+            yield StepReport(step, epoch, float(np.mean(losses)), val, epoch_end), model
 
 
 def answer(p: sf.Passage, question: str, idf: dict[str, float], w: Weights, max_span_tokens: int) -> str:

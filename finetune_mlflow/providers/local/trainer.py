@@ -140,6 +140,7 @@ def run(job_dir: Path) -> None:
         train, validation, span_model.initial_weights(size), epochs=spec["epochs"],
         learning_rate=spec["learning_rate"], batch_size=spec["batch_size"], seed=spec["seed"],
         eval_every_steps=spec["eval_every_steps"], max_span_tokens=size,
+        average_every=spec.get("average_every_steps", 0),  # a job spec written before the knob: no averaging
     )
     checkpoints, report = _stream(job_dir, steps, idf, size)
     best = _best(checkpoints)
