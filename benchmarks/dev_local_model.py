@@ -1,7 +1,7 @@
 """Model selection for the local span ranker on a dev split carved from the TRAINING articles.
 
 Features and hyperparameters are chosen here, never on data/squad/validation.json: 6 of the 35 training articles
-(cleaning.split_by_article, seed 0) are held out as dev; the model trains on the other 29 exactly as the trainer
+(prepare's split by article, seed 0) are held out as dev; the model trains on the other 29 exactly as the trainer
 does (same idf, same Adam steps, best epoch by val_loss on the first 300 dev questions) and is scored on all dev
 questions, with an error analysis:
 
@@ -13,6 +13,8 @@ questions, with an error analysis:
 from __future__ import annotations
 
 import argparse
+import tempfile
+from dataclasses import replace
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,9 +23,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import finetune_mlflow
-from finetune_mlflow import cleaning
 from finetune_mlflow.config import load_config
-from finetune_mlflow.preparation import build_splits
+from finetune_mlflow.preparation import write_splits
+from finetune_mlflow.records import read_jsonl
 from finetune_mlflow.providers.local import span_features, span_model
 from finetune_mlflow.providers.local.span_corpus import build_corpus
 from finetune_mlflow.providers.local.trainer import featurize_rows, idf_of
@@ -36,11 +38,13 @@ DEV_FRACTION = 0.17  # 6 of the 35 training articles
 
 
 def dev_split() -> tuple[list[dict], list[dict]]:
-    config = load_config(str(EXPERIMENT), {
-        "train_data": str(REPO / "data" / "squad" / "train.json"),
-        "validation_data": str(REPO / "data" / "squad" / "validation.json")})
-    train, _, _, _ = build_splits(config)
-    return cleaning.split_by_article(train, DEV_FRACTION)
+    """prepare's own split by article of train.json alone (validation.json is never read here)."""
+    config = load_config(str(EXPERIMENT), {"train_data": str(REPO / "data" / "squad" / "train.json")})
+    # An empty override means "keep the YAML's" to load_config, hence replace(): no validation file, split train.
+    config = replace(config, data=replace(config.data, validation_data="", validation_fraction=DEV_FRACTION))
+    with tempfile.TemporaryDirectory(prefix="dev-split-") as folder:
+        write_splits(config, Path(folder))
+        return read_jsonl(Path(folder) / "train.jsonl"), read_jsonl(Path(folder) / "validation.jsonl")
 
 
 def fit(rows: list[dict], dev: list[dict], args) -> tuple[span_model.Weights, dict, dict]:
