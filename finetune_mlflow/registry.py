@@ -20,12 +20,12 @@ from mlflow.tracking import MlflowClient
 from finetune_mlflow.config import Config
 from finetune_mlflow.model_code import stage_package
 from finetune_mlflow.scratch import scratch_dir
+from finetune_mlflow.served import SERVING_ARTIFACT
 
 logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_NAME_IN_RUN = "model"
-SERVING_ARTIFACT = "serving"  # JSON: provider, model id and non-secret settings, read by qa_model at load time
 # What every registered version needs to serve, besides the provider's own packages.
 BASE_REQUIREMENTS = ("mlflow", "pandas", "pyyaml", "numpy")
 # Where the tune run keeps a model it ships (local weights, a merged transformers model): `tuned_model/<...>`.
