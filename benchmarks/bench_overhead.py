@@ -26,6 +26,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 HERE = Path(__file__).resolve().parent.parent
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # this process's downloads of checkpoints.json
 DIRECT = "direct"  # `python -m finetune_mlflow evaluate`, not through `mlflow run`
 
 
