@@ -198,14 +198,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> int:
-    """The program (`python -m finetune_mlflow`, `finetune-mlflow`): `main`, in a process that ends right after.
+    """The program (`python -m finetune_mlflow`, `finetune-mlflow`): `main` in a process that ends right after.
 
-    Cyclic garbage collection is made rarer: importing MLflow, SQLAlchemy and pandas creates millions of objects
-    that live as long as the process, and the default thresholds walk them again and again (1.4-2.1 s of
-    collections per `evaluate` on 2 busy cores, 0.3-0.4 s with these; cycles are still collected every 50,000
-    allocations). At the end they are frozen: the interpreter's last collections would walk them all once more
-    (over a second of teardown) while nothing held in a cycle needs finalizing (files are closed by `with`, runs
-    are ended)."""
+    The objects MLflow, SQLAlchemy and pandas create live as long as the process, yet the default thresholds walk
+    them in collection after collection (1.4-2.1 s per `evaluate` on 2 busy cores; 0.3-0.4 s with these, cycles
+    still collected every 50,000 allocations), and the teardown walks them once more (over a second): frozen at
+    the end, as nothing in a cycle needs finalizing then (files are closed by `with`, runs are ended)."""
     gc.set_threshold(50_000, 20, 20)
     code = main()
     gc.freeze()
