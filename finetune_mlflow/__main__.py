@@ -1,5 +1,5 @@
 import sys
 
-from finetune_mlflow.cli import main
+from finetune_mlflow.cli import run
 
-sys.exit(main())
+sys.exit(run())

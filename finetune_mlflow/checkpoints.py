@@ -3,13 +3,14 @@
 
 Choice: `all`, `last`, `best_val_loss` (the lowest validation loss the checkpoint reports, else the run's `val_loss`
 curve nearest its step), `auto` = all when there are at most 4, else best_val_loss and last. A checkpoint that
-is the final model itself (the same model id) is not evaluated twice. A checkpoint displaces the final model only
-when the 95% lower bound of its paired-bootstrap F1 gain over the final model is above 0: ties and noise keep the
-final. Logged in the run: `checkpoint_eval_f1`, `checkpoint_eval_exact_match`, `checkpoint_latency_ms_p95` at
-step = the checkpoint's training step (a chart of F1 against step beside the loss curves), the table
-`checkpoints.json` (one row per evaluated model, the final included), `selected_eval_f1`/`_exact_match`/
-`selected_latency_ms_p95`, and the tag `finetune.checkpoint_selection` (JSON of the choice; a rerun reuses it
-instead of paying again).
+is the final model itself (the same model id) is not evaluated twice; one the provider knows to be the same model
+(`same_model`: the local trainer keeps its best epoch as `weights.npz`) is scored from the final model's rows. A
+checkpoint displaces the final model only when the 95% lower bound of its paired-bootstrap F1 gain over the final
+model is above 0: ties and noise keep the final. Logged in the run: `checkpoint_eval_f1`,
+`checkpoint_eval_exact_match`, `checkpoint_latency_ms_p95` at step = the checkpoint's training step (a chart of F1
+against step beside the loss curves), the table `checkpoints.json` (one row per evaluated model, the final
+included), `selected_eval_f1`/`_exact_match`/`selected_latency_ms_p95`, and the tag `finetune.checkpoint_selection`
+(JSON of the choice; a rerun reuses it instead of paying again).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import FinetuneError
-from finetune_mlflow.evaluation import ExampleResult, delta_against, error_rate
+from finetune_mlflow.evaluation import EvaluationRun, ExampleResult, delta_against, error_rate, summarize
 from finetune_mlflow.providers.base import Checkpoint, MetricPoint, Provider, TuningJob
 from finetune_mlflow.scoring import log_results_table, score_model
 from finetune_mlflow.tracking import MetricSink, log_values
@@ -39,6 +40,8 @@ AUTO_ALL_MAX = 4
 STEP_METRICS = {"checkpoint_eval_f1": "eval_f1", "checkpoint_eval_exact_match": "eval_exact_match",
                 "checkpoint_latency_ms_p95": "latency_ms_p95"}
 HEADLINE = ("eval_f1", "eval_exact_match", "latency_ms_p95")
+# Columns of `checkpoints.json` besides the headline: how many questions, how fast (none for a reused evaluation).
+VOLUME = ("eval_n", "eval_throughput_rps")
 
 
 @dataclass(frozen=True)
@@ -105,12 +108,13 @@ def table_rows(final_model: str, final_metrics: Mapping[str, float], candidates:
                chosen: Candidate | None, curve: Mapping[int, float]) -> dict[str, list[Any]]:
     """Column-oriented `checkpoints.json`: the final model first, then each evaluated checkpoint by step."""
     rows = [{"checkpoint_id": "final", "step": None, "epoch": None, "model": final_model, "val_loss": None,
-             **{key: final_metrics.get(key) for key in HEADLINE}, "eval_f1_delta": 0.0, "eval_f1_delta_ci_low": None,
-             "eval_f1_delta_ci_high": None, "error": None, "selected": chosen is None}]
+             **{key: final_metrics.get(key) for key in HEADLINE + VOLUME}, "eval_f1_delta": 0.0,
+             "eval_f1_delta_ci_low": None, "eval_f1_delta_ci_high": None, "error": None, "selected": chosen is None}]
     for c in candidates:
         rows.append({"checkpoint_id": c.checkpoint.checkpoint_id, "step": c.checkpoint.step,
                      "epoch": c.checkpoint.epoch, "model": c.checkpoint.model,
-                     "val_loss": val_loss_at(c.checkpoint, curve), **{key: c.metrics.get(key) for key in HEADLINE},
+                     "val_loss": val_loss_at(c.checkpoint, curve),
+                     **{key: c.metrics.get(key) for key in HEADLINE + VOLUME},
                      **{key: c.metrics.get(key) for key in ("eval_f1_delta", "eval_f1_delta_ci_low",
                                                             "eval_f1_delta_ci_high")},
                      "error": c.error, "selected": chosen is c})
@@ -182,12 +186,23 @@ def plan(provider: Provider, job: TuningJob, run_id: str, config: Config) -> lis
     return chosen
 
 
+def _score(provider: Provider, checkpoint: Checkpoint, examples: list[dict], config: Config,
+           final_rows: list[ExampleResult], final_model: str | None) -> tuple[EvaluationRun, dict[str, float]]:
+    """A checkpoint's evaluation against the final model's rows. One that is the final model byte for byte (the
+    local trainer keeps its best epoch as `weights.npz`) is scored from those rows: the same answers, no requests."""
+    if final_model and provider.same_model(checkpoint.model, final_model):
+        run = EvaluationRun(list(final_rows), 0.0)
+        bootstrap = {"bootstrap_samples": config.evaluate.bootstrap_samples, "seed": config.evaluate.bootstrap_seed}
+        return run, {**summarize(run, **bootstrap), **delta_against(final_rows, final_rows, **bootstrap)}
+    return score_model(provider, checkpoint.model, examples, config, final_rows)
+
+
 def evaluate(provider: Provider, checkpoints: Sequence[Checkpoint], examples: list[dict], config: Config,
-             final_rows: list[ExampleResult]) -> list[Candidate]:
+             final_rows: list[ExampleResult], final_model: str | None = None) -> list[Candidate]:
     """Score each checkpoint against the final model's rows; one over the error budget is kept as a failed row."""
     candidates = []
     for checkpoint in checkpoints:
-        run, metrics = score_model(provider, checkpoint.model, examples, config, final_rows)
+        run, metrics = _score(provider, checkpoint, examples, config, final_rows, final_model)
         rate = error_rate(run.results)
         error = (f"{rate:.1%} of requests failed (over evaluate.max_error_rate)"
                  if rate > config.evaluate.max_error_rate else None)

@@ -92,8 +92,8 @@ class EvaluateConfig:
     request_retries: int = knob(4, "retries of a failed provider call (429/5xx/reset)", low=0, high=20)
     retry_backoff_seconds: float = knob(0.5, "first wait before a retry; doubles each time; Retry-After wins",
                                         low=0, high=300)
-    trace_samples: int = knob(50, "evaluation requests recorded as MLflow traces (wrong answers first; 0: off)",
-                              low=0, high=10_000)
+    trace_samples: int = knob(50, "evaluation requests recorded as spans of the evaluation's MLflow trace (wrong "
+                              "answers first; 0: off)", low=0, high=10_000)
     checkpoints: CheckpointChoice = knob("auto", "which of a job's checkpoints are evaluated as candidates: all, "
                                          "last, best_val_loss, or auto (all when at most 4, else best_val_loss "
                                          "and last)", flag="checkpoints")

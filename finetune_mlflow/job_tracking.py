@@ -230,7 +230,7 @@ def _select_model(provider: Provider, job: TuningJob, run_id: str, config: Confi
     if previous is not None:
         return previous
     metrics, rows = final
-    evaluated = checkpoints.evaluate(provider, candidates, examples, config, rows)
+    evaluated = checkpoints.evaluate(provider, candidates, examples, config, rows, job.tuned_model)
     chosen = checkpoints.choose(evaluated)
     checkpoints.log_candidates(run_id, job, metrics, evaluated, chosen)
     selection = checkpoints.selection_of(job.tuned_model, metrics, chosen, base.rows, config)

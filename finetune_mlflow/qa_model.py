@@ -14,24 +14,18 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from finetune_mlflow.config import load_config
-from finetune_mlflow.providers import get_provider, provider_class
 from finetune_mlflow.providers.base import MODEL_ARTIFACT
+from finetune_mlflow.served import SERVING_ARTIFACT, served_model
 
 
 class QAModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
-        serving = context.artifacts.get("serving")
-        settings = json.loads(Path(serving).read_text(encoding="utf-8")) if serving else dict(context.model_config or {})
+        serving = context.artifacts.get(SERVING_ARTIFACT)
+        # Versions logged before `serving.json` kept the settings as the pyfunc's model_config.
+        settings = (json.loads(Path(serving).read_text(encoding="utf-8")) if serving
+                    else dict(context.model_config or {}))
         self.provider_name: str = settings["provider"]
-        overrides = {**settings.get("provider_settings", {}), "provider": self.provider_name}
-        self.model_id: str = settings["model_id"]
-        shipped = context.artifacts.get(MODEL_ARTIFACT)
-        if shipped:  # the model travels inside the version (local weights, a merged transformers model)
-            self.model_id, located = provider_class(self.provider_name).model_from_artifact(shipped)
-            overrides.update(located)
-        config = load_config(None, overrides)
-        self.provider = get_provider(self.provider_name, config)
+        self.model_id, self.provider = served_model(settings, context.artifacts.get(MODEL_ARTIFACT))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         missing = {"question", "context"} - set(model_input.columns)

@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import logging
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +21,12 @@ from mlflow.tracking import MlflowClient
 from finetune_mlflow.config import Config
 from finetune_mlflow.model_code import stage_package
 from finetune_mlflow.scratch import scratch_dir
+from finetune_mlflow.served import SERVING_ARTIFACT
 
 logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 MODEL_NAME_IN_RUN = "model"
-SERVING_ARTIFACT = "serving"  # JSON: provider, model id and non-secret settings, read by qa_model at load time
 # What every registered version needs to serve, besides the provider's own packages.
 BASE_REQUIREMENTS = ("mlflow", "pandas", "pyyaml", "numpy")
 # Where the tune run keeps a model it ships (local weights, a merged transformers model): `tuned_model/<...>`.
@@ -61,6 +62,39 @@ def pinned_requirements(packages: tuple[str, ...]) -> list[str]:
     # A local build tag is not on the package index: torch 2.13.0+cpu -> torch==2.13.0.
     return [f"{name}=={importlib.metadata.version(name).split('+')[0]}"
             for name in dict.fromkeys(BASE_REQUIREMENTS + packages)]
+
+
+_STAGED: list[Path] = []
+_STAGING = threading.Lock()
+
+
+def staged_code() -> Path:
+    """The package files serving needs, staged once per process (finding them parses every module with `ast`)."""
+    with _STAGING:
+        if not _STAGED:
+            _STAGED.append(stage_package(PACKAGE_DIR / "serving.py", scratch_dir("model-code")))
+        return _STAGED[0]
+
+
+def warm_up(packages: tuple[str, ...]) -> None:
+    """Start in the background what a process's first registration pays whatever the model (staging the serving
+    code, importing mlflow.pyfunc, MLflow's map of installed distributions): `tune` calls it while the job trains,
+    so its registration does not wait for them."""
+    threading.Thread(target=_warm, args=(packages,), name="registration-warm-up", daemon=True).start()
+
+
+def _warm(packages: tuple[str, ...]) -> None:
+    try:
+        staged_code()
+        import mlflow.pyfunc  # noqa: F401
+        from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
+
+        # Logging a model runs this check, which first maps every installed distribution to its modules (~0.35 s
+        # here, once per process, no switch to skip it); running it now fills that map. Not a documented API: an
+        # upgrade that moves it only loses the head start (the error is swallowed below).
+        warn_dependency_requirement_mismatches(pinned_requirements(packages))
+    except Exception:  # noqa: BLE001 - a warm-up; the registration does the same work itself if this fails
+        logger.debug("registration warm-up failed", exc_info=True)
 
 
 class _PyfuncFlavor:
@@ -137,7 +171,7 @@ def _log_model(run_id: str, config: Config, provider: str, model_id: str, logged
             name=MODEL_NAME_IN_RUN, model_id=logged_model_id, python_model=str(PACKAGE_DIR / "serving.py"),
             artifacts={**_upload(run_id, artifacts), SERVING_ARTIFACT: str(serving)},
             # Only what serving imports, not the whole package (tests, __pycache__): fewer objects per version.
-            code_paths=[str(stage_package(PACKAGE_DIR / "serving.py", scratch_dir("model-code")))],
+            code_paths=[str(staged_code())],
             signature=signature, input_example=EXAMPLE_INPUT, pip_requirements=pinned_requirements(packages),
         )
 

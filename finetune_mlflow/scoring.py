@@ -38,6 +38,7 @@ from finetune_mlflow.providers.base import Provider
 from finetune_mlflow.preparation import Prepared
 from finetune_mlflow.run_cost import check_eval_cost
 from finetune_mlflow.scratch import download_artifacts, scratch_dir
+from finetune_mlflow.served import load_version
 from finetune_mlflow.traces import record_traces
 from finetune_mlflow.tracking import code_version, find_finished_run, log_values, step_run
 
@@ -162,8 +163,17 @@ def resolve_model(reference: str, config: Config) -> ResolvedModel:
     else:
         # A provider's own model id, e.g. an existing `ft:gpt-4o-mini-...` model or a Vertex endpoint.
         return ResolvedModel(get_provider(config.tune.provider, config), reference, config.tune.base_model)
-    # suppress_warnings: no check of the version's pinned requirements against this environment (it maps every
-    # installed distribution to its modules, ~0.3 s); evaluation calls the provider here, not the served package.
-    loaded = mlflow.pyfunc.load_model(reference, dst_path=str(scratch_dir("model")),
-                                      suppress_warnings=True).unwrap_python_model()
-    return ResolvedModel(loaded.provider, loaded.model_id, base_model)
+    model_id, provider = _load_logged_model(reference)
+    return ResolvedModel(provider, model_id, base_model)
+
+
+def _load_logged_model(reference: str) -> tuple[str, Provider]:
+    """(model id, provider) of a logged pyfunc, from the files it ships (no pyfunc load: see `served`)."""
+    loaded = load_version(reference, scratch_dir("model"))
+    if loaded is not None:
+        return loaded
+    # A version logged before `serving.json`: only its pyfunc knows the provider. suppress_warnings: no check of
+    # its pinned requirements against this environment; evaluation calls the provider, not the served package.
+    python_model = mlflow.pyfunc.load_model(reference, dst_path=str(scratch_dir("model")),
+                                            suppress_warnings=True).unwrap_python_model()
+    return python_model.model_id, python_model.provider

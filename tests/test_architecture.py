@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "finetune_mlflow"
 LAYERS = {
     0: {"errors", "liveness", "prompt", "costing", "squad_metrics", "stats", "records", "cleaning", "config"},
     1: {"providers"},
-    2: {"evaluation", "tracking", "progress", "summary", "scorefile", "registry", "qa_model", "serving",
+    2: {"evaluation", "tracking", "progress", "summary", "scorefile", "registry", "qa_model", "served", "serving",
         "preparation", "scoring", "job_tracking", "promotion", "sweep_plan", "traces", "report", "checkpoints",
         "run_cost", "model_code", "scratch", "ownership",
         "process"},

@@ -15,7 +15,8 @@ from finetune_mlflow import checkpoints as ckpt
 from finetune_mlflow.config import load_config
 from finetune_mlflow.errors import ConfigError
 from finetune_mlflow.preparation import ensure_prepared
-from finetune_mlflow.providers.base import Checkpoint
+from finetune_mlflow.evaluation import ExampleResult
+from finetune_mlflow.providers.base import Checkpoint, Prediction
 from finetune_mlflow.providers.local.provider import LocalProvider
 from finetune_mlflow.run_cost import TokenUsage, cost_metrics, estimate_eval_cost
 from finetune_mlflow.steps.tune import run_tune
@@ -187,6 +188,28 @@ def test_choose_needs_evidence():
     assert ckpt.choose([candidate(10, 80.0, 0.0), candidate(20, 75.0, -1.0)]) is None  # ties and noise
     assert ckpt.choose([candidate(10, 80.0, 0.5), candidate(20, 85.0, 2.0)]).checkpoint.step == 20
     assert ckpt.choose([candidate(10, 90.0, 5.0, error="40% of requests failed")]) is None
+
+
+def test_a_checkpoint_that_is_the_final_model_is_scored_from_its_rows_without_a_request():
+    class Provider:  # answers with the model id; the checkpoint at step 20 is the final model, byte for byte
+        name, batched_prediction, max_concurrency, asked = "stub", False, 1, []
+
+        def same_model(self, model, other):
+            return {model, other} == {"model-20", "final"}
+
+        def predict(self, model, question, context):
+            self.asked.append(model)
+            return Prediction(model, 1.0)
+
+    rows = [ExampleResult(f"q{i}", "?", "final", ["final"], 1.0, 1.0, 1.0, None) for i in range(5)]
+    examples = [{"id": r.id, "question": "?", "context": "c", "answers": ["final"]} for r in rows]
+    provider = Provider()
+    found = ckpt.evaluate(provider, [checkpoint(10), checkpoint(20)], examples, load_config(None), rows, "final")
+    assert provider.asked == ["model-10"] * 5  # only the checkpoint that differs was asked
+    same = found[1]
+    assert same.rows == rows and same.metrics["eval_f1"] == 100.0
+    assert (same.metrics["eval_f1_delta"], same.metrics["eval_f1_delta_ci_low"]) == (0.0, 0.0)
+    assert ckpt.choose(found) is None
 
 
 def test_cost_metrics_only_from_reported_numbers():

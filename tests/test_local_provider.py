@@ -92,6 +92,9 @@ def test_each_epoch_is_a_checkpoint_and_the_best_by_val_loss_is_the_tuned_model(
     assert job.metrics["best_val_loss"] == best.metrics["val_loss"]
     assert job.tags["local.best_checkpoint"] == best.checkpoint_id
     assert provider.weights_file(job.tuned_model).read_bytes() == provider.weights_file(best.model).read_bytes()
+    # So tune scores that checkpoint from the final model's rows instead of asking the same questions again.
+    assert [provider.same_model(c.model, job.tuned_model) for c in checkpoints] == [c is best for c in checkpoints]
+    assert not provider.same_model("span-ranker-base", job.tuned_model)
     for checkpoint in checkpoints:  # every checkpoint is a usable model
         assert provider.predict(checkpoint.model, "Who?", "Ada Lovelace wrote the notes.").text
 

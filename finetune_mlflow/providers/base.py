@@ -196,6 +196,10 @@ class ProviderBase:
         """Local files a registered version must carry to serve `model` (name -> path); none for hosted models."""
         return {}
 
+    def same_model(self, model: str, other: str) -> bool:
+        """Whether two model ids answer identically (a checkpoint that is the final model); by id by default."""
+        return model == other
+
     @classmethod
     def model_from_artifact(cls, path: str) -> tuple[str, dict[str, str]]:
         """The model id to predict with when a served version carries its model at `path`, and the config

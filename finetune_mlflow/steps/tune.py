@@ -24,7 +24,7 @@ from finetune_mlflow.job_tracking import JOB_ID_TAG, finish_job, launch, request
 from finetune_mlflow.preparation import Prepared, ensure_prepared
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import JobState, TuningJob
-from finetune_mlflow.registry import RegisteredVersion
+from finetune_mlflow.registry import RegisteredVersion, warm_up
 from finetune_mlflow.scoring import Evaluation, base_evaluation
 from finetune_mlflow.tracking import log_values, step_run
 
@@ -60,6 +60,7 @@ def run_tune(config: Config, *, prepared: Prepared | None = None, base: Evaluati
             logger.info("run %s already has job %s: reattaching instead of launching another", run_id, job_id)
         else:
             job_id = launch(provider, request_for(config, run_id, prepared), config, client)
+        warm_up(provider.serving_packages)  # while the job trains
         job = stream_job(provider, job_id, run_id, config, sleep=sleep, clock=clock)
         if job.state is JobState.SUCCEEDED:  # a failed job is recorded without paying for a base evaluation
             base = base or base_evaluation(config, prepared, provider)

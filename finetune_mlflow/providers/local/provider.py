@@ -8,6 +8,7 @@ reattaches to a job that kept training while nobody watched.
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import math
@@ -231,6 +232,16 @@ class LocalProvider(JobDirectoryProvider):
             except (KeyError, TypeError, ValueError, AttributeError):
                 logger.warning("local job %s: skipping an unreadable checkpoint entry %r", job_id, entry)
         return sorted(found, key=lambda c: c.step)
+
+    def same_model(self, model: str, other: str) -> bool:
+        """The same weights file content (the trainer copies its best checkpoint to `weights.npz`)."""
+        if model == other:
+            return True
+        try:
+            paths = [self.weights_file(m) for m in (model, other) if m != BASE_MODEL]
+            return len(paths) == 2 and filecmp.cmp(*paths, shallow=False)
+        except (ConfigError, OSError):  # not a readable tuned model: evaluating it says what is wrong
+            return False
 
     def model_artifacts(self, model: str) -> dict[str, str]:
         return {MODEL_ARTIFACT: str(self.weights_file(model))}
