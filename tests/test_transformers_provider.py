@@ -226,3 +226,13 @@ def test_restart_counts_written_by_earlier_versions_still_count(tmp_path):
     assert restart_times(tmp_path) == [0.0, 0.0]
     (tmp_path / "restarts.json").write_text("[1.5]")
     assert restart_times(tmp_path) == [1.5]
+
+
+def test_cancel_stops_the_trainer_and_the_job_stays_cancelled(tiny_model, prepared):
+    provider = provider_for()
+    job = provider.start_job(request(tiny_model, prepared, run_id="cancel", epochs=200))
+    job_dir = Path(job.tags["transformers.job_dir"])
+    pid = json.loads((job_dir / "launch.json").read_text())["pid"]
+    cancelled = provider.cancel_job(job.job_id)
+    assert cancelled.state is JobState.CANCELLED and not pid_alive(pid)
+    assert provider.get_job(job.job_id).state is JobState.CANCELLED  # a dead trainer is not restarted
