@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.cli import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SQUAD_VALIDATION
 from tests.test_bad_input import VALID, all_runs
 from tests.test_crash_local import CONFIG, assert_completed_once, start, tune_command, wait_for
 
@@ -55,7 +55,8 @@ def jobs_root() -> Path:
 
 
 def test_sigterm_during_evaluation_ends_every_run_and_the_rerun_completes(small_squad, tmp_path):
-    client, run_id, command, log, process = launch(small_squad, tmp_path)
+    # All 1,342 shipped validation questions: an evaluation of the 120 small ones can end before the signal lands.
+    client, run_id, command, log, process = launch(small_squad, tmp_path, "--validation_data", str(SQUAD_VALIDATION))
     wait_for(lambda: any(r.info.status == "RUNNING" for r in children(client, run_id, "evaluate")), process, log)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
@@ -75,7 +76,7 @@ def test_sigterm_during_evaluation_ends_every_run_and_the_rerun_completes(small_
 
 
 def test_kill_9_during_base_evaluation_then_rerun_ends_the_stale_child(small_squad, tmp_path):
-    client, run_id, command, log, process = launch(small_squad, tmp_path)
+    client, run_id, command, log, process = launch(small_squad, tmp_path, "--validation_data", str(SQUAD_VALIDATION))
     wait_for(lambda: any(r.info.status == "RUNNING" for r in children(client, run_id, "evaluate")), process, log)
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
