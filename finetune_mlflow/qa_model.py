@@ -33,8 +33,6 @@ class QAModel(mlflow.pyfunc.PythonModel):
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(
                 f"input needs columns question and context; missing {', '.join(sorted(missing))}")
         pairs = [(str(q), str(c)) for q, c in zip(model_input["question"], model_input["context"])]
-        if self.provider.batched_prediction:  # one batched generation (a GPU batch) instead of row after row
-            predictions = self.provider.predict_batch(self.model_id, pairs)
-        else:
-            predictions = [self.provider.predict(self.model_id, question, passage) for question, passage in pairs]
+        # One batched generation where the provider has one (transformers); row after row otherwise.
+        predictions = self.provider.predict_batch(self.model_id, pairs)
         return pd.DataFrame({"answer": [prediction.text for prediction in predictions]})
