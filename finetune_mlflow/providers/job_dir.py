@@ -55,6 +55,12 @@ def launch_trainer(job_dir: Path, module: str) -> int:
     return process.pid
 
 
+def jobs_home(folder: str) -> Path:
+    """`$FINETUNE_MLFLOW_HOME/<folder>`, else `~/.cache/finetune-mlflow/<folder>`: one home per provider."""
+    home = os.environ.get("FINETUNE_MLFLOW_HOME")
+    return Path(home) / folder if home else Path.home() / ".cache" / "finetune-mlflow" / folder
+
+
 def restart_times(job_dir: Path) -> list[float]:
     """When this job's trainer was relaunched (jobs written before the format was shared hold {"count": n})."""
     try:
@@ -157,11 +163,17 @@ class JobDirectoryProvider(ProviderBase):
         write_json_atomic(job_dir / RESTARTS, restart_times(job_dir) + [time.time()])
         stop_leftovers(job_dir)
         status = self._status_for_relaunch(job_dir, status)
-        (job_dir / TRAINER_PID).unlink(missing_ok=True)
-        pid = launch_trainer(job_dir, self.trainer_module)
+        pid = self._launch(job_dir)
         logger.warning("%s job %s: its trainer had died without a final status; %s (pid %d, restart %d of %d)",
                        self.name, job_dir.name, self.relaunch_note, pid, count, self.max_restarts)
         return {**status, "restarts": count}
+
+    def _launch(self, job_dir: Path) -> int:
+        """A detached trainer for the job (it records its own pid once it holds the job's lock)."""
+        (job_dir / TRAINER_PID).unlink(missing_ok=True)
+        pid = launch_trainer(job_dir, self.trainer_module)
+        logger.info("%s job %s: trainer started (pid %d, dir %s)", self.name, job_dir.name, pid, job_dir)
+        return pid
 
     def _status_for_relaunch(self, job_dir: Path, status: dict) -> dict:
         """The status a relaunched trainer starts from (a trainer that resumes keeps the current one)."""

@@ -28,7 +28,7 @@ from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError
 from finetune_mlflow.records import read_jsonl
-from finetune_mlflow.providers.job_dir import TRAINER_PID, JobDirectoryProvider, launch_trainer, write_json_atomic
+from finetune_mlflow.providers.job_dir import TRAINER_PID, JobDirectoryProvider, jobs_home, write_json_atomic
 from finetune_mlflow.providers.base import (
     MODEL_ARTIFACT,
     Checkpoint,
@@ -50,11 +50,6 @@ WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.npz")
 PASSAGE_CACHE_ENTRIES = 256
 PASSAGE_CACHE_BYTES = 64 << 20
 TRAINER_MODULE = "finetune_mlflow.providers.local.trainer"
-
-
-def default_jobs_dir() -> Path:
-    home = os.environ.get("FINETUNE_MLFLOW_HOME")
-    return Path(home) / "local-jobs" if home else Path.home() / ".cache" / "finetune-mlflow" / "local-jobs"
 
 
 def weights_file(jobs_dir: Path, model_id: str) -> Path:
@@ -113,7 +108,7 @@ class LocalProvider(JobDirectoryProvider):
 
     def __init__(self, config: Config):
         self.config = config
-        self.jobs_dir = Path(config.local.jobs_dir) if config.local.jobs_dir else default_jobs_dir()
+        self.jobs_dir = Path(config.local.jobs_dir) if config.local.jobs_dir else jobs_home("local-jobs")
         # Featurized contexts for predict: questions about one context featurize it once; memory stays bounded.
         self.passage_cache = BoundedCache(span_features.passage, span_features.approx_bytes,
                                       PASSAGE_CACHE_ENTRIES, PASSAGE_CACHE_BYTES)
@@ -166,8 +161,7 @@ class LocalProvider(JobDirectoryProvider):
         if not (job_dir / TRAINER_PID).exists():
             if not (job_dir / "status.json").exists():
                 write_json_atomic(job_dir / "status.json", {"state": "pending", "updated": time.time()})
-            pid = launch_trainer(job_dir, TRAINER_MODULE)
-            logger.info("local job %s started (pid %d, dir %s)", job_id, pid, job_dir)
+            self._launch(job_dir)
         return self.get_job(job_id)
 
     def _status_for_relaunch(self, job_dir: Path, status: dict) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +25,7 @@ from finetune_mlflow.providers.base import (
     TuningJob,
     TuningRequest,
 )
-from finetune_mlflow.providers.job_dir import TRAINER_PID, JobDirectoryProvider, launch_trainer, write_json_atomic
+from finetune_mlflow.providers.job_dir import JobDirectoryProvider, jobs_home, write_json_atomic
 from finetune_mlflow.prompt import clean_completion
 from finetune_mlflow.providers.transformers.requirements import SERVING_PACKAGES
 from finetune_mlflow.records import read_jsonl
@@ -36,11 +35,6 @@ logger = logging.getLogger(__name__)
 TRAINER_MODULE = "finetune_mlflow.providers.transformers.trainer"
 DEFAULT_BATCH_SIZE = 8
 CHAT_RECORDS = Path("transformers")  # prepared/transformers/: system, user (shared prompt), assistant (answer)
-
-
-def default_jobs_dir() -> Path:
-    home = os.environ.get("FINETUNE_MLFLOW_HOME")
-    return Path(home) / "hf-jobs" if home else Path.home() / ".cache" / "finetune-mlflow" / "hf-jobs"
 
 
 def _require_extra() -> None:
@@ -61,7 +55,7 @@ class TransformersProvider(JobDirectoryProvider):
         _require_extra()
         self.config = config
         self.settings = config.transformers
-        self.jobs_dir = Path(self.settings.jobs_dir) if self.settings.jobs_dir else default_jobs_dir()
+        self.jobs_dir = Path(self.settings.jobs_dir) if self.settings.jobs_dir else jobs_home("hf-jobs")
         self.max_restarts = self.settings.max_restarts
 
     def preflight(self, request: TuningRequest) -> PreflightReport:
@@ -108,12 +102,6 @@ class TransformersProvider(JobDirectoryProvider):
         write_json_atomic(job_dir / "status.json", {"state": "pending", "updated": time.time()})
         self._launch(job_dir)
         return self.get_job(job_id)
-
-    def _launch(self, job_dir: Path) -> None:
-        """A detached trainer that outlives tune, importing this very copy of the package."""
-        (job_dir / TRAINER_PID).unlink(missing_ok=True)
-        pid = launch_trainer(job_dir, TRAINER_MODULE)
-        logger.info("transformers job %s: trainer started (pid %d, dir %s)", job_dir.name, pid, job_dir)
 
     def get_job(self, job_id: str) -> TuningJob:
         return self._job(job_id, self._checked_status(job_id))
