@@ -7,6 +7,7 @@ and predict with a model id.
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import re
 from dataclasses import dataclass, field
@@ -145,6 +146,27 @@ class Checkpoint:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ModelLifecycle:
+    """When a model stops answering or stops accepting new tuning jobs, as its provider (or a dated config
+    entry) says; never a date written in code."""
+
+    model: str
+    # The day the model stops answering (OpenAI `shutdown_date`, Vertex/Gemini retirement), None when unknown.
+    shutdown_date: dt.date | None
+    # The provider's stage word (e.g. "active", "deprecated", "legacy", "retired"), None when not reported.
+    stage: str | None
+    # Whether the provider accepts new tuning jobs on this model; None when unknown.
+    accepts_new_jobs: bool | None
+    # Where the facts came from: "openai:models.retrieve", "config:vertex.lifecycle (2026-09-25)", ...
+    source: str
+    checked_at: dt.datetime
+
+    def days_left(self, today: dt.date) -> int | None:
+        """Days until shutdown counted from `today` (negative once past), None when no date is known."""
+        return None if self.shutdown_date is None else (self.shutdown_date - today).days
+
+
 # The artifact name under which a registered version carries the files `model_artifacts` names.
 MODEL_ARTIFACT = "weights"
 
@@ -191,6 +213,11 @@ class ProviderBase:
 
     def cancel_job(self, job_id: str) -> TuningJob:
         raise NotSupported(f"the {self.name} provider cannot cancel jobs; stop {job_id} in its console")
+
+    def lifecycle(self, model: str) -> ModelLifecycle | None:
+        """The model's shutdown/retirement facts from the provider or dated config; None where nothing retires
+        (local and open-weights models) or nothing is known."""
+        return None
 
     def model_artifacts(self, model: str) -> dict[str, str]:
         """Local files a registered version must carry to serve `model` (name -> path); none for hosted models."""
