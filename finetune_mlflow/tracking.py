@@ -127,7 +127,9 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
     if resumed:
         ownership.end_stale_children(run.info.run_id)
     if parent is None and _LAUNCHER:
-        MlflowClient().set_tag(_LAUNCHER[0], "finetune.run_id", run.info.run_id)
+        MlflowClient().set_tag(_LAUNCHER[0], ownership.STEP_RUN_TAG, run.info.run_id)
+    if parent is None:
+        _end_stale_launchers()
     try:
         yield run
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (process.Terminated): stopped, not broken
@@ -138,6 +140,14 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def _end_stale_launchers() -> None:
+    """Launcher runs a kill -9 of a whole `mlflow run` left RUNNING in Default end with their step's status."""
+    try:
+        ownership.end_stale_launchers(DEFAULT_EXPERIMENT_ID)
+    except Exception as e:  # noqa: BLE001 - a pointer record must never stop the step
+        logger.warning("could not end stale launcher runs: %s", (str(e) or repr(e)).splitlines()[0])
 
 
 def _end(run: mlflow.ActiveRun, status: str, reason: str) -> None:
@@ -184,7 +194,8 @@ def use_experiment(name: str) -> None:
         experiment_id = mlflow.set_experiment(name).experiment_id
         del os.environ["MLFLOW_RUN_ID"]
         _LAUNCHER.append(launcher)
-        MlflowClient().set_tag(launcher, "finetune.launched_into_experiment", name)
+        MlflowClient().set_tag(launcher, ownership.LAUNCHED_INTO_TAG, name)
+        ownership.mark_owner(launcher)
         MlflowClient().set_tag(launcher, "mlflow.note.content",
                                f"`mlflow run` opened this run here; the step ran in experiment {name!r} "
                                f"(id {experiment_id}). Pass --experiment-name to choose another.")
