@@ -33,8 +33,8 @@ def together_fake(monkeypatch, small_squad):
 
 def tune_parameters(small_squad, **extra) -> dict[str, str]:
     train, validation = small_squad
-    return {"config": CONFIG, "train_data": str(train), "validation_data": str(validation), "max_examples": "150",
-            "poll_interval": "0.05", "registered_model_name": MODEL_NAME, **extra}
+    return {"config": CONFIG, "train_data": str(train), "validation_data": str(validation), "max_examples": "60",
+            "max_validation_examples": "40", "poll_interval": "0.05", "registered_model_name": MODEL_NAME, **extra}
 
 
 def assert_every_loss_once(run_id: str, server: FakeTogether, job_id: str) -> None:
@@ -138,7 +138,8 @@ def test_sync_all_imports_finished_and_failed_jobs(together_fake, small_squad):
     train, validation = small_squad
     parent = e2e.run_entry_point("sync", {"config": CONFIG, "provider": "together", "job_id": "all",
                                           "train_data": str(train), "validation_data": str(validation),
-                                          "max_examples": "50", "registered_model_name": MODEL_NAME})
+                                          "max_examples": "50", "max_validation_examples": "30",
+                                          "registered_model_name": MODEL_NAME})
     client = MlflowClient()
     metrics = client.get_run(parent.run_id).data.metrics
     assert (metrics["sync_n_jobs"], metrics["sync_n_succeeded"], metrics["sync_n_failed"]) == (3, 2, 1)
