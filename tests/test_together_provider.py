@@ -275,11 +275,14 @@ def test_a_failed_job_carries_its_error_event(server, prepared):
     assert (final.error_code, final.error_message) == ("job_error", "Row 7 has no assistant turn")
 
 
-def test_cancel_stops_a_running_job(server, prepared):
+def test_the_cancel_entry_point_stops_a_running_job(server, prepared):
+    from finetune_mlflow.steps.cancel import run_cancel
+
     provider = provider_for(server)
     server.script_next_job(JobScript(statuses=["pending"] + ["running"] * 20 + ["completed"]))
     job = provider.start_job(request(prepared_dir=prepared))
-    assert provider.cancel_job(job.job_id).state is JobState.CANCELLED
+    cancelled = run_cancel(provider.config, job_id=job.job_id)
+    assert cancelled.state is JobState.CANCELLED and server.jobs[job.job_id].obj["status"] == "cancelled"
 
 
 def test_bad_job_ids_are_refused_before_any_request(server):
