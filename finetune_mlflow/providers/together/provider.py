@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import re
 import time
+
+import together
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from finetune_mlflow.errors import ConfigError, DataError
@@ -39,7 +41,6 @@ class TogetherProvider(ProviderBase):
     serving_packages = ("together",)
     JOB_ID_PATTERN = re.compile(r"ft-[A-Za-z0-9-]{1,100}")
     JOB_ID_EXAMPLE = "ft- and letters, digits or dashes"
-    max_parallel_jobs = 2
 
     def __init__(self, config: "Config", *, sleep: Callable[[float], None] = time.sleep,
                  retry_policy: RetryPolicy | None = None, clock: Callable[[], float] = time.time):
@@ -76,7 +77,7 @@ class TogetherProvider(ProviderBase):
         account may not proceed. None when it cannot estimate (e.g. files still being validated)."""
         lora = {"type": "Lora", "lora_r": self.settings.lora_r, "lora_alpha": self.settings.lora_alpha}
         estimate = self._io.value("fine_tuning.estimate_price", lambda: self._client.fine_tuning.estimate_price(
-            training_file=kwargs["training_file"], validation_file=kwargs.get("validation_file") or "",
+            training_file=kwargs["training_file"], validation_file=kwargs.get("validation_file") or together.omit,
             model=kwargs["model"], n_epochs=kwargs["n_epochs"], n_evals=kwargs.get("n_evals", 0),
             training_method={"method": "sft", "train_on_inputs": "auto"}, training_type=lora))
         if estimate.estimation_available is False:
