@@ -303,3 +303,22 @@ def test_the_key_comes_from_the_environment_and_never_reaches_logs(server, prepa
     monkeypatch.delenv("TOGETHER_API_KEY")
     with pytest.raises(ConfigError, match="TOGETHER_API_KEY is not set"):
         provider_for(server)
+
+
+def test_a_run_is_priced_from_the_jobs_token_counts_and_the_dated_tables():
+    """Real cost: the job's billed tokens at the training price; every evaluated model (base, tuned output name,
+    checkpoint) at its base model's inference price, the way serverless LoRA bills."""
+    from finetune_mlflow.run_cost import TokenUsage, run_cost
+
+    short = BASE.rsplit("/", 1)[-1]
+    config = load_config(None, {"provider": "together", "base_model": BASE, "learning_rate": "0.0001",
+                                "together.training_price_per_million_tokens": {short: 0.5},
+                                "together.inference_price_per_million_tokens": {short: {"input": 0.2,
+                                                                                        "output": 0.4}}})
+    tuned = f"fake-account/{BASE}-squad-1a2b3c4d"
+    usages = [TokenUsage(tuned, 1_000_000, 500_000), TokenUsage(f"{tuned}-step-7", 1_000_000, 0)]
+    cost = run_cost("together", {"billed_training_tokens": 2_000_000}, config, usages,
+                    {"estimated_cost_usd": 0.8})
+    assert cost["cost_train_usd"] == pytest.approx(1.0)
+    assert cost["cost_eval_usd"] == pytest.approx(0.2 + 0.2 + 0.2)
+    assert cost["cost_estimate_ratio"] == pytest.approx(1.25)

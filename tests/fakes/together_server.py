@@ -173,7 +173,6 @@ class FakeTogether(LoopbackServer):
 
     def _create(self, body: dict[str, Any], script: JobScript) -> _Job:
         job_id = f"ft-{uuid.uuid4()}"
-        base = body["model"].rsplit("/", 1)[-1]
         suffix = body.get("suffix") or ""
         rows: list[dict[str, float]] = []
         for step in range(1, script.n_steps + 1):
@@ -191,7 +190,8 @@ class FakeTogether(LoopbackServer):
                "batch_size": body.get("batch_size") if isinstance(body.get("batch_size"), int) else 64,
                "suffix": suffix or None, "training_type": training_type,
                "training_method": body.get("training_method") or {"method": "sft", "train_on_inputs": "auto"},
-               "model_output_name": f"{ACCOUNT}/{base}-{suffix}-{job_id[3:11]}", "adapter_output_name": None,
+               # The API reference's example shape: "mynamespace/meta-llama/Llama-2-7b-hf-32162631".
+               "model_output_name": f"{ACCOUNT}/{body['model']}-{suffix}-{job_id[3:11]}", "adapter_output_name": None,
                "token_count": None, "total_price": None, "steps_completed": 0, "total_steps": script.n_steps,
                "epochs_completed": 0, "events": []}
         job = _Job(obj=obj, script=script, rows=rows)
