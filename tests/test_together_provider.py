@@ -133,13 +133,15 @@ def test_the_newest_error_event_is_the_failure_reason():
 # ------------------------------------------------------------------------------------------------ real SDK
 
 
-@pytest.fixture
-def prepared(small_squad, tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def prepared(small_squad, tmp_path_factory) -> Path:
+    """Prepared once for the module: the tests only read it."""
     train, validation = small_squad
     config = load_config(None, {"train_data": str(train), "validation_data": str(validation), "max_examples": "30",
                                 "data.max_validation_examples": "8"})
-    write_splits(config, tmp_path / "prepared")
-    return tmp_path / "prepared"
+    folder = tmp_path_factory.mktemp("together") / "prepared"
+    write_splits(config, folder)
+    return folder
 
 
 @pytest.fixture

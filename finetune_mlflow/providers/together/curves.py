@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 from finetune_mlflow.providers.base import MetricPoint
 
 # Row key -> the shared key every provider logs.
-METRIC_KEYS = {"train/loss": "train_loss", "eval/loss": "val_loss", "train/learning_rate": "learning_rate"}
+METRIC_KEYS = {"train/loss": "train_loss", "eval/loss": "val_loss", "train/learning_rate": "train_learning_rate"}
 STEP_KEYS = ("train/global_step", "eval/global_step", "global_step", "step")
 
 

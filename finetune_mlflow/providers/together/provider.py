@@ -120,7 +120,10 @@ class TogetherProvider(ProviderBase):
                 found = self._job_with_suffix(suffix)
                 if found is not None:
                     return found
-            return self._client.fine_tuning.create(**kwargs)
+            try:
+                return self._client.fine_tuning.create(**kwargs)
+            except ValueError as e:  # the SDK's own request checks (create_finetune_request), before any POST
+                raise ConfigError(f"the together SDK refused the job settings: {e}; no job was created") from None
 
         job = self._io.value(f"fine_tuning.create(model={request.base_model})", create)
         if estimate is not None:
