@@ -100,7 +100,20 @@ def test_tune_with_the_shipped_config_end_to_end(together_fake, small_squad):
     assert_every_loss_once(submitted.run_id, together_fake, job_id)
     uri = assert_evaluated_and_registered(submitted.run_id, together_fake, job_id)
     assert_served(uri, together_fake, small_squad)
-    assert "tgp-e2e" not in str(run.data.params) + str(run.data.tags)
+    assert_no_key_stored(run)
+
+
+def assert_no_key_stored(run) -> None:
+    """TOGETHER_API_KEY is in no param, tag, tracking-store byte or artifact (run, logged and registered model)."""
+    import os
+    from pathlib import Path
+
+    key = os.environ["TOGETHER_API_KEY"].encode()
+    store = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
+    experiment_dir = Path(run.info.artifact_uri.removeprefix("file://")).parents[1]
+    files = [store, *(p for p in experiment_dir.rglob("*") if p.is_file())]
+    assert any(p.name == "MLmodel" for p in files) and store.stat().st_size > 0
+    assert [str(p) for p in files if key in p.read_bytes()] == []
 
 
 def test_kill_minus_9_then_rerun_with_run_id_reattaches(together_fake, small_squad, tmp_path):
