@@ -324,3 +324,17 @@ def test_a_run_is_priced_from_the_jobs_token_counts_and_the_dated_tables():
     assert cost["cost_train_usd"] == pytest.approx(1.0)
     assert cost["cost_eval_usd"] == pytest.approx(0.2 + 0.2 + 0.2)
     assert cost["cost_estimate_ratio"] == pytest.approx(1.25)
+
+
+def test_lifecycle_is_the_catalogs_status_found_across_pages(server):
+    from tests.fakes.together_server import catalog_entry
+
+    server.catalog = [catalog_entry(f"{BASE}-Other"), catalog_entry("meta-llama/Llama-3-8B"),
+                      catalog_entry(BASE, "SUPPORTED_MODEL_STATUS_DEPRECATED", ("PRODUCT_SERVERLESS",))]
+    provider = provider_for(server)
+    facts = provider.lifecycle(BASE)
+    assert (facts.stage, facts.accepts_new_jobs, facts.shutdown_date) == ("deprecated", False, None)
+    assert facts.source.startswith("together:") and facts.checked_at.tzinfo is not None
+    pages = [r for r in server.requests if r[1] == "/v2/supported-models"]
+    assert len(pages) == 2  # the search matched the first two entries: the match is on the second page
+    assert provider.lifecycle("Qwen/Not-Listed") is None

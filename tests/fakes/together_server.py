@@ -10,7 +10,8 @@ Routes (paths as the SDK calls them): files (`POST /v1/files` answers 302 with `
 `X-Together-File-Id`, the SDK PUTs the bytes there, then `POST /v1/files/{id}/preprocess`), fine-tunes
 (`POST /v1/fine-tunes`, `GET /v1/fine-tunes` with every job at once, `GET /v1/fine-tunes/{id}`,
 `POST .../cancel`, `GET .../events`, `GET .../metrics?global_step_from=`, `GET .../checkpoints`,
-`GET /v1/fine-tunes/models/limits`, `POST /v1/fine-tunes/estimate-price`) and `POST /v1/chat/completions`.
+`GET /v1/fine-tunes/models/limits`, `POST /v1/fine-tunes/estimate-price`), `POST /v1/chat/completions` and the
+model catalog `GET /v2/supported-models` (cursor pages, `search`).
 
 Jobs follow a scripted timeline: each `GET /v1/fine-tunes/{id}` advances one status (then stays on the last).
 Metric rows (a `train/*` row per step, an `eval/*` row every `eval_every` steps, written after it) appear while
@@ -63,6 +64,17 @@ class _Job:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
 
 
+def catalog_entry(name: str, status: str = "SUPPORTED_MODEL_STATUS_SUPPORTED",
+                  products: tuple[str, ...] = ("PRODUCT_SERVERLESS", "PRODUCT_FINE_TUNING")) -> dict[str, Any]:
+    """One model as the SDK's SupportedModel describes it (camelCase on the wire)."""
+    now = "2026-11-01T00:00:00Z"
+    return {"id": f"sm-{uuid.uuid4().hex[:12]}", "name": name, "baseModel": "", "baseModelId": "",
+            "capabilities": ["CAPABILITY_CHAT"], "createdAt": now, "updatedAt": now, "deploymentProfiles": [],
+            "displayName": name.rsplit("/", 1)[-1], "displayType": "chat", "inputModalities": ["MODALITY_TEXT"],
+            "outputModalities": ["MODALITY_TEXT"], "products": list(products), "publisher": name.split("/")[0],
+            "status": status}
+
+
 def model_limits(model: str) -> dict[str, Any]:
     """Limits shaped like the SDK's FinetuneModelLimits (values in the range Together reports for 8B models)."""
     return {"model_name": model, "default_gradient_accumulation_steps": 1, "max_learning_rate": 1.0,
@@ -95,6 +107,9 @@ class FakeTogether(LoopbackServer):
         self.allowed_to_proceed = True
         self.chat_responder: Callable[[dict[str, Any]], str] = lambda body: "fake answer"
         self.api_key_prefix = "tgp-"
+        # The model catalog (`GET /v2/supported-models`), served `catalog_page_size` entries a page.
+        self.catalog: list[dict[str, Any]] = []
+        self.catalog_page_size = 1
 
     @property
     def base_url(self) -> str:
@@ -292,6 +307,7 @@ class FakeTogether(LoopbackServer):
             ("GET", r"/v1/fine-tunes/(?P<job_id>ft-[^/]+)/metrics$", self._metrics),
             ("GET", r"/v1/fine-tunes/(?P<job_id>ft-[^/]+)/checkpoints$", self._checkpoints),
             ("POST", r"/v1/chat/completions$", self._chat),
+            ("GET", r"/v2/supported-models$", self._supported_models),
         ]
         for route_method, pattern, func in routes:
             m = re.match(pattern, path)
@@ -396,6 +412,14 @@ class FakeTogether(LoopbackServer):
     def _checkpoints(self, query, body, headers, job_id):
         job, error = self._job(job_id)
         return error or (200, {"data": list(reversed(job.checkpoints))}, {})
+
+    def _supported_models(self, query, body, headers):
+        search = (query.get("search") or [""])[0].lower()
+        found = [e for e in self.catalog if search in e["id"].lower() or search in e["name"].lower()]
+        start = int((query.get("after") or ["0"])[0])
+        chunk = found[start:start + self.catalog_page_size]
+        more = start + self.catalog_page_size < len(found)
+        return 200, {"data": chunk, "next_cursor": str(start + self.catalog_page_size) if more else None}, {}
 
     def _chat(self, query, body, headers):
         payload = json.loads(body or b"{}")

@@ -2,11 +2,13 @@
 polled to the end, its curves read from the metrics endpoint, its checkpoints offered as candidates, and every
 model (base, tuned, checkpoint) asked through Together's OpenAI-compatible chat completions.
 
-Lifecycle: Together's models API reports no deprecation or shutdown date, so `lifecycle` keeps the default (None).
+Lifecycle: Together's model catalog reports a status (deprecated among them) and whether a model is offered for
+fine-tuning, never a shutdown date; `lifecycle` returns those facts as they are.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
 import time
@@ -20,6 +22,7 @@ from finetune_mlflow.providers.base import (
     Checkpoint,
     JobState,
     MetricsPage,
+    ModelLifecycle,
     Prediction,
     PreflightReport,
     ProviderBase,
@@ -27,7 +30,7 @@ from finetune_mlflow.providers.base import (
     TuningRequest,
 )
 from finetune_mlflow.providers.retry import RetryPolicy
-from finetune_mlflow.providers.together import curves, jobs, limits, staging
+from finetune_mlflow.providers.together import curves, jobs, lifecycle, limits, staging
 from finetune_mlflow.providers.together.transport import Transport
 
 if TYPE_CHECKING:
@@ -172,6 +175,18 @@ class TogetherProvider(ProviderBase):
     def cancel_job(self, job_id: str) -> TuningJob:
         self._io.value(f"fine_tuning.cancel({job_id})", lambda: self._client.fine_tuning.cancel(job_id))
         return self.get_job(job_id)
+
+    def lifecycle(self, model: str) -> ModelLifecycle | None:
+        """The catalog's facts about `model` (every page of the search), None when the catalog does not list it."""
+        page = self._io.value(f"models.list_supported(search={model})",
+                              lambda: self._client.models.list_supported(search=model))
+        while True:
+            found = next((entry for entry in page.data if lifecycle.matches(entry, model)), None)
+            if found is not None:
+                return lifecycle.from_catalog(found, model, dt.datetime.now(dt.timezone.utc))
+            if not page.has_next_page():
+                return None
+            page = self._io.value(f"models.list_supported(search={model}) next page", page.get_next_page)
 
     # ------------------------------------------------------------------------------------------ predict
 
