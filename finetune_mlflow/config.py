@@ -157,6 +157,28 @@ class VertexConfig:
 
 
 @dataclass(frozen=True)
+class TogetherConfig:
+    """LoRA fine-tuning on Together AI (tune.base_model: a Together model string that supports fine-tuning)."""
+
+    base_url: str = knob("", "API base URL; empty: TOGETHER_BASE_URL, else api.together.ai")
+    max_retries: int = knob(4, "retries of a failed management call (429/5xx/reset)", low=0, high=20)
+    request_timeout_seconds: float = knob(60.0, "per-request timeout", low=1, high=3600)
+    lora_r: int = knob(8, "LoRA rank; checked against the model's max_rank before launch", low=1, high=1024)
+    lora_alpha: int = knob(16, "LoRA alpha (scale = alpha / r)", low=1, high=4096)
+    lora_dropout: float = knob(0.0, "dropout on the LoRA path", low=0, high=0.99)
+    lora_trainable_modules: str = knob("all-linear", "comma-separated modules LoRA adapts, or all-linear; "
+                                       "checked against the model's target_modules")
+    n_evals: int = knob(4, "validation-loss evaluations over the job (0: none)", low=0, high=1000)
+    n_checkpoints: int = knob(3, "checkpoints the job keeps (each a candidate model)", low=1, high=1000)
+    max_seq_length: int = knob(0, "training sequence length; 0: the model's SFT maximum", low=0, high=10_000_000)
+    training_price_per_million_tokens: dict[str, float] = knob(None, "USD per 1M training tokens by base model "
+                                                               "(dated in the YAML)", factory=dict)
+    inference_price_per_million_tokens: dict[str, dict[str, float]] = knob(
+        None, "USD per 1M tokens by model, {input: x, output: y}; a serverless LoRA model bills under its base "
+        "model's name (dated in the YAML)", factory=dict)
+
+
+@dataclass(frozen=True)
 class TransformersConfig:
     """LoRA fine-tuning of an open-weights causal LM (tune.base_model: a hub id, a model folder or a .gguf file)."""
 
@@ -197,6 +219,7 @@ class Config:
     openai: OpenAIConfig = provider_section(OpenAIConfig)
     vertex: VertexConfig = provider_section(VertexConfig)
     transformers: TransformersConfig = provider_section(TransformersConfig)
+    together: TogetherConfig = provider_section(TogetherConfig)
     # Where this config was loaded from (not a YAML key): logged as the `config_file` param.
     config_file: str = field(default="", metadata={"internal": True})
 
@@ -389,14 +412,15 @@ def _validate(config: Config, origin: Origin) -> None:
         raise ConfigError(f"{origin('tune.registered_model_name')}: tune.registered_model_name "
                           f"{config.tune.registered_model_name!r} must be 1-100 letters, digits, '.', '_' or '-' "
                           "(no slashes or spaces)")
-    for key, url in (("openai.base_url", config.openai.base_url), ("vertex.api_endpoint", config.vertex.api_endpoint),
+    for key, url in (("openai.base_url", config.openai.base_url), ("together.base_url", config.together.base_url),
+                     ("vertex.api_endpoint", config.vertex.api_endpoint),
                      ("vertex.storage_endpoint", config.vertex.storage_endpoint)):
         parts = urllib.parse.urlsplit(url)
         if parts.username or parts.password or parts.query:
             # The value itself is not repeated: it holds the secret this check keeps out of params and artifacts.
             raise ConfigError(f"{origin(key)}: {key} carries credentials or a query string; config is logged as run "
                               "params and stored with registered models, so give the bare endpoint and put keys in "
-                              "the environment (OPENAI_API_KEY, Application Default Credentials)")
+                              "the environment (OPENAI_API_KEY, TOGETHER_API_KEY, Application Default Credentials)")
 
 
 class _StrictLoader(yaml.SafeLoader):
