@@ -43,12 +43,12 @@ def token_env(monkeypatch):
 
 def make_config(fake: FakeVertexServer, *, tune: dict | None = None, vertex: dict | None = None) -> Config:
     return Config(
-        tune=TuneConfig(provider="vertex", base_model="gemini-2.0-flash-001", epochs=2, learning_rate=1.0, **(tune or {})),
+        tune=TuneConfig(provider="vertex", base_model="gemini-2.5-flash", epochs=2, learning_rate=1.0, **(tune or {})),
         evaluate=EvaluateConfig(max_concurrency=3, request_retries=3, max_output_tokens=16),
         vertex=dataclasses.replace(
             VertexConfig(project=PROJECT, location="us-central1", staging_bucket=BUCKET,
                          api_endpoint=fake.url, storage_endpoint=fake.url,
-                         training_price_per_million_tokens={"gemini-2.0-flash": 3.0}),
+                         training_price_per_million_tokens={"gemini-2.5-flash": 5.0}),
             **(vertex or {}),
         ),
     )
@@ -88,7 +88,7 @@ def prepared(tmp_path) -> Path:
 
 
 def request_for(prepared: Path, run_id: str = RUN_ID, **overrides) -> TuningRequest:
-    values = dict(run_id=run_id, base_model="gemini-2.0-flash-001", prepared_dir=prepared, epochs=2,
+    values = dict(run_id=run_id, base_model="gemini-2.5-flash", prepared_dir=prepared, epochs=2,
                   learning_rate=1.0, batch_size=0, seed=0, suffix="squad")
     values.update(overrides)
     return TuningRequest(**values)
@@ -151,7 +151,7 @@ def test_happy_path_one_job_uploads_and_curves(fake, prepared):
 
     # The create request the real SDK sent.
     body = fake.created_jobs[0]
-    assert body["baseModel"] == "gemini-2.0-flash-001"
+    assert body["baseModel"] == "gemini-2.5-flash"
     spec = body["supervisedTuningSpec"]
     assert spec["trainingDatasetUri"] == f"gs://{BUCKET}/{prefix}/train.jsonl"
     assert spec["validationDatasetUri"] == f"gs://{BUCKET}/{prefix}/validation.jsonl"
@@ -328,8 +328,8 @@ def test_predict_on_tuned_endpoint_and_base_model(fake):
     assert body["generationConfig"]["temperature"] == 0
     assert body["generationConfig"]["maxOutputTokens"] == 16
 
-    provider.predict("gemini-2.0-flash-001", "Who won?", "The Broncos won.")
-    assert fake.generate_requests[1][0] == f"projects/{PROJECT}/locations/us-central1/publishers/google/models/gemini-2.0-flash-001"
+    provider.predict("gemini-2.5-flash", "Who won?", "The Broncos won.")
+    assert fake.generate_requests[1][0] == f"projects/{PROJECT}/locations/us-central1/publishers/google/models/gemini-2.5-flash"
 
 
 def test_predict_429_with_retry_after_then_success_latency_excludes_wait(fake):
@@ -359,7 +359,7 @@ def test_500_then_success(fake, prepared):
     assert job.state == JobState.SUCCEEDED
     assert histories(points) == expected_histories(fake, job_id)
     assert sleeps.calls == [0.5] * 4  # initial backoff each time, no server hint
-    predicted = provider.predict("gemini-2.0-flash-001", "q", "c")
+    predicted = provider.predict("gemini-2.5-flash", "q", "c")
     assert predicted.attempts == 1
 
 
@@ -374,7 +374,7 @@ def test_retry_budget_exhausted(fake):
     sleeps = Sleeps()
     provider = make_provider(fake, sleeps)
     with pytest.raises(ProviderError) as info:
-        provider.predict("gemini-2.0-flash-001", "q", "c")
+        provider.predict("gemini-2.5-flash", "q", "c")
     error = info.value
     assert error.status == 503 and error.retryable and error.provider == "vertex"
     assert "after 4 attempts" in str(error) and "currently unavailable" in str(error)
@@ -394,14 +394,14 @@ def test_client_error_is_not_retried(fake):
 def test_wrong_token_is_an_auth_error_without_the_token(fake, monkeypatch):
     monkeypatch.setenv("FINETUNE_VERTEX_ACCESS_TOKEN", "ya29.some-other-token")
     with pytest.raises(ProviderError) as info:
-        make_provider(fake).predict("gemini-2.0-flash-001", "q", "c")
+        make_provider(fake).predict("gemini-2.5-flash", "q", "c")
     assert info.value.status == 401
     assert "ya29" not in str(info.value)
 
 
 def test_slow_response_is_latency_not_wait(fake):
     fake.slow("generate", 0.2)
-    prediction = make_provider(fake).predict("gemini-2.0-flash-001", "q", "c")
+    prediction = make_provider(fake).predict("gemini-2.5-flash", "q", "c")
     assert prediction.latency_ms >= 200 and prediction.retry_wait_ms == 0
 
 
