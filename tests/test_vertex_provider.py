@@ -133,7 +133,7 @@ def test_happy_path_one_job_uploads_and_curves(fake, prepared):
     report = provider.preflight(request_for(prepared))
     assert (report.n_train, report.n_validation) == (4, 2)
     assert report.estimated_billed_tokens == 2 * report.estimated_train_tokens > 0
-    assert report.estimated_cost_usd == pytest.approx(report.estimated_billed_tokens / 1e6 * 3.0)
+    assert report.estimated_cost_usd == pytest.approx(report.estimated_billed_tokens / 1e6 * 5.0)
     assert fake.requests == []  # preflight is local
 
     started = provider.start_job(request_for(prepared))
@@ -173,7 +173,8 @@ def test_happy_path_one_job_uploads_and_curves(fake, prepared):
     assert job.metrics["tuning_dataset_example_count"] == 4
     assert job.metrics["total_billable_token_count"] == 4 * 100  # tokens in the dataset
     assert job.metrics["billed_training_tokens"] == 4 * 100 * 2  # billed per epoch
-    assert job.metrics["completed_step_count"] == 8
+    # Supervised jobs report no completedStepCount (multi-step RL only): the total comes from tuningDataStats.
+    assert "completed_step_count" not in job.metrics and job.total_steps == 8
     assert job.error_code is None
     # One checkpoint per epoch, each on its own endpoint; the last one is the tuned model's endpoint.
     checkpoints = provider.checkpoints(started.job_id)
@@ -303,11 +304,15 @@ def test_validation_limit_and_cost_guard(fake, prepared):
     with pytest.raises(ConfigError, match="exceeds max_cost_usd"):
         check_cost_limit(make_provider(fake).preflight(request_for(prepared)).estimated_cost_usd, 1e-9, what="x",
                          price_key=price_key)
-    with pytest.raises(ConfigError, match="training_price_per_million_tokens"):
-        check_cost_limit(make_provider(fake).preflight(request_for(prepared, base_model="gemini-x")).estimated_cost_usd,
-                         5.0, what="x", price_key=price_key)
-    report = make_provider(fake, vertex={"training_price_per_million_tokens": {"gemini-x": 2.0}}).preflight(
-        request_for(prepared, base_model="gemini-x"))
+    # Flash-Lite is not priced as Flash (its longest-prefix entry): no exact entry, no estimate, the guard refuses.
+    lite = make_provider(fake).preflight(request_for(prepared, base_model="gemini-2.5-flash-lite"))
+    assert lite.estimated_cost_usd is None
+    assert any("no price for gemini-2.5-flash-lite" in w for w in lite.warnings)
+    with pytest.raises(ConfigError, match="no price for gemini-2.5-flash-lite under "
+                                          "vertex.training_price_per_million_tokens"):
+        check_cost_limit(lite.estimated_cost_usd, 5.0, what="x", price_key=price_key, unpriced="gemini-2.5-flash-lite")
+    report = make_provider(fake, vertex={"training_price_per_million_tokens": {"gemini-2.5-flash-lite": 2.0}}).preflight(
+        request_for(prepared, base_model="gemini-2.5-flash-lite"))
     check_cost_limit(report.estimated_cost_usd, 5.0, what="x", price_key=price_key)
     assert report.estimated_cost_usd == pytest.approx(report.estimated_billed_tokens * 2.0 / 1e6)
     assert fake.requests == []

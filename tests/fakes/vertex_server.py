@@ -431,7 +431,9 @@ class FakeVertexServer(LoopbackServer):
         request = json.loads(body or b"{}")
         model = params["model"]
         generation = request.get("generationConfig") or {}
-        budget = (generation.get("thinkingConfig") or {}).get("thinkingBudget")
+        # Proto JSON accepts a field's lowerCamel or original name; google-genai sends `thinking_budget`.
+        thinking = generation.get("thinkingConfig") or generation.get("thinking_config") or {}
+        budget = thinking.get("thinkingBudget", thinking.get("thinking_budget"))
         if budget == 0 and "gemini-2.5-pro" in model:
             return _error(400, "Budget 0 is invalid. This model only works in thinking mode.")
         with self.lock:

@@ -335,8 +335,8 @@ class OpenAIProvider(ProviderBase):
             )
         if price is None:
             warnings.append(
-                f"no training price known for {request.base_model!r}; set openai.training_price_per_million_tokens "
-                f"to get a cost estimate"
+                f"no price for {request.base_model} under openai.training_price_per_million_tokens (exact names "
+                "only): no cost estimate, and a max_cost_usd guard refuses the job"
             )
         return PreflightReport(
             n_train=len(train),

@@ -559,7 +559,8 @@ class VertexProvider(ProviderBase):
             billed, vertex_data.price_per_million(request.base_model, vertex.training_price_per_million_tokens))
         if cost is None:
             warnings.append(
-                f"no training price known for {request.base_model}; add it to vertex.training_price_per_million_tokens"
+                f"no price for {request.base_model} under vertex.training_price_per_million_tokens (exact names "
+                "only): no cost estimate, and a max_cost_usd guard refuses the job"
             )
         return PreflightReport(
             n_train=train.n_examples,
