@@ -125,14 +125,14 @@ def check_adapter_size(base_model: str, adapter_size: int) -> None:
                           f"{', '.join(map(str, documented))} (or 0 for Vertex's default)")
 
 
-def check_tunable(base_model: str, location: str) -> None:
+def check_tunable(base_model: str, location: str, models: dict[str, str] = TUNABLE_MODELS) -> None:
     """Refuse a base model Vertex does not tune, or one whose tuned model a regional location cannot serve, naming
     the supported models, before any upload or job."""
     model = base_model.rsplit("/", 1)[-1]
-    serving = TUNABLE_MODELS.get(model)
+    serving = models.get(model)
     if serving is None:
         raise ConfigError(f"tune.base_model is {base_model!r}, which Vertex AI does not tune; supervised tuning "
-                          f"supports {', '.join(sorted(TUNABLE_MODELS))}")
+                          f"supports {', '.join(sorted(models))}")
     if serving == "multi-region" and location not in MULTI_REGIONS:
         raise ConfigError(f"tuned {model} models are served only from the {' / '.join(MULTI_REGIONS)} multi-region "
                           f"endpoints, but vertex.location is {location!r}; set vertex.location: us (or eu) and "
