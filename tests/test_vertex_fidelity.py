@@ -136,3 +136,25 @@ def test_multi_region_models_need_the_multi_region_endpoint():
 ])
 def test_default_endpoint_per_location(fake, location, endpoint):
     assert provider_for(fake, location=location, api_endpoint="").api_endpoint == endpoint
+
+
+# ----------------------------------------------------------------------------------------------- 4. version floors
+def test_sdk_floors_cover_what_the_code_calls_and_ci_installs_them():
+    """openai.omit is in openai from 1.109; google-genai has CreateTuningJobConfig(labels=) from 1.36 (tunings.cancel
+    1.32, HttpRetryOptions 1.21). `.ci/run` installs exactly these floors and runs the provider tests on them."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "pyproject.toml").read_text()
+
+    def floor(name: str) -> tuple[int, ...]:
+        found = re.search(rf'"{re.escape(name)}>=([0-9.]+)', text)
+        assert found, name
+        return tuple(int(x) for x in found.group(1).split("."))
+
+    assert floor("openai") >= (1, 109) and floor("google-genai") >= (1, 36)
+    ci = (root / ".ci" / "run").read_text()
+    assert "FLOOR_PACKAGES=(openai google-genai google-cloud-storage)" in ci
+    for test_file in re.search(r"FLOOR_TESTS=\(([^)]*)\)", ci).group(1).split():
+        assert (root / test_file).is_file(), test_file
