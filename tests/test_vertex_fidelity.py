@@ -158,3 +158,19 @@ def test_sdk_floors_cover_what_the_code_calls_and_ci_installs_them():
     assert "FLOOR_PACKAGES=(openai google-genai google-cloud-storage)" in ci
     for test_file in re.search(r"FLOOR_TESTS=\(([^)]*)\)", ci).group(1).split():
         assert (root / test_file).is_file(), test_file
+
+
+@pytest.mark.parametrize("name", ["squad_gemini_flash.yaml", "squad_gemini_pro.yaml"])
+def test_shipped_gemini_experiments_name_tunable_models_priced_exactly(name):
+    from pathlib import Path
+
+    from finetune_mlflow.config import load_config
+    from finetune_mlflow.providers.vertex.provider import TUNABLE_MODELS
+
+    config = load_config(Path(__file__).resolve().parent.parent / "experiments" / name)
+    check_tunable(config.tune.base_model, config.vertex.location)
+    vertex = config.vertex
+    assert config.tune.base_model in vertex.training_price_per_million_tokens
+    assert config.tune.base_model in vertex.inference_price_per_million_tokens
+    # No dated entry for a model Vertex no longer tunes (2.0 Flash / Flash-Lite).
+    assert set(vertex.training_price_per_million_tokens) <= set(TUNABLE_MODELS)
