@@ -794,6 +794,11 @@ class VertexProvider(ProviderBase):
         base = self.config.tune.base_model if "/endpoints/" in model else model
         return thinking_budget(base, self.config.vertex.thinking_budget)
 
+    def request_tags(self, model: str) -> dict[str, str]:
+        """What was asked of the model's thinking, on the run that evaluates it."""
+        budget = self.thinking_budget_for(model)
+        return {"vertex.thinking_budget": "model default" if budget is None else str(budget)}
+
     def predict(self, model: str, question: str, context: str) -> Prediction:
         types = self._types
         budget = self.thinking_budget_for(model)
