@@ -174,3 +174,15 @@ def test_shipped_gemini_experiments_name_tunable_models_priced_exactly(name):
     assert config.tune.base_model in vertex.inference_price_per_million_tokens
     # No dated entry for a model Vertex no longer tunes (2.0 Flash / Flash-Lite).
     assert set(vertex.training_price_per_million_tokens) <= set(TUNABLE_MODELS)
+
+
+def test_a_job_without_tensorboard_curves_names_its_gcs_metrics_uri(fake, prepared):
+    uri = "gs://tuning-metrics/job-1/metrics"
+    from tests.fakes.vertex_server import JobScript
+
+    fake.script_next_job(JobScript(experiment_from_poll=10_000, gcs_metrics_uri=uri))
+    provider = provider_for(fake)
+    job_id = provider.start_job(request_for(prepared)).job_id
+    job, points, _ = poll(provider, job_id)
+    assert points == [] and job.tags["vertex.gcs_metrics_uri"] == uri
+    assert f"{uri} (gcsMetricsUri, not read)" in provider.curve_sources(job_id)

@@ -100,6 +100,8 @@ class JobScript:
     # from 10 epochs on), the last ending training and served by the tuned model's endpoint; only that one when
     # the job was created with exportLastCheckpointOnly.
     checkpoint_epochs: list[int] | None = None
+    # `TuningJob.gcsMetricsUri` (output only), shown from the first poll when set.
+    gcs_metrics_uri: str | None = None
 
 
 @dataclass
@@ -233,6 +235,8 @@ class FakeVertexServer(LoopbackServer):
             "supervisedTuningSpec": spec,
             "labels": job.request.get("labels", {}),
         }
+        if job.script.gcs_metrics_uri:
+            out["gcsMetricsUri"] = job.script.gcs_metrics_uri
         if job.request.get("tunedModelDisplayName"):
             out["tunedModelDisplayName"] = job.request["tunedModelDisplayName"]
         if state != "JOB_STATE_PENDING":

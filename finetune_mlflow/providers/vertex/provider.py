@@ -278,6 +278,8 @@ def _model_tags(job: Any) -> dict[str, str]:
         tags["vertex.experiment"] = job.experiment
     if job.base_model:
         tags["vertex.base_model"] = job.base_model
+    if getattr(job, "gcs_metrics_uri", None):
+        tags["vertex.gcs_metrics_uri"] = job.gcs_metrics_uri
     return tags
 
 
@@ -392,6 +394,7 @@ class VertexProvider(ProviderBase):
         # job name -> the Experiment and TensorBoard resources looked up for its curves (said when none is found).
         self._tried: dict[str, list[str]] = {}
         self._experiments: dict[str, str] = {}
+        self._gcs_metrics: dict[str, str] = {}
 
     def _genai_client(self) -> tuple[Any, Any]:
         """The google-genai types module and a client that makes one attempt per call: retries are ours."""
@@ -647,6 +650,8 @@ class VertexProvider(ProviderBase):
         tags = _model_tags(job)
         if job.experiment:
             self._experiments[job.name] = job.experiment
+        if tags.get("vertex.gcs_metrics_uri"):
+            self._gcs_metrics[job.name] = tags["vertex.gcs_metrics_uri"]
         spec_tags, hp = _spec_tags_and_hyperparameters(getattr(job, "supervised_tuning_spec", None))
         tags.update(spec_tags)
         metrics = _data_stats_metrics(job.tuning_data_stats)
@@ -754,7 +759,10 @@ class VertexProvider(ProviderBase):
                 return values
 
     def curve_sources(self, job_id: str) -> list[str]:
-        return list(self._tried.get(job_id, []))
+        """Where curves were looked for, and the job's gcsMetricsUri when it has one: named, not read (its file
+        format is not documented), so a run without curves says where to look."""
+        uri = self._gcs_metrics.get(job_id)
+        return list(self._tried.get(job_id, [])) + ([f"{uri} (gcsMetricsUri, not read)"] if uri else [])
 
     def read_metrics(self, job_id: str, cursor: str | None) -> MetricsPage:
         last: dict[str, int] = {}
