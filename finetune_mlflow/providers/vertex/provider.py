@@ -92,9 +92,11 @@ _ADAPTER_SIZES = {1: "ONE", 2: "TWO", 4: "FOUR", 8: "EIGHT", 16: "SIXTEEN", 32: 
 # google-genai's AdapterSize enum value -> the adapter size as the tune step logs it (`ADAPTER_SIZE_FOUR` -> 4).
 _ADAPTER_SIZE_NUMBERS = {f"ADAPTER_SIZE_{word}": size for size, word in _ADAPTER_SIZES.items()}
 # Base models Vertex documents for supervised tuning ("About supervised fine-tuning for Gemini models",
-# cloud.google.com/vertex-ai/generative-ai/docs/models/gemini-supervised-tuning, read 2026-12-03; 2.0 Flash and
-# Flash-Lite are no longer listed), with where their tuned models are served: "regional" (any tuning region) or
-# "multi-region" (only from the `us`/`eu` multi-region endpoints). Newer models are added here with their page date.
+# cloud.google.com/vertex-ai/generative-ai/docs/models/gemini-supervised-tuning, page updated 2026-09-25, consulted
+# 2026-12-03; 2.0 Flash and Flash-Lite are no longer listed), with where their tuned models are served: "regional"
+# (any tuning region) or "multi-region" (only from the `us`/`eu` multi-region endpoints, as the page says of the 3.x
+# Flash / Flash-Lite models; their exact ids were not confirmed, so they are not listed yet: add them here, with
+# "multi-region" and the page date).
 TUNABLE_MODELS: dict[str, str] = {
     "gemini-2.5-flash": "regional",
     "gemini-2.5-flash-lite": "regional",
