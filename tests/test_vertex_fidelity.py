@@ -186,3 +186,17 @@ def test_a_job_without_tensorboard_curves_names_its_gcs_metrics_uri(fake, prepar
     job, points, _ = poll(provider, job_id)
     assert points == [] and job.tags["vertex.gcs_metrics_uri"] == uri
     assert f"{uri} (gcsMetricsUri, not read)" in provider.curve_sources(job_id)
+
+
+def test_evaluating_a_model_without_its_own_inference_price_is_refused_by_name():
+    from pathlib import Path
+
+    from finetune_mlflow.config import load_config
+    from finetune_mlflow.run_cost import check_eval_cost
+
+    config = load_config(Path(__file__).resolve().parent.parent / "experiments" / "squad_gemini_flash.yaml")
+    examples = [{"question": "Who won?", "context": "The Broncos won.", "answers": ["Broncos"]}]
+    assert check_eval_cost(examples, ["gemini-2.5-flash-lite"], config, "vertex") > 0  # its own dated entry
+    with pytest.raises(ConfigError, match="no price for gemini-2.5-flash-001 under "
+                                          "vertex.inference_price_per_million_tokens"):
+        check_eval_cost(examples, ["gemini-2.5-flash-001"], config, "vertex")  # not priced as gemini-2.5-flash
