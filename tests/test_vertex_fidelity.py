@@ -184,7 +184,13 @@ def test_a_job_without_tensorboard_curves_names_its_gcs_metrics_uri(fake, prepar
     provider = provider_for(fake)
     job_id = provider.start_job(request_for(prepared)).job_id
     job, points, _ = poll(provider, job_id)
-    assert points == [] and job.tags["vertex.gcs_metrics_uri"] == uri
+    assert points == []
+    from google.genai import types
+
+    if "gcs_metrics_uri" not in types.TuningJob.model_fields:  # an SDK at its floor predates the field: no tag
+        assert "vertex.gcs_metrics_uri" not in job.tags
+        return
+    assert job.tags["vertex.gcs_metrics_uri"] == uri
     assert f"{uri} (gcsMetricsUri, not read)" in provider.curve_sources(job_id)
 
 
