@@ -147,6 +147,11 @@ class VertexConfig:
                              choices=(0, 1, 2, 4, 8, 16, 32))
     tensorboard: str = knob("", "TensorBoard to read curves from; empty: the job experiment's backing one")
     request_timeout_seconds: float = knob(60.0, "per-request timeout", low=1, high=3600)
+    thinking_budget: int = knob(0, "thinking tokens a 2.5 model may spend per answer: 0 turns thinking off, as Vertex "
+                                "recommends for tuned models (2.5 Pro cannot: it gets its lowest, 128); -1: the "
+                                "model decides", low=-1, high=32768)
+    quota_backoff_seconds: float = knob(1.0, "first wait after a 429 RESOURCE_EXHAUSTED that names no wait (Vertex "
+                                        "sends no Retry-After); doubles, jittered, capped at 32 s", low=0, high=300)
     training_price_per_million_tokens: dict[str, float] = knob(None, "USD per 1M training tokens by base model "
                                                                "(dated in the YAML)", factory=dict)
     inference_price_per_million_tokens: dict[str, dict[str, float]] = knob(

@@ -71,7 +71,8 @@ def launch(provider: Provider, request: TuningRequest, config: Config, client: M
             "estimated_billed_tokens": report.estimated_billed_tokens,
             "estimated_cost_usd": round(report.estimated_cost_usd, 4)})
     check_cost_limit(report.estimated_cost_usd, config.tune.max_cost_usd, price_key=f"{provider.name}."
-                     "training_price_per_million_tokens", what=f"tuning {request.base_model} for {request.epochs} epochs")
+                     "training_price_per_million_tokens", what=f"tuning {request.base_model} for {request.epochs} epochs",
+                     unpriced=request.base_model)
     job = provider.start_job(request)
     # First write after creation: everything after this point can crash and a rerun will reattach.
     client.set_tag(request.run_id, JOB_ID_TAG, job.job_id)

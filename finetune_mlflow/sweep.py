@@ -35,6 +35,7 @@ from finetune_mlflow.scoring import base_evaluation
 from finetune_mlflow.steps.promote import run_promote
 from finetune_mlflow.summary import HEADLINE_METRICS, describe_tune
 from finetune_mlflow.report import from_parent, log_report, pick_winner
+from finetune_mlflow.run_cost import bills
 from finetune_mlflow.sweep_plan import SweepPlan, plan_sweep, point_key
 from finetune_mlflow.tracking import log_values, quote, step_run
 
@@ -61,14 +62,19 @@ class SweepResult:
 
 def _price(points: list[Point], prepared: Prepared, parent_id: str, plan: SweepPlan) -> float:
     """Sum of the points' preflight estimates; refuses the grid above `max_cost_usd` before anything launches."""
-    total = 0.0
+    total: float | None = 0.0
+    unpriced = ""
     for point in points:
         provider = get_provider(point.config.tune.provider, point.config)
         report = provider.preflight(request_for(point.config, parent_id, prepared))
-        total += report.estimated_cost_usd or 0.0
+        if report.estimated_cost_usd is None and bills(point.config, point.config.tune.provider):
+            total, unpriced = None, point.config.tune.base_model  # an unpriced point makes the grid's cost unknown
+        elif total is not None:
+            total += report.estimated_cost_usd or 0.0
     check_cost_limit(total, plan.max_cost_usd, what=f"the sweep's {len(points)} jobs (nothing was launched)",
-                     price_key=f"{points[0].config.tune.provider}.training_price_per_million_tokens")
-    return total
+                     price_key=f"{points[0].config.tune.provider}.training_price_per_million_tokens",
+                     unpriced=unpriced)
+    return total or 0.0
 
 
 def _children(parent: mlflow.entities.Run) -> dict[str, mlflow.entities.Run]:
