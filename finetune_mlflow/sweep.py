@@ -162,13 +162,19 @@ def _record(parent_id: str, points: list[Point], best: Point | None) -> None:
     log_values(client, parent_id, metrics=metrics, tags=tags)
 
 
+def _point_config(config: Config, values: dict) -> Config:
+    """A point's config, validated from the very strings its child will get (`--set key=value`)."""
+    try:
+        return with_overrides(config, {k: child_value(v) for k, v in values.items()})
+    except ConfigError as e:
+        raise ConfigError(f"{config.config_file}: sweep.grid point {point_key(values)}: {e}") from e
+
+
 def run_sweep(config: Config, *, promote: bool = False) -> SweepResult:
     if not config.config_file:
         raise ConfigError("sweep needs an experiment file with a sweep: block: -P config=experiments/<file>.yaml")
     plan = plan_sweep(read_raw_section(config.config_file, "sweep"), config.config_file)
-    # Every point validated from the very strings its child will get (`--set key=value`), or nothing runs.
-    points = [Point(values, with_overrides(config, {k: child_value(v) for k, v in values.items()}))
-              for values in plan.points]
+    points = [Point(values, _point_config(config, values)) for values in plan.points]  # all valid, or nothing runs
     provider = get_provider(config.tune.provider, config)
     parallel = plan.max_parallel_jobs or provider.max_parallel_jobs
     name = f"sweep {config.tune.provider}/{config.tune.base_model} {len(points)} points"
