@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,9 @@ def test_a_grid_value_the_child_would_refuse_is_refused_before_anything_runs(tmp
     path = tmp_path / "sweep.yaml"
     path.write_text(f"tune: {{provider: local}}\nsweep:\n  grid: {grid}\n{extra}\n", encoding="utf-8")
     assert cli_main(["sweep", "--config", str(path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0] and str(path) in err[0], err
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and str(path) in errors[0] and "Traceback" not in err, err
     assert MlflowClient().search_runs(["0"]) == []  # no run, no job
 
 
@@ -208,3 +210,29 @@ def test_sigterm_kill_9_and_reruns_leave_no_child_running_and_register_only_the_
     loser = next(c for c in finished if c.info.run_id != versions[0].run_id)
     assert "finetune.registered_version" not in loser.data.tags
     assert client.search_logged_models(["0"], filter_string=f"source_run_id = '{loser.info.run_id}'")
+
+
+def test_sweeps_starting_together_on_a_fresh_sqlite_store_each_get_past_its_creation(tmp_path, small_squad,
+                                                                                    monkeypatch):
+    """Three sweeps on a database that does not exist yet: each gets as far as its own cost guard (an unpriced
+    model under a limit, so no job is ever launched), none dies in MLflow's schema creation."""
+    db = tmp_path / "fresh" / "mlflow.db"
+    db.parent.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-sweep0123456789abcdef")
+    train, validation = small_squad
+    path = tmp_path / "openai_sweep.yaml"
+    path.write_text(f"""
+data: {{train_data: {train}, validation_data: {validation}, max_examples: 50}}
+tune: {{provider: openai, base_model: gpt-4o-mini-2024-07-18}}
+openai: {{base_url: "http://127.0.0.1:9/v1"}}
+sweep: {{grid: {{epochs: [1, 2]}}, max_cost_usd: 0.01}}
+""", encoding="utf-8")
+    processes = [subprocess.Popen([sys.executable, "-m", "finetune_mlflow", "sweep", "--config", str(path)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outputs = [(p.communicate(timeout=600)[0], p.returncode) for p in processes]
+    for out, code in outputs:
+        assert code == 2 and "cannot be estimated" in out and "Traceback" not in out, out[-3000:]
+    client = MlflowClient(f"sqlite:///{db}")
+    parents = client.search_runs(["0"], "tags.`finetune.step` = 'sweep'")
+    assert len(parents) == 3 and {p.info.status for p in parents} == {"FAILED"}
