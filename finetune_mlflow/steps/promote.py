@@ -205,20 +205,28 @@ def _log_evidence(run_id: str, evidence: Evidence, config: Config, candidate: st
 
 
 def _check_loads(name: str, version: str) -> None:
-    """The version's files are all there and its MLmodel reads: a version whose artifacts were deleted would take
-    the alias and then fail every load. Credentials are not needed (no provider is built)."""
+    """The version's MLmodel reads and every file its pyfunc names is in the store: a version whose artifacts were
+    deleted would take the alias and then fail every load. Listed, not downloaded (a merged model is gigabytes);
+    credentials are not needed (no provider is built)."""
     uri = f"models:/{name}/{version}"
     try:
-        local = download_artifacts(artifact_uri=uri)
-        flavor = mlflow.models.Model.load(str(local)).flavors.get("python_function", {})
-        missing = [entry["path"] for entry in (flavor.get("artifacts") or {}).values()
-                   if not (local / entry["path"]).exists()]
+        flavor = mlflow.models.Model.load(str(download_artifacts(artifact_uri=f"{uri}/MLmodel"))).flavors.get(
+            "python_function", {})
+        named = [entry["path"] for entry in (flavor.get("artifacts") or {}).values()]
+        named += [flavor["code"]] if flavor.get("code") else []
+        missing = [path for path in named if not _listed(uri, path)]
     except Exception as e:  # noqa: BLE001 - whatever stops the download or the read stops the promotion
         raise FinetuneError(f"{uri} does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                             "no alias was moved") from e
     if missing or not flavor:
         raise FinetuneError(f"{uri} does not load: {'missing ' + ', '.join(missing) if missing else 'no pyfunc'}; "
                             "no alias was moved")
+
+
+def _listed(uri: str, path: str) -> bool:
+    parent, _, leaf = path.rstrip("/").rpartition("/")
+    entries = mlflow.artifacts.list_artifacts(artifact_uri=f"{uri}/{parent}" if parent else uri)
+    return leaf in {entry.path.rstrip("/").rpartition("/")[2] for entry in entries}
 
 
 def _newest_rejected(client: MlflowClient, name: str, candidate: str) -> bool:
@@ -244,8 +252,8 @@ def _apply(client: MlflowClient, name: str, alias: str, candidate: str, champion
         client.update_model_version(name, candidate, description=description)
 
 
-def _notes(client: MlflowClient, name: str, candidate: ModelVersion, evidence: Evidence, decision: Decision,
-           config: Config, forced: bool, run: mlflow.ActiveRun) -> tuple[dict[str, str], str]:
+def _notes(candidate: ModelVersion, evidence: Evidence, decision: Decision, config: Config, forced: bool,
+           run: mlflow.ActiveRun) -> tuple[dict[str, str], str]:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     link = f"[promote run {run.info.run_id}](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})"
     common = dict(forced=forced, alias=config.promotion.alias, when=when)
@@ -272,13 +280,14 @@ def run_promote(config: Config, *, model_name: str = "", version: str = "", forc
         else:
             evidence = _gather_evidence(candidate, champion, name, config)
             decision = decide(evidence, config.promotion)
-            if force and not decision.promote:
+            overridden = force and not decision.promote
+            if overridden:
                 decision = Decision(True, f"forced ({reason}); gates said: {decision.reason}", decision.checks)
             _log_evidence(run.info.run_id, evidence, config, candidate_version, champion_version, force)
             mlflow.log_text(_report(name, candidate_version, champion_version, evidence,
                                     decision, config, reason if force else ""), "promotion_report.md")
             _apply(client, name, alias, candidate_version, champion_version, decision,
-                   _notes(client, name, candidate, evidence, decision, config, force, run), run.info.run_id)
+                   _notes(candidate, evidence, decision, config, overridden, run), run.info.run_id)
         log_values(client, run.info.run_id, tags={"promotion.decision": "promote" if decision.promote else "keep",
                                                   "promotion.reason": decision.reason[:5000],
                                                   "mlflow.note.content": decision.reason[:5000]})
