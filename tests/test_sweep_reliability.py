@@ -81,13 +81,14 @@ sweep:
 def _sweep_file(tmp_path: Path, small_squad) -> Path:
     train, validation = small_squad
     path = tmp_path / "sweep.yaml"
-    # Batch 4 for ~20 epochs: thousands of steps, so the jobs are still training when the test freezes them.
+    # Batch 4 for 12-13 epochs: ~600 steps, so the jobs are still training when the test freezes them (each job
+    # is frozen as soon as its trainer's pid is written, before the child has even tagged its run).
     path.write_text(f"""
 data: {{train_data: {train}, validation_data: {validation}, max_examples: 200}}
 tune: {{provider: local, batch_size: 4, poll_interval: 0.1}}
 evaluate: {{max_concurrency: 1, bootstrap_samples: 100, trace_samples: 0}}
 sweep:
-  grid: {{epochs: [20, 21]}}
+  grid: {{epochs: [12, 13]}}
   max_parallel_jobs: 2
 """, encoding="utf-8")
     return path
@@ -103,9 +104,16 @@ def _pid(run) -> int:
     return int(run.data.tags["finetune.owner"].rpartition(":")[2])
 
 
-def _trainer_pid(job_id: str) -> int:
-    job_dir = Path(os.environ["FINETUNE_MLFLOW_HOME"]) / "local-jobs" / job_id
-    return json.loads((job_dir / "launch.json").read_text())["pid"]
+def _freeze_new_trainers(frozen: dict[str, int]) -> None:
+    """SIGSTOP every local job's trainer not yet frozen, as soon as its pid is on disk."""
+    for launched in (Path(os.environ["FINETUNE_MLFLOW_HOME"]) / "local-jobs").glob("*/launch.json"):
+        job_id = launched.parent.name
+        if job_id not in frozen:
+            try:
+                frozen[job_id] = json.loads(launched.read_text())["pid"]
+            except ValueError:  # being written
+                continue
+            os.kill(frozen[job_id], signal.SIGSTOP)
 
 
 def _alive(proc: subprocess.Popen, log: Path):
@@ -118,7 +126,7 @@ def test_sigterm_kill_9_and_reruns_leave_no_child_running_and_register_only_the_
     monkeypatch.chdir(ROOT)
     config = _sweep_file(tmp_path, small_squad)
     client = MlflowClient()
-    frozen: list[int] = []
+    frozen: dict[str, int] = {}  # job id -> its trainer's pid, stopped
     started: list[subprocess.Popen] = []
 
     def sweep(name: str) -> tuple[subprocess.Popen, Path]:
@@ -130,15 +138,13 @@ def test_sigterm_kill_9_and_reruns_leave_no_child_running_and_register_only_the_
 
         def launched():
             _alive(first, log)
+            _freeze_new_trainers(frozen)
             parents = client.search_runs(["0"], "tags.`finetune.step` = 'sweep'")
             children = _children(parents[0].info.run_id) if parents else []
             ready = [c for c in children if c.data.tags.get("finetune.job_id") and c.data.tags.get("finetune.owner")]
-            return ready if len(ready) == 2 else None
-        children = wait_for(launched, timeout=600, what="both children's jobs")
+            return ready if len(ready) == 2 and len(frozen) == 2 else None
+        children = wait_for(launched, timeout=600, interval=0.02, what="both children's jobs")
         parent_id = children[0].data.tags["mlflow.parentRunId"]
-        for child in children:
-            frozen.append(_trainer_pid(child.data.tags["finetune.job_id"]))
-            os.kill(frozen[-1], signal.SIGSTOP)
 
         # 2. One child's tune process killed -9: the parent ends its run, with the reason, and goes on.
         killed, other = children
@@ -181,12 +187,12 @@ def test_sigterm_kill_9_and_reruns_leave_no_child_running_and_register_only_the_
         third, log3 = sweep("sweep-3.log")
         wait_for(lambda: _alive(third, log3) or log3.read_text(errors="replace").count(": watching it") == 2,
                  timeout=600, what="the rerun watching both orphans")
-        for pid in frozen:
+        for pid in frozen.values():
             os.kill(pid, signal.SIGCONT)
         frozen.clear()
         assert third.wait(timeout=600) == 0, log3.read_text(errors="replace")[-4000:]
     finally:
-        for pid in frozen:
+        for pid in frozen.values():
             os.kill(pid, signal.SIGCONT)
         for proc in started:  # each sweep's group holds its tune children, orphaned ones included
             try:
