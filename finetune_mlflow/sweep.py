@@ -31,7 +31,7 @@ from finetune_mlflow.errors import ConfigError
 from finetune_mlflow.job_tracking import request_for
 from finetune_mlflow.preparation import Prepared, ensure_prepared
 from finetune_mlflow.providers import get_provider
-from finetune_mlflow.registry import RegisteredVersion, register_logged
+from finetune_mlflow.registry import SWEEP_POINT_TAG, RegisteredVersion, register_logged
 from finetune_mlflow.scoring import base_evaluation
 from finetune_mlflow.steps.promote import run_promote
 from finetune_mlflow.summary import HEADLINE_METRICS, describe_tune
@@ -42,7 +42,7 @@ from finetune_mlflow.tracking import log_values, quote, step_run
 
 logger = logging.getLogger(__name__)
 
-POINT_TAG = "finetune.sweep_point"
+POINT_TAG = SWEEP_POINT_TAG  # a child run carries its grid point; it logs its model, registers none
 
 
 @dataclass(frozen=True)
