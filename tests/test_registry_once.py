@@ -16,10 +16,10 @@ def test_tune_then_main_on_the_same_data_register_one_version(small_squad):
     main = run_main(small_config(small_squad, **settings))
     client = MlflowClient()
     versions = client.search_model_versions("name = 'squad-qa-local'")
-    assert [v.version for v in versions] == [tuned.version.version] == ["1"]
+    assert [str(v.version) for v in versions] == [str(tuned.version.version)] == ["1"]
     tunes = client.search_runs(["0"], "tags.`finetune.step` = 'tune'")
     assert len(tunes) == 2 and {r.data.tags["finetune.registered_version"] for r in tunes} == {"squad-qa-local/1"}
     assert main.candidate == "1"  # main's promote judged the version its tune run produced
     assert len(versions[0].tags["model_sha256"]) == 64
     other = run_tune(small_config(small_squad, **settings, learning_rate="0.02"))
-    assert other.version.version == "2"
+    assert str(other.version.version) == "2"
