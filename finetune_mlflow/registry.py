@@ -1,4 +1,6 @@
-"""Log the tuned model as a servable pyfunc and register it, at most once per run (safe to call again)."""
+"""Log the tuned model as a servable pyfunc and register it, at most once per run (safe to call again) and once
+per distinct model (its content fingerprint, `model_sha256`); a sweep child only logs it, its sweep registers the
+winner."""
 
 from __future__ import annotations
 
