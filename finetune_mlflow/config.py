@@ -521,6 +521,23 @@ def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
     return built
 
 
+def knob_value(key: str, value: Any, source: str) -> Any:
+    """One knob's value coerced to its declared type and checked against its bounds, as `-P`/`--set` would be
+    (a sweep grid compares and passes on these, so `1e-2` and `0.01` are one value). ConfigError names `source`."""
+    fields = dict(_knobs())
+    if key not in fields:
+        raise ConfigError(f"{source}: unknown key {key!r}; expected a knob such as tune.epochs (see `finetune-mlflow "
+                          "knobs`)")
+    section = key.rpartition(".")[0]
+    hints = typing.get_type_hints(next(f.default_factory for f in dataclasses.fields(Config) if f.name == section)
+                                  if section else Config)
+    coerced = _coerce(value, hints[key.rpartition(".")[2]], key, lambda _: source)
+    expected = _out_of_bounds(coerced, fields[key].metadata)
+    if expected:
+        raise ConfigError(f"{source}: {key} is {coerced!r}; expected {expected}")
+    return coerced
+
+
 def read_raw_section(path: str | Path, section: str) -> Any:
     """One top-level block of an experiment file as plain data (the `sweep:` block), None when absent."""
     raw, _ = _read_yaml(Path(path), str(path))

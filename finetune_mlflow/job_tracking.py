@@ -262,8 +262,9 @@ def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, 
     selection = _select_model(provider, job, run_id, config, examples, base, final, candidates)
     metrics = {**final[0], **{f"selected_{k}": v for k, v in selection.metrics.items()}}
     version = _register(provider, job, run_id, config, prepared, base, selection)
-    log_values(client, run_id, tags={"finetune.registered_version": f"{version.name}/{version.version}",
-                                     "mlflow.note.content": describe_tune(metrics, job.job_id)
+    # A sweep child logs its model but registers no version (its sweep registers the winner only).
+    registered = {"finetune.registered_version": f"{version.name}/{version.version}"} if version.version else {}
+    log_values(client, run_id, tags={**registered, "mlflow.note.content": describe_tune(metrics, job.job_id)
                                      + checkpoints.describe(selection)})
     logger.info("tuned %s: F1 %.2f (base %.2f), registered %s (%s)", job.tuned_model, metrics["eval_f1"],
                 base.metrics.get("eval_f1", float("nan")), version.model_uri, selection.model)

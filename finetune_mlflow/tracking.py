@@ -4,6 +4,7 @@ RUNNING. Works against any tracking store (file, SQLite, PostgreSQL behind `mlfl
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -177,6 +178,29 @@ def _quiet(logger_name: str) -> Iterator[None]:
         yield
     finally:
         noisy.setLevel(level)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (query string dropped), None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def prepare_store() -> None:
+    """Create a SQLite store's tables under a file lock beside the database: entry points starting together on a
+    fresh database (two sweeps, a sweep's children) would otherwise all run MLflow's schema creation at once, and
+    all but one fail. Once the tables exist this is one quick query. Other stores are left to their server."""
+    path = sqlite_path(mlflow.get_tracking_uri())
+    if path is None or not path.parent.is_dir():
+        return
+    with open(path.with_name(path.name + ".schema-lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient().search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def use_experiment(name: str) -> None:

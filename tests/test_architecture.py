@@ -16,7 +16,7 @@ LAYERS = {
     2: {"evaluation", "tracking", "progress", "summary", "scorefile", "registry", "qa_model", "served", "serving",
         "preparation", "scoring", "job_tracking", "promotion", "sweep_plan", "traces", "report", "checkpoints",
         "run_cost", "model_code", "scratch", "ownership",
-        "process"},
+        "process", "promotion_lock", "promotion_notes", "sweep_children"},
     3: {"steps"},
     4: {"pipeline", "sweep", "cli", "__main__", "__init__"},
 }

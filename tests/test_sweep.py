@@ -151,6 +151,9 @@ sweep:
                 if r.data.tags["finetune.step"] == "tune"]
     assert len(children) == 3 and len(openai_fake.created_jobs) == 3
     assert all(c.info.status == "FINISHED" for c in children)
+    # Three models logged, one registered: the winner.
+    versions = client.search_model_versions("name = 'squad-qa-openai-sweep'")
+    assert [v.run_id for v in versions] == [parent.data.tags["finetune.winner_run_id"]]
     # Children ran side by side, never more than max_parallel_jobs at once.
     edges = sorted([(c.info.start_time, 1) for c in children] + [(c.info.end_time, -1) for c in children])
     running, most = 0, 0
