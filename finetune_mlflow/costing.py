@@ -60,17 +60,9 @@ def check_cost_limit(cost: float | None, limit: float, *, what: str, price_key: 
                           f"{setting}")
 
 
-def token_price(model: str, base_model: str, table: Mapping[str, Mapping[str, float]]) -> tuple[float, float] | None:
-    """USD per 1M (input, output) tokens of `model`, from a config table of {model: {input, output}}: an OpenAI
-    fine-tuned model or checkpoint (`ft:<base>:org:suffix:id[:ckpt-step-N]`) under `ft:<base>`; another tuned
-    model (a Vertex endpoint) at its base model's rate, which is how Vertex bills tuned Gemini models; any other
-    model under its own name. Keys match exactly (`matching_key`). None when no entry fits."""
-    if model.startswith("ft:"):
-        name = "ft:" + model.split(":")[1]
-    elif "/endpoints/" in model:
-        name = base_model
-    else:
-        name = model.rsplit("/", 1)[-1]
+def token_price(name: str, table: Mapping[str, Mapping[str, float]]) -> tuple[float, float] | None:
+    """USD per 1M (input, output) tokens billed under `name` (what the provider's `billed_as` says a model is
+    billed as), from a config table of {name: {input, output}}. Keys match exactly. None when no entry fits."""
     key = matching_key(name, table)
     if key is None:
         return None

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 
 from finetune_mlflow.config import Config
 from finetune_mlflow.costing import approx_tokens, check_cost_limit, price_per_million, token_price, tokens_cost_usd
+from finetune_mlflow.providers import provider_class
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, user_prompt
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,12 @@ def _inference_prices(config: Config, provider: str) -> Mapping[str, Mapping[str
     return getattr(getattr(config, provider), "inference_price_per_million_tokens", {}) or {}
 
 
+def model_price(model: str, config: Config, provider: str) -> tuple[float, float] | None:
+    """USD per 1M (input, output) tokens of `model` under the name its provider bills it as."""
+    name = provider_class(provider).billed_as(model, config.tune.base_model)
+    return token_price(name, _inference_prices(config, provider))
+
+
 def estimate_eval_cost(examples: Sequence[dict], models: Sequence[str], config: Config, provider: str) -> float | None:
     """USD bound of evaluating `models` on `examples`: each prompt's estimated tokens in, `max_output_tokens` out
     (thinking tokens bill as output, so the cap is the honest bound), per model; 0 for a provider that bills
@@ -52,7 +59,7 @@ def estimate_eval_cost(examples: Sequence[dict], models: Sequence[str], config: 
     output_tokens = len(examples) * config.evaluate.max_output_tokens
     total = 0.0
     for model in models:
-        price = token_price(model, config.tune.base_model, _inference_prices(config, provider))
+        price = model_price(model, config, provider)
         if price is None:
             return None
         total += tokens_cost_usd(input_tokens, output_tokens, price)
@@ -63,7 +70,7 @@ def check_eval_cost(examples: Sequence[dict], models: Sequence[str], config: Con
     """Refuse, before the first request, an evaluation estimated above `evaluate.max_cost_usd` (0: no limit)."""
     cost = estimate_eval_cost(examples, models, config, provider)
     unpriced = [] if cost is not None else [
-        m for m in models if token_price(m, config.tune.base_model, _inference_prices(config, provider)) is None]
+        m for m in models if model_price(m, config, provider) is None]
     check_cost_limit(cost, config.evaluate.max_cost_usd, what=f"evaluating {len(models)} model(s) on "
                      f"{len(examples)} questions (nothing was requested)",
                      price_key=f"{provider}.inference_price_per_million_tokens", priced="input/output tokens",
@@ -104,7 +111,7 @@ def run_cost(provider: str, job_metrics: Mapping[str, float], config: Config, us
     section = getattr(config, provider)
     base = config.tune.base_model.rsplit("/", 1)[-1]
     train_price = price_per_million(base, [section.training_price_per_million_tokens])
-    prices = [token_price(u.model, config.tune.base_model, _inference_prices(config, provider)) if u else None
+    prices = [model_price(u.model, config, provider) if u else None
               for u in usages]
     metrics = cost_metrics(job_metrics.get(BILLED_TOKENS), train_price, usages, prices,
                            run_metrics.get("estimated_cost_usd"))

@@ -338,3 +338,18 @@ def test_lifecycle_is_the_catalogs_status_found_across_pages(server):
     pages = [r for r in server.requests if r[1] == "/v2/supported-models"]
     assert len(pages) == 2  # the search matched the first two entries: the match is on the second page
     assert provider.lifecycle("Qwen/Not-Listed") is None
+
+
+def test_each_provider_names_what_a_model_bills_as():
+    """Who bills what under which price key is the provider's rule, looked up exactly (no key prefixes)."""
+    from finetune_mlflow.providers import provider_class
+
+    assert provider_class("openai").billed_as("ft:gpt-4.1-mini-2025-04-14:org:sq:abc:ckpt-step-7",
+                                              "gpt-4.1-mini-2025-04-14") == "ft:gpt-4.1-mini-2025-04-14"
+    assert provider_class("vertex").billed_as("projects/p/locations/us-central1/endpoints/9",
+                                              "gemini-2.5-flash") == "gemini-2.5-flash"
+    assert provider_class("vertex").billed_as("gemini-2.5-flash-lite", "gemini-2.5-flash") == "gemini-2.5-flash-lite"
+    together = provider_class("together")
+    assert together.billed_as(f"fake-account/{BASE.rsplit('/', 1)[-1]}-squad-1a2b-step-7", BASE) == \
+        BASE.rsplit("/", 1)[-1]
+    assert together.billed_as("meta-llama/Other-Model-8B", BASE) == "Other-Model-8B"

@@ -214,6 +214,12 @@ class ProviderBase:
     def cancel_job(self, job_id: str) -> TuningJob:
         raise NotSupported(f"the {self.name} provider cannot cancel jobs; stop {job_id} in its console")
 
+    @classmethod
+    def billed_as(cls, model: str, base_model: str) -> str:
+        """The name `model` is billed under in this provider's inference price table: its own name (without a
+        resource path) by default; a provider whose tuned models bill at another rate says so here."""
+        return model.rsplit("/", 1)[-1]
+
     def lifecycle(self, model: str) -> ModelLifecycle | None:
         """The model's shutdown/retirement facts from the provider or dated config; None where nothing retires
         (local and open-weights models) or nothing is known."""

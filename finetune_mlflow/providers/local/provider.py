@@ -97,6 +97,8 @@ def load_weights(path: str) -> tuple[span_model.Weights, dict[str, float], int]:
 
 
 class LocalProvider(JobDirectoryProvider):
+    """The embedded default: a span-ranking QA model trained by a detached process on this machine."""
+
     serving_packages = ("numpy",)
     name = "local"
     JOB_ID_PATTERN = re.compile(r"localjob-[0-9a-f]{12}")

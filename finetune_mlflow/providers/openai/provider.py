@@ -224,13 +224,18 @@ def _event_points(events: list[Any], only_after_step: int | None) -> list[Metric
 
 
 class OpenAIProvider(ProviderBase):
+    """OpenAI fine-tuning and chat completions. `sleep` and `retry_policy` exist so tests need not really wait."""
+
     serving_packages = ("openai",)
     JOB_ID_PATTERN = re.compile(r"ftjob-[A-Za-z0-9]+")
     JOB_ID_EXAMPLE = "ftjob- and letters or digits"
     max_parallel_jobs = 3  # OpenAI runs about 3 fine-tuning jobs at once per organization; more only queue
-    """OpenAI fine-tuning and chat completions. `sleep` and `retry_policy` exist so tests need not really wait."""
-
     name = "openai"
+
+    @classmethod
+    def billed_as(cls, model: str, base_model: str) -> str:
+        """A fine-tuned model or checkpoint (`ft:<base>:org:suffix:id[:ckpt-step-N]`) bills under `ft:<base>`."""
+        return "ft:" + model.split(":")[1] if model.startswith("ft:") else super().billed_as(model, base_model)
 
     def __init__(
         self,

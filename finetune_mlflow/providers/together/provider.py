@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 
 class TogetherProvider(ProviderBase):
+    """Together AI LoRA fine-tuning and its OpenAI-compatible chat completions, through the `together` SDK."""
+
     name = "together"
     serving_packages = ("together",)
     JOB_ID_PATTERN = re.compile(r"ft-[A-Za-z0-9-]{1,100}")
@@ -55,6 +57,13 @@ class TogetherProvider(ProviderBase):
         self._clock = clock
         self._limits: dict[str, Any] = {}
         self._estimates: dict[str, float] = {}
+
+    @classmethod
+    def billed_as(cls, model: str, base_model: str) -> str:
+        """A tuned output (`<account>/<base>-<suffix>`) or its checkpoint bills at its base model's serverless
+        rate, under the base model's short name."""
+        name, base = model.rsplit("/", 1)[-1], base_model.rsplit("/", 1)[-1]
+        return base if name.startswith(base + "-") else name
 
     def close(self) -> None:
         self._io.close()

@@ -44,6 +44,8 @@ def _require_extra() -> None:
 
 
 class TransformersProvider(JobDirectoryProvider):
+    """LoRA fine-tuning of an open-weights causal LM by a detached trl trainer on this machine (CPU or GPU)."""
+
     name = "transformers"
     max_concurrency = 1  # one in-process model; predict_batch is where the throughput comes from
     batched_prediction = True

@@ -349,13 +349,18 @@ def _job_error(error: Any) -> tuple[str | None, str | None]:
 
 
 class VertexProvider(ProviderBase):
+    """Gemini supervised tuning on Vertex AI (see the module docstring for configuration and assumptions)."""
+
     serving_packages = ("google-genai", "google-auth")
     # Vertex's documented quota on concurrent tuning jobs guarantees one; a project granted more (Quotas page in the
     # console) runs more with the sweep's `max_parallel_jobs`.
     max_parallel_jobs = 1
-    """Gemini supervised tuning on Vertex AI (see the module docstring for configuration and assumptions)."""
-
     name = "vertex"
+
+    @classmethod
+    def billed_as(cls, model: str, base_model: str) -> str:
+        """A tuned model's endpoint bills at its base model's rate (how Vertex bills tuned Gemini models)."""
+        return base_model if "/endpoints/" in model else super().billed_as(model, base_model)
     JOB_ID_PATTERN = re.compile(r"projects/[A-Za-z0-9_.:-]+/locations/[a-z0-9-]+/tuningJobs/\d+|\d+")
     JOB_ID_EXAMPLE = "projects/P/locations/L/tuningJobs/N or the number N"
 
