@@ -32,6 +32,7 @@ from finetune_mlflow.job_tracking import request_for
 from finetune_mlflow.preparation import Prepared, ensure_prepared
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.scoring import base_evaluation
+from finetune_mlflow.search.space import is_search
 from finetune_mlflow.steps.promote import run_promote
 from finetune_mlflow.summary import HEADLINE_METRICS, describe_tune
 from finetune_mlflow.report import from_parent, log_report, pick_winner
@@ -145,10 +146,20 @@ def _record(parent_id: str, points: list[Point], best: Point | None) -> None:
     log_values(client, parent_id, metrics=metrics, tags=tags)
 
 
-def run_sweep(config: Config, *, promote: bool = False) -> SweepResult:
+def run_sweep(config: Config, *, promote: bool = False, join: bool = False) -> SweepResult:
     if not config.config_file:
         raise ConfigError("sweep needs an experiment file with a sweep: block: -P config=experiments/<file>.yaml")
-    plan = plan_sweep(read_raw_section(config.config_file, "sweep"), config.config_file)
+    block = read_raw_section(config.config_file, "sweep")
+    if is_search(block):  # sweep.search: random | tpe: an Optuna study (finetune_mlflow.search)
+        from finetune_mlflow.search.runner import run_search
+
+        return run_search(config, block, promote=promote, join=join)
+    if join:
+        raise ConfigError(f"{config.config_file}: join=true adds a worker to a search; this sweep is a grid "
+                          "(set sweep.search: random or tpe)")
+    if isinstance(block, dict):
+        block = {k: v for k, v in block.items() if k != "search"}  # search: grid is today's grid
+    plan = plan_sweep(block, config.config_file)
     points = [Point(values, with_overrides(config, values)) for values in plan.points]  # all valid, or nothing runs
     provider = get_provider(config.tune.provider, config)
     parallel = plan.max_parallel_jobs or provider.max_parallel_jobs

@@ -1,0 +1,168 @@
+"""Optuna search under `sweep`: a space refused with file:line before anything starts, pruning that stops the
+trial's local trainer and ends its run KILLED with the pruner's reason, a rerun that trains nothing twice, and the
+honest choice among trials."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from finetune_mlflow.cli import main as cli_main
+from finetune_mlflow.config import load_config, section_lines, with_overrides
+from finetune_mlflow.errors import ConfigError
+from finetune_mlflow.liveness import pid_alive
+from finetune_mlflow.search.choice import TrialOutcome, compare
+from finetune_mlflow.search.pruning import cost_avoided
+from finetune_mlflow.search.space import check_space, plan_search
+from finetune_mlflow.search.study import redacted
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, sweep: str, name: str = "search.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text("tune: {provider: local}\nsweep:\n" + sweep, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("sweep", "line", "message"), [
+    ("  search: bayes\n  n_trials: 2\n", 3, "sweep.search is 'bayes'; expected grid, random or tpe"),
+    ("  search: tpe\n  n_trials: 0\n  space: {epochs: {choices: [1]}}\n", 4, r"sweep.n_trials is 0; expected an integer >= 1"),
+    ("  search: tpe\n  space: {epochs: {choices: [1]}}\n", 2, "sweep.n_trials is required"),
+    ("  search: tpe\n  n_trials: 2\n  space:\n    epoch: {choices: [1, 2]}\n", 6, "unknown knob 'epoch'"),
+    ("  search: tpe\n  n_trials: 2\n  space:\n    learning_rate: {low: 0, high: 0.1, log: true}\n", 6,
+     "a log range needs low > 0"),
+    ("  search: tpe\n  n_trials: 2\n  space:\n    learning_rate: {low: 0.1, high: 0.01}\n", 6, "must be below high"),
+    ("  search: tpe\n  n_trials: 2\n  space:\n    epochs: {low: 1, high: 2.5}\n", 6, "tune.epochs takes integers"),
+    ("  search: tpe\n  n_trials: 2\n  space:\n    epochs: {choices: [1, 1]}\n", 6, "distinct values"),
+    ("  search: tpe\n  n_trials: 2\n  space:\n    tune.provider: {low: 1, high: 2}\n", 6, "not a numeric knob"),
+    ("  search: tpe\n  n_trials: 2\n  space: {epochs: {choices: [1]}}\n  pruner: asha\n", 6, "sweep.pruner is 'asha'"),
+    ("  search: tpe\n  n_trials: 2\n  space: {epochs: {choices: [1]}}\n  grid: {epochs: [1]}\n", 6,
+     "sweep.grid is for search: grid"),
+    ("  search: tpe\n  n_trials: 2000\n  space: {epochs: {choices: [1]}}\n", 4, "over sweep.max_trials=1000"),
+])
+def test_a_search_that_cannot_run_is_refused_with_file_and_line(tmp_path, sweep, line, message):
+    path = _write(tmp_path, sweep)
+    raw = __import__("yaml").safe_load(path.read_text())["sweep"]
+    with pytest.raises(ConfigError, match=message) as caught:
+        plan_search(raw, str(path), section_lines(path, "sweep"))
+    assert str(caught.value).startswith(f"{path}:{line}: ")
+
+
+def test_every_corner_of_the_space_is_validated_like_a_parameter(tmp_path):
+    path = _write(tmp_path, "  search: random\n  n_trials: 3\n  space:\n    epochs: {low: 1, high: 3}\n"
+                  "    learning_rate: {low: 0.001, high: 200, log: true}\n")
+    plan = plan_search(__import__("yaml").safe_load(path.read_text())["sweep"], str(path), section_lines(path, "sweep"))
+    assert [d.kind for d in plan.space] == ["int", "float"] and len(plan.corners()) == 4
+    with pytest.raises(ConfigError, match=rf"^{path}:7: sweep.space.learning_rate: .*tune.learning_rate is 200"):
+        check_space(plan, load_config(path), with_overrides, str(path), section_lines(path, "sweep"))
+
+
+def test_a_refused_search_exits_2_before_any_run_starts(tmp_path, capsys):
+    path = _write(tmp_path, "  search: tpe\n  n_trials: 2\n  space:\n    max_span_tokens: {low: 1, high: 99}\n")
+    assert cli_main(["sweep", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}:")
+    assert MlflowClient().search_runs(["0"]) == []
+
+
+def test_storage_passwords_never_reach_tags_and_join_needs_a_search(tmp_path, capsys):
+    assert redacted("postgresql://u:s3cret@db:5432/optuna") == "postgresql://u:***@db:5432/optuna"
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("sweep:\n  grid: {epochs: [1]}\n", encoding="utf-8")
+    assert cli_main(["sweep", "--config", str(grid), "--join", "true"]) == 2
+    assert "join=true adds a worker to a search" in capsys.readouterr().err
+
+
+def test_cost_avoided_is_the_estimate_of_the_steps_not_trained():
+    assert cost_avoided(10.0, 25, 100) == pytest.approx(7.5)
+    assert cost_avoided(None, 25, 100) is None and cost_avoided(10.0, 25, None) is None
+
+
+def _outcome(number, f1s, **kw):
+    return TrialOutcome(number, f"r{number}", "COMPLETE", {}, sum(f1s) / len(f1s) * 1.0,
+                        f1_by_question={str(i): v for i, v in enumerate(f1s)}, **kw)
+
+
+def test_trials_inside_the_winners_interval_are_not_distinguishable_and_the_cheaper_is_recommended():
+    base = [100.0, 0.0] * 50
+    winner = _outcome(0, base, trained=3000)
+    alike = _outcome(1, base[:-2] + [0.0, 0.0], trained=1000)  # one question worse: inside the noise
+    worse = _outcome(2, [0.0] * 100, trained=500)
+    choice = compare([winner, alike, worse, TrialOutcome(3, "r3", "PRUNED", {})], samples=200)
+    verdicts = {c.outcome.number: c.distinguishable for c in choice.compared}
+    assert choice.winner.number == 0 and verdicts == {0: False, 1: False, 2: True}
+    assert choice.recommended.number == 1 and "trained on 1000 instead of 3000" in choice.reason
+
+
+SEARCH = """
+data: {{train_data: {train}, validation_data: {validation}, max_examples: 200, max_validation_examples: 40}}
+tune: {{provider: local, batch_size: 16, poll_interval: 0.05}}
+evaluate: {{max_concurrency: 1, bootstrap_samples: 100, trace_samples: 0, checkpoints: last}}
+local: {{eval_every_steps: 2, validation_loss_examples: 40}}
+sweep:
+  search: random
+  n_trials: 2
+  space:
+    learning_rate: {{choices: [0.05, 0.0000001]}}
+    epochs: {{choices: [1, 3]}}
+  pruner: median
+  pruner_startup_trials: 1
+  max_parallel_jobs: 1
+  storage: {storage}
+  study_name: {study}
+"""
+
+
+def test_a_losing_trial_is_pruned_with_its_trainer_stopped_and_a_rerun_trains_nothing_twice(
+        tmp_path, small_squad, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    storage = tmp_path / "study.journal"
+    path = tmp_path / "search.yaml"
+    path.write_text(SEARCH.format(train=small_squad[0], validation=small_squad[1], storage=storage, study="s1"),
+                    encoding="utf-8")
+    # The order of the points is fixed (Optuna's own enqueue): a fast learner completes, then a learner with a
+    # step too small to move the loss starts and is pruned at its first val_loss point past the median.
+    study = optuna.create_study(study_name="s1", direction="maximize", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(storage))))
+    study.enqueue_trial({"tune.learning_rate": 0.05, "tune.epochs": 1})
+    study.enqueue_trial({"tune.learning_rate": 0.0000001, "tune.epochs": 3})
+    assert cli_main(["sweep", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    client = MlflowClient()
+    parent = client.search_runs(["0"], "tags.`finetune.step` = 'sweep'")[0]
+    trials = {r.data.tags["finetune.trial_number"]: r for r in client.search_runs(
+        ["0"], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`finetune.step` = 'tune'")}
+    assert set(trials) == {"0", "1"} and trials["0"].info.status == "FINISHED"
+    pruned = trials["1"]
+    assert pruned.info.status == "KILLED" and pruned.data.tags["finetune.study"] == "s1"
+    reason = pruned.data.tags["finetune.end_reason"]
+    assert reason.startswith(f"pruned at step {pruned.data.tags['finetune.pruned_step']} (val_loss ")
+    assert "vs median" in reason and reason in out
+    job_dir = Path(load_config(path).local.jobs_dir or tmp_path / "home" / "local-jobs") / \
+        pruned.data.tags["finetune.job_id"]
+    assert json.loads((job_dir / "status.json").read_text())["state"] == "cancelled"
+    trainer = json.loads((job_dir / "pid.json").read_text())["pid"]
+    assert not pid_alive(trainer)
+    steps = json.loads((job_dir / "spec.json").read_text())["total_steps"]
+    assert int(pruned.data.tags["finetune.pruned_step"]) < steps  # stopped before its end
+    assert parent.data.metrics["search_n_pruned"] == 1 and parent.data.metrics["search_n_complete"] == 1
+    assert parent.data.tags["finetune.winner_run_id"] == trials["0"].info.run_id
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    assert {"search/report.md", "search/history.png", "search/trials.json"} <= artifacts
+    report = Path(client.download_artifacts(parent.info.run_id, "search/report.md", str(tmp_path))).read_text()
+    assert "**pruned**" in report and "Recommended: trial 0" in report
+
+    # The same parent again (--run-id): the study is continued, both trials are kept, nothing is launched.
+    monkeypatch.setenv("MLFLOW_RUN_ID", parent.info.run_id)
+    jobs = sorted(p.name for p in job_dir.parent.iterdir())
+    assert cli_main(["sweep", "--config", str(path)]) == 0
+    assert "launching" not in capsys.readouterr().out
+    assert sorted(p.name for p in job_dir.parent.iterdir()) == jobs
+    assert len(client.search_runs(["0"], "tags.`finetune.step` = 'tune'")) == 2
+    assert len(optuna.load_study(study_name="s1", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(storage)))).trials) == 2
