@@ -5,6 +5,10 @@ honest choice among trials."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -166,3 +170,66 @@ def test_a_losing_trial_is_pruned_with_its_trainer_stopped_and_a_rerun_trains_no
     assert len(client.search_runs(["0"], "tags.`finetune.step` = 'tune'")) == 2
     assert len(optuna.load_study(study_name="s1", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(storage)))).trials) == 2
+
+
+def _study(storage: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(storage))))
+
+
+def _until(what: str, check, process: subprocess.Popen, limit: float = 600):
+    """Poll `check` until it returns something truthy; fail if `process` ended first (progress, not a guess)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        assert process.poll() is None, f"the owner ended (rc {process.returncode}) before {what}"
+        time.sleep(0.2)
+    raise AssertionError(f"no {what} within {limit} s")
+
+
+def test_two_workers_on_one_journal_survive_a_kill_9_and_train_no_trial_twice(tmp_path, small_squad, monkeypatch):
+    storage = tmp_path / "study.journal"
+    path = tmp_path / "search.yaml"
+    path.write_text(SEARCH.format(train=small_squad[0], validation=small_squad[1], storage=storage, study="w")
+                    .replace("pruner: median", "pruner: none").replace("[1, 3]", "[1, 2]"), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "finetune_mlflow", "sweep", "--config", str(path)]
+    logs = [open(tmp_path / f"{name}.log", "wb") for name in ("owner", "joiner")]
+    owner = subprocess.Popen(command, cwd=ROOT, env=env, stdout=logs[0], stderr=subprocess.STDOUT)
+    joiner = None
+    try:
+        _until("a ready study", lambda: storage.exists() and _study(storage, "w").user_attrs.get("ready"), owner)
+        joiner = subprocess.Popen(command + ["--join", "true"], cwd=ROOT, env=env, stdout=logs[1],
+                                  stderr=subprocess.STDOUT)
+        client = MlflowClient()
+
+        def joiners_training_trial():
+            for trial in _study(storage, "w").get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+                run_id = trial.user_attrs.get("run_id")
+                if str(trial.user_attrs.get("finetune.worker", "")).endswith(f":{joiner.pid}") and run_id \
+                        and "finetune.job_id" in client.get_run(run_id).data.tags:
+                    return trial
+            return None
+
+        killed = _until("a trial of the joined worker training", joiners_training_trial, owner)
+        joiner.kill()  # kill -9: no handler runs in the worker
+        joiner.wait()
+        assert owner.wait(timeout=900) == 0, (tmp_path / "owner.log").read_text()[-3000:]
+    finally:
+        for process in (owner, joiner):
+            if process is not None and process.poll() is None:
+                process.kill()
+        for log in logs:
+            log.close()
+    trials = _study(storage, "w").get_trials()
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == killed.number)
+    assert retry.state is optuna.trial.TrialState.COMPLETE and retry.user_attrs["run_id"] == killed.user_attrs["run_id"]
+    assert retry.params == killed.params
+    assert sum(t.state is optuna.trial.TrialState.COMPLETE for t in trials) == 2  # n_trials, the retry included
+    runs = MlflowClient().search_runs(["0"], "tags.`finetune.step` = 'tune'")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    jobs = [p.name for p in (tmp_path / "home" / "local-jobs").iterdir()]
+    assert sorted(jobs) == sorted(r.data.tags["finetune.job_id"] for r in runs)  # one job per trial, none twice
+    assert not MlflowClient().search_runs(["0"], "attributes.status = 'RUNNING'")

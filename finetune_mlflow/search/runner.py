@@ -21,6 +21,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from finetune_mlflow import ownership
 from finetune_mlflow.config import Config, section_lines, with_overrides
 from finetune_mlflow.costing import check_cost_limit
 from finetune_mlflow.errors import ConfigError
@@ -155,6 +156,10 @@ def _join(config: Config, plan: SearchPlan, config_key: str, parallel: int) -> A
 def _finish(config: Config, plan: SearchPlan, study: Any, parent_id: str, ends: dict[str, int], promote: bool) -> Any:
     from finetune_mlflow.sweep import Point, SweepResult
 
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        ownership.end_stale_children(parent_id)  # a worker killed with -9 left its own run RUNNING
     found, choice = log_search_report(parent_id, study, samples=config.evaluate.bootstrap_samples,
                                       seed=config.evaluate.bootstrap_seed)
     status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
