@@ -160,6 +160,10 @@ def test_a_losing_trial_is_pruned_with_its_trainer_stopped_and_a_rerun_trains_no
     assert {"search/report.md", "search/history.png", "search/trials.json"} <= artifacts
     report = Path(client.download_artifacts(parent.info.run_id, "search/report.md", str(tmp_path))).read_text()
     assert "**pruned**" in report and "Recommended: trial 0" in report
+    production = load_config(path).tune.registered_model_name
+    registered = client.search_model_versions(f"name = '{production}'")  # only the chosen trial
+    assert [v.run_id for v in registered] == [trials["0"].info.run_id]
+    assert parent.data.tags["finetune.registered_version"] == f"{production}/{registered[0].version}"
 
     # The same parent again (--run-id): the study is continued, both trials are kept, nothing is launched.
     monkeypatch.setenv("MLFLOW_RUN_ID", parent.info.run_id)
@@ -168,6 +172,7 @@ def test_a_losing_trial_is_pruned_with_its_trainer_stopped_and_a_rerun_trains_no
     assert "launching" not in capsys.readouterr().out
     assert sorted(p.name for p in job_dir.parent.iterdir()) == jobs
     assert len(client.search_runs(["0"], "tags.`finetune.step` = 'tune'")) == 2
+    assert len(client.search_model_versions(f"name = '{production}'")) == 1
     assert len(optuna.load_study(study_name="s1", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(storage)))).trials) == 2
 

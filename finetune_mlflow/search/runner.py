@@ -32,6 +32,7 @@ from finetune_mlflow.scoring import base_evaluation
 from finetune_mlflow.search.space import SearchPlan, check_space, plan_search
 from finetune_mlflow.search.study import default_journal, open_study, pruner_spec, redacted, worker_id
 from finetune_mlflow.search.trials import Launch, work
+from finetune_mlflow.search.register import register_chosen
 from finetune_mlflow.search.report import log_search_report
 from finetune_mlflow.tracking import log_values, quote, step_run
 
@@ -109,7 +110,7 @@ def run_search(config: Config, block: Any, *, promote: bool = False, join: bool 
         study.set_user_attr(READY_ATTR, True)
         with tempfile.TemporaryDirectory(prefix="search-logs-") as logs:
             ends = work(study, _launch(config, plan, parent, storage, Path(logs)), parallel)
-        return _finish(config, plan, study, run_id, ends, promote)
+        return _finish(config, plan, study, run_id, ends, promote, owner=True)
 
 
 def _find_parent(config: Config, plan: SearchPlan, config_key: str) -> tuple[Any, str]:
@@ -150,10 +151,12 @@ def _join(config: Config, plan: SearchPlan, config_key: str, parallel: int) -> A
                   tags={"mlflow.parentRunId": parent.info.run_id, STUDY_NAME_TAG: study_name}):
         with tempfile.TemporaryDirectory(prefix="search-logs-") as logs:
             ends = work(study, _launch(config, plan, parent, storage, Path(logs)), parallel)
-        return _finish(config, plan, study, parent.info.run_id, ends, promote=False)
+        return _finish(config, plan, study, parent.info.run_id, ends, promote=False, owner=False)
 
 
-def _finish(config: Config, plan: SearchPlan, study: Any, parent_id: str, ends: dict[str, int], promote: bool) -> Any:
+def _finish(config: Config, plan: SearchPlan, study: Any, parent_id: str, ends: dict[str, int], promote: bool, *,
+            owner: bool) -> Any:
+    """The report on the parent (every worker); the owner, last to finish, registers and promotes the choice."""
     from finetune_mlflow.sweep import Point, SweepResult
 
     from optuna.trial import TrialState
@@ -169,15 +172,15 @@ def _finish(config: Config, plan: SearchPlan, study: Any, parent_id: str, ends: 
     _say(f"this worker: {ends}; study: {sum(o.state == 'COMPLETE' for o in found)} completed, "
          f"{sum(o.state == 'PRUNED' for o in found)} pruned, {sum(o.state == 'FAIL' for o in found)} failed"
          + (f"; recommended trial {choice.recommended.number} ({choice.reason})" if choice else ""))
+    version = register_chosen(winner.run_id, config.tune.registered_model_name) if owner and winner else None
+    if version is not None:
+        log_values(MlflowClient(), parent_id, tags={"finetune.registered_version": f"{version.name}/{version.version}"})
+        _say(f"registered the recommended trial as {version.model_uri}")
     if promote and winner is not None:
-        _promote(config, winner.run_id)
+        if version is None:
+            raise ConfigError(f"the recommended trial's run {winner.run_id} registered no model version; nothing to "
+                              "promote")
+        from finetune_mlflow.steps.promote import run_promote
+
+        run_promote(config, model_name=version.name, version=version.version)
     return SweepResult(parent_id, points, winner)
-
-
-def _promote(config: Config, run_id: str) -> None:
-    from finetune_mlflow.steps.promote import run_promote
-
-    name, _, version = MlflowClient().get_run(run_id).data.tags.get("finetune.registered_version", "").partition("/")
-    if not version:
-        raise ConfigError(f"the recommended trial's run {run_id} registered no model version; nothing to promote")
-    run_promote(config, model_name=name, version=version)
