@@ -32,6 +32,7 @@ from finetune_mlflow.job_tracking import request_for
 from finetune_mlflow.preparation import Prepared, ensure_prepared
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.scoring import base_evaluation
+from finetune_mlflow.search.runner import SearchResult
 from finetune_mlflow.search.space import is_search
 from finetune_mlflow.steps.promote import run_promote
 from finetune_mlflow.summary import HEADLINE_METRICS, describe_tune
@@ -146,12 +147,12 @@ def _record(parent_id: str, points: list[Point], best: Point | None) -> None:
     log_values(client, parent_id, metrics=metrics, tags=tags)
 
 
-def run_sweep(config: Config, *, promote: bool = False, join: bool = False) -> SweepResult:
+def run_sweep(config: Config, *, promote: bool = False, join: bool = False) -> SweepResult | SearchResult:
     if not config.config_file:
         raise ConfigError("sweep needs an experiment file with a sweep: block: -P config=experiments/<file>.yaml")
     block = read_raw_section(config.config_file, "sweep")
     if is_search(block):  # sweep.search: random | tpe: an Optuna study (finetune_mlflow.search)
-        from finetune_mlflow.search.runner import run_search
+        from finetune_mlflow.search.runner import run_search  # optuna is imported only for a search
 
         return run_search(config, block, promote=promote, join=join)
     if join:

@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.cli import main as cli_main
-from finetune_mlflow.config import load_config, section_lines, with_overrides
+from finetune_mlflow.config import load_config, read_raw_section, section_lines, with_overrides
 from finetune_mlflow.errors import ConfigError
 from finetune_mlflow.liveness import pid_alive
 from finetune_mlflow.search.choice import TrialOutcome, compare
@@ -64,6 +64,15 @@ def test_every_corner_of_the_space_is_validated_like_a_parameter(tmp_path):
     assert [d.kind for d in plan.space] == ["int", "float"] and len(plan.corners()) == 4
     with pytest.raises(ConfigError, match=rf"^{path}:7: sweep.space.learning_rate: .*tune.learning_rate is 200"):
         check_space(plan, load_config(path), with_overrides, str(path), section_lines(path, "sweep"))
+
+
+def test_the_shipped_search_plans_and_every_corner_is_a_valid_config():
+    path = ROOT / "experiments" / "search_local.yaml"
+    plan = plan_search(read_raw_section(path, "sweep"), str(path), section_lines(path, "sweep"))
+    assert (plan.method, plan.n_trials, plan.pruner) == ("tpe", 12, "median")
+    assert {d.key: d.log for d in plan.space} == {"tune.learning_rate": True, "tune.epochs": False}
+    corners = check_space(plan, load_config(path), with_overrides, str(path))
+    assert sorted((c.tune.learning_rate, c.tune.epochs) for c in corners)[0] == (0.001, 1) and len(corners) == 6
 
 
 def test_a_refused_search_exits_2_before_any_run_starts(tmp_path, capsys):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,24 @@ READY_ATTR = "ready"
 POLL_SECONDS = 0.5
 
 
+@dataclass(frozen=True)
+class SearchPoint:
+    """A trial as the sweep command reports it (the shape of `sweep.Point`)."""
+
+    values: dict
+    config: Config
+    run_id: str
+    status: str  # FINISHED, KILLED (pruned), FAILED
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    run_id: str
+    points: list[SearchPoint]
+    winner: SearchPoint | None  # the recommended trial
+
+
 def _price(configs: list[Config], prepared: Prepared, parent_id: str, plan: SearchPlan) -> float | None:
     """n_trials x the costliest corner of the space; None when a corner's cost cannot be estimated. Refuses the
     study above `max_cost_usd` (or with an unknown price under a limit) before any trial launches."""
@@ -73,8 +92,8 @@ def _storage(plan: SearchPlan, study_name: str) -> str:
     return plan.storage or default_journal(mlflow.get_tracking_uri(), study_name)
 
 
-def run_search(config: Config, block: Any, *, promote: bool = False, join: bool = False) -> Any:
-    """The sweep entry point for a search block; returns a `sweep.SweepResult`."""
+def run_search(config: Config, block: Any, *, promote: bool = False, join: bool = False) -> SearchResult:
+    """The sweep entry point for a search block."""
     source = config.config_file
     lines = section_lines(source, "sweep")
     plan = plan_search(block, source, lines)
@@ -140,7 +159,7 @@ def _wait_ready(study: Any, client: MlflowClient, parent_id: str) -> None:
         time.sleep(POLL_SECONDS)
 
 
-def _join(config: Config, plan: SearchPlan, config_key: str, parallel: int) -> Any:
+def _join(config: Config, plan: SearchPlan, config_key: str, parallel: int) -> SearchResult:
     client = MlflowClient()
     parent, study_name = _find_parent(config, plan, config_key)
     storage = _storage(plan, study_name)
@@ -155,10 +174,8 @@ def _join(config: Config, plan: SearchPlan, config_key: str, parallel: int) -> A
 
 
 def _finish(config: Config, plan: SearchPlan, study: Any, parent_id: str, ends: dict[str, int], promote: bool, *,
-            owner: bool) -> Any:
+            owner: bool) -> SearchResult:
     """The report on the parent (every worker); the owner, last to finish, registers and promotes the choice."""
-    from finetune_mlflow.sweep import Point, SweepResult
-
     from optuna.trial import TrialState
 
     if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
@@ -166,7 +183,7 @@ def _finish(config: Config, plan: SearchPlan, study: Any, parent_id: str, ends: 
     found, choice = log_search_report(parent_id, study, samples=config.evaluate.bootstrap_samples,
                                       seed=config.evaluate.bootstrap_seed)
     status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-    points = [Point(dict(o.params), with_overrides(config, o.params), o.run_id, status.get(o.state, o.state), {"eval_f1": o.f1} if o.f1 else {})
+    points = [SearchPoint(dict(o.params), with_overrides(config, o.params), o.run_id, status.get(o.state, o.state), {"eval_f1": o.f1} if o.f1 else {})
               for o in found]
     winner = next((p for p in points if choice and p.run_id == choice.recommended.run_id), None)
     _say(f"this worker: {ends}; study: {sum(o.state == 'COMPLETE' for o in found)} completed, "
@@ -183,4 +200,4 @@ def _finish(config: Config, plan: SearchPlan, study: Any, parent_id: str, ends: 
         from finetune_mlflow.steps.promote import run_promote
 
         run_promote(config, model_name=version.name, version=version.version)
-    return SweepResult(parent_id, points, winner)
+    return SearchResult(parent_id, points, winner)

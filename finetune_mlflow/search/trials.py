@@ -180,16 +180,16 @@ def run_trial(study: Any, trial: Any, launch: Launch) -> str:
     else:
         launch.say(f"{label}: ended {ended.lower()} earlier (run {run_id}), kept")
     if ended == "FINISHED" and "eval_f1" in run.data.metrics:
-        study.tell(trial, run.data.metrics["eval_f1"])
+        study.tell(trial, run.data.metrics["eval_f1"], skip_if_finished=True)
         launch.say(f"{label}: F1 {run.data.metrics['eval_f1']:.2f}")
         return "COMPLETE"
     if ended == "PRUNED":
-        study.tell(trial, state=TrialState.PRUNED)
+        study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         launch.say(f"{label}: {run.data.tags.get('finetune.end_reason', 'pruned')}")
         return "PRUNED"
     reason = run.data.tags.get("finetune.end_reason") or f"tune exited {code}"
     trial.set_user_attr("error", reason[:500])
-    study.tell(trial, state=TrialState.FAIL)
+    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     launch.say(f"{label}: FAILED: {reason[:300]}")
     return "FAIL"
 
@@ -221,16 +221,17 @@ def work(study: Any, launch: Launch, parallel: int) -> dict[str, int]:
     """Run trials on `parallel` threads until the study is done; returns how this worker's trials ended."""
     lock, stop = threading.Lock(), threading.Event()
     ends: dict[str, int] = {}
+    errors: list[BaseException] = []
 
     def loop() -> None:
-        while (trial := _next_trial(study, launch.plan, lock, stop)) is not None:
-            try:
+        try:
+            while (trial := _next_trial(study, launch.plan, lock, stop)) is not None:
                 end = run_trial(study, trial, launch)
-            except BaseException:
-                stop.set()
-                raise
-            with lock:
-                ends[end] = ends.get(end, 0) + 1
+                with lock:
+                    ends[end] = ends.get(end, 0) + 1
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
+            errors.append(e)
+            stop.set()
 
     threads = [threading.Thread(target=loop, name=f"trial-{i}", daemon=True) for i in range(max(1, parallel))]
     for thread in threads:
@@ -241,4 +242,6 @@ def work(study: Any, launch: Launch, parallel: int) -> dict[str, int]:
                 thread.join(timeout=1)
     finally:
         stop.set()
+    if errors:
+        raise errors[0]
     return ends
