@@ -247,3 +247,49 @@ def test_two_workers_on_one_journal_survive_a_kill_9_and_train_no_trial_twice(tm
     jobs = [p.name for p in (tmp_path / "home" / "local-jobs").iterdir()]
     assert sorted(jobs) == sorted(r.data.tags["finetune.job_id"] for r in runs)  # one job per trial, none twice
     assert not MlflowClient().search_runs(["0"], "attributes.status = 'RUNNING'")
+
+
+def test_a_pruned_hosted_trial_gets_exactly_one_cancel_call_and_logs_the_cost_avoided(tmp_path, monkeypatch):
+    """The pruning hook of a trial's tune process, on a real OpenAI client against the fake: a val_loss worse than
+    the completed trial's at the same step cancels the job once and ends the run's story with the pruner's reason."""
+    from finetune_mlflow.errors import RunStopped
+    from finetune_mlflow.providers.base import MetricPoint
+    from finetune_mlflow.providers.openai.provider import OpenAIProvider
+    from finetune_mlflow.search.pruning import TRIAL_ENV, trial_pruner
+    from tests.fakes.openai_server import FakeOpenAI, JobScript
+    from tests.test_openai_provider import API_KEY, make_config, make_request, write_prepared
+
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    storage = tmp_path / "study.journal"
+    study = optuna.create_study(study_name="hosted", direction="maximize", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(storage))))
+    study.add_trial(optuna.trial.create_trial(value=80.0, intermediate_values={2: -0.5}))
+    trial = study.ask()
+    spec = {"storage": str(storage), "study": "hosted", "trial_id": trial._trial_id, "number": trial.number,
+            "worker_pid": os.getppid(), "pruner": {"pruner": "median", "warmup": 0, "startup": 1, "min_steps": 1,
+                                                   "factor": 3}}
+    monkeypatch.setenv(TRIAL_ENV, json.dumps(spec))
+    client = MlflowClient()
+    run_id = client.create_run("0").info.run_id
+    with FakeOpenAI() as server:
+        server.script_next_job(JobScript(statuses=["running"] * 50, n_steps=20))
+        provider = OpenAIProvider(make_config(server), sleep=lambda s: None)
+        try:
+            job = provider.start_job(make_request(write_prepared(tmp_path, n_train=20), run_id=run_id))
+            job = provider.get_job(job.job_id)
+            client.log_metric(run_id, "estimated_cost_usd", 4.0)
+            client.log_metric(run_id, "n_train", 20)
+            hook = trial_pruner(provider, run_id)
+            hook(job, [MetricPoint("train_loss", 1.9, 1, 0)])  # no validation loss yet: nothing to judge
+            with pytest.raises(RunStopped, match=r"^pruned at step 2 \(val_loss 1.9 vs median 0.5 of 1 completed"):
+                hook(job, [MetricPoint("val_loss", 1.9, 2, 0)])
+        finally:
+            provider.close()
+        cancels = [r for r in server.requests if r[0] == "POST" and r[1].endswith("/cancel")]
+        assert len(cancels) == 1 and server.jobs[job.job_id].obj["status"] == "cancelled"
+    run = client.get_run(run_id)
+    assert run.data.tags["finetune.pruned_step"] == "2"
+    hp = job.hyperparameters
+    steps = int(hp["epochs"]) * -(-20 // int(hp["batch_size"]))
+    assert run.data.metrics["pruned_cost_avoided_usd"] == pytest.approx(4.0 * (1 - 2 / steps), abs=1e-4)

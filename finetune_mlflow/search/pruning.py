@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import statistics
@@ -67,6 +68,18 @@ def _end_with_worker(worker_pid: int) -> None:
         raise Terminated(signal.SIGTERM)
 
 
+def total_steps(job: TuningJob, n_train: float | None) -> int | None:
+    """The job's length in steps: as the provider says, else epochs x ceil(examples / batch size) from the
+    hyperparameters the job reports under the shared names (a hosted job resolves "auto" once it runs)."""
+    if job.total_steps:
+        return job.total_steps
+    try:
+        epochs, batch = int(job.hyperparameters["epochs"]), int(job.hyperparameters["batch_size"])
+    except (KeyError, ValueError):
+        return None
+    return epochs * math.ceil(n_train / batch) if n_train and batch > 0 else None
+
+
 def trial_pruner(provider: Provider, run_id: str) -> Callable[[TuningJob, list[MetricPoint]], None] | None:
     """The `stream_job` hook of a trial's tune process, or None when no search started this process."""
     handed = os.environ.get(TRIAL_ENV)
@@ -100,8 +113,8 @@ def trial_pruner(provider: Provider, run_id: str) -> Callable[[TuningJob, list[M
         logger.info("trial %s: %s; cancelling job %s", spec["number"], reason, job.job_id)
         provider.cancel_job(job.job_id)
         client = MlflowClient()
-        estimate = client.get_run(run_id).data.metrics.get("estimated_cost_usd")
-        avoided = cost_avoided(estimate, step, job.total_steps)
+        metrics = client.get_run(run_id).data.metrics
+        avoided = cost_avoided(metrics.get("estimated_cost_usd"), step, total_steps(job, metrics.get("n_train")))
         log_values(client, run_id, metrics={"pruned_cost_avoided_usd": round(avoided, 4)} if avoided else None,
                    tags={PRUNED_STEP_TAG: str(step), "finetune.pruned_val_loss": f"{best:.6g}",
                          "finetune.pruned_reference": reason.split(" vs ", 1)[1].rstrip(")")})
