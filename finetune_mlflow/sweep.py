@@ -8,6 +8,8 @@ reattaches unfinished ones to their job (never a second job for a point) and lau
 parent picks the winner (the report's rule: highest F1, then lower p95 latency, then lower cost), attaches
 the comparison report (`report/report.html`), logs the grid as a table (`sweep_grid.json`), the winner's headline
 metrics and a description, and with `-P promote=true` hands the winner to `promote`, gates and all.
+A block with `search: random | tpe` is an Optuna study instead (`finetune_mlflow.search`; `-P join=true` adds a
+worker to it); `search: grid` is this grid.
 """
 
 from __future__ import annotations
