@@ -63,10 +63,13 @@ def default_journal(tracking_uri: str, study_name: str) -> str:
 
 
 def quiet() -> None:
-    """Optuna's heartbeat retry and stale-trial check are marked experimental: the warning says nothing to a user."""
+    """Optuna's heartbeat retry and stale-trial check are marked experimental, and `ask` warns that heartbeats are
+    meant for `Study.optimize`: the worker records each trial's heartbeat itself (`trials._wait_beating`), so
+    neither warning says anything to a user."""
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
