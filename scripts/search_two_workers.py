@@ -76,6 +76,9 @@ def run(folder: Path, config: Path, document: dict) -> int:
     from finetune_mlflow.search.study import default_journal, open_storage
 
     tracking = f"sqlite:///{folder / 'mlflow.db'}"
+    # Artifacts in the folder too (the steps run in the repository, where ./mlruns would be the default).
+    os.chdir(folder)
+    MlflowClient(tracking).create_experiment(document["experiment"], artifact_location=str(folder / "artifacts"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "FINETUNE_MLFLOW_HOME": str(folder / "home"),
            "PYTHONPATH": str(ROOT)}
     command = ["mlflow", "run", str(ROOT), "-e", "sweep", "-P", f"config={config}", "--env-manager", "local"]
