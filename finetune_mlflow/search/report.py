@@ -42,11 +42,12 @@ def outcomes(study: Any, client: MlflowClient) -> list[TrialOutcome]:
 def markdown(study_name: str, found: list[TrialOutcome], choice: Choice | None, importances: dict[str, float]) -> str:
     """The search's page: every trial (pruned ones marked), the comparison to the winner, the recommendation."""
     lines = [f"# Search {study_name}", "",
-             "| trial | state | point | F1 | p95 ms | cost USD | run | note |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| trial | state | point | F1 | p95 ms | cost USD | trained | run | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for o in sorted(found, key=lambda o: o.number):
         state = {"PRUNED": "**pruned**", "FAIL": "failed"}.get(o.state, o.state.lower())
         lines.append(f"| {o.number} | {state} | {describe(o.params)} | {_num(o.f1)} | {_num(o.latency_ms_p95, 1)} | "
-                     f"{_num(o.cost_usd)} | `{o.run_id}` | {o.note.replace('|', '/')[:200]} |")
+                     f"{_num(o.cost_usd)} | {_num(o.trained, 0)} | `{o.run_id}` | {o.note.replace('|', '/')[:200]} |")
     if choice is not None:
         lines += ["", "## Distinguishable from the winner?", "",
                   f"Winner by F1: trial {choice.winner.number} (F1 {choice.winner.f1:.2f}). Each other completed trial's "
