@@ -85,8 +85,10 @@ def run(folder: Path, config: Path, document: dict) -> int:
     name = document["sweep"]["study_name"]
     storage = document["sweep"].get("storage") or default_journal(tracking, name)
     started = time.monotonic()
-    logs = [open(folder / f"worker{i}.log", "wb") for i in (1, 2)]
-    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=logs[0], stderr=subprocess.STDOUT)
+    logs = contextlib.ExitStack()
+    first_log = logs.enter_context((folder / "worker1.log").open("wb"))
+    second_log = logs.enter_context((folder / "worker2.log").open("wb"))
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=first_log, stderr=subprocess.STDOUT)
 
     def study():
         return optuna.load_study(study_name=name, storage=open_storage(storage))
@@ -99,7 +101,7 @@ def run(folder: Path, config: Path, document: dict) -> int:
     while not ready():
         assert first.poll() is None, (folder / "worker1.log").read_text()[-3000:]
         time.sleep(1)
-    second = subprocess.Popen(command + ["-P", "join=true"], cwd=ROOT, env=env, stdout=logs[1],
+    second = subprocess.Popen(command + ["-P", "join=true"], cwd=ROOT, env=env, stdout=second_log,
                               stderr=subprocess.STDOUT)
     mlflow = MlflowClient(tracking)
     killed = None
@@ -117,6 +119,7 @@ def run(folder: Path, config: Path, document: dict) -> int:
     os.kill(killed[1], signal.SIGKILL)
     print(f"kill -9 of worker pid {killed[1]} while trial {killed[0]} trains", flush=True)
     codes = (first.wait(), second.wait())
+    logs.close()
     wall = time.monotonic() - started
     trials = study().get_trials()
     states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}

@@ -4,6 +4,7 @@ honest choice among trials."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -72,7 +73,7 @@ def test_the_shipped_search_plans_and_every_corner_is_a_valid_config():
     assert (plan.method, plan.n_trials, plan.pruner) == ("tpe", 12, "median")
     assert {d.key: d.log for d in plan.space} == {"tune.learning_rate": True, "tune.epochs": False}
     corners = check_space(plan, load_config(path), with_overrides, str(path))
-    assert sorted((c.tune.learning_rate, c.tune.epochs) for c in corners)[0] == (0.001, 1) and len(corners) == 6
+    assert min((c.tune.learning_rate, c.tune.epochs) for c in corners) == (0.001, 1) and len(corners) == 6
 
 
 def test_a_refused_search_exits_2_before_any_run_starts(tmp_path, capsys):
@@ -210,12 +211,14 @@ def test_two_workers_on_one_journal_survive_a_kill_9_and_train_no_trial_twice(tm
                     .replace("pruner: median", "pruner: none").replace("[1, 3]", "[1, 2]"), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "finetune_mlflow", "sweep", "--config", str(path)]
-    logs = [open(tmp_path / f"{name}.log", "wb") for name in ("owner", "joiner")]
-    owner = subprocess.Popen(command, cwd=ROOT, env=env, stdout=logs[0], stderr=subprocess.STDOUT)
+    logs = contextlib.ExitStack()
+    owner_log = logs.enter_context((tmp_path / "owner.log").open("wb"))
+    joiner_log = logs.enter_context((tmp_path / "joiner.log").open("wb"))
+    owner = subprocess.Popen(command, cwd=ROOT, env=env, stdout=owner_log, stderr=subprocess.STDOUT)
     joiner = None
     try:
         _until("a ready study", lambda: storage.exists() and _study(storage, "w").user_attrs.get("ready"), owner)
-        joiner = subprocess.Popen(command + ["--join", "true"], cwd=ROOT, env=env, stdout=logs[1],
+        joiner = subprocess.Popen(command + ["--join", "true"], cwd=ROOT, env=env, stdout=joiner_log,
                                   stderr=subprocess.STDOUT)
         client = MlflowClient()
 
@@ -235,8 +238,7 @@ def test_two_workers_on_one_journal_survive_a_kill_9_and_train_no_trial_twice(tm
         for process in (owner, joiner):
             if process is not None and process.poll() is None:
                 process.kill()
-        for log in logs:
-            log.close()
+        logs.close()
     trials = _study(storage, "w").get_trials()
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == killed.number)
     assert retry.state is optuna.trial.TrialState.COMPLETE and retry.user_attrs["run_id"] == killed.user_attrs["run_id"]
@@ -257,7 +259,12 @@ def test_a_pruned_hosted_trial_gets_exactly_one_cancel_call_and_logs_the_cost_av
     from finetune_mlflow.providers.openai.provider import OpenAIProvider
     from finetune_mlflow.search.pruning import TRIAL_ENV, trial_pruner
     from tests.fakes.openai_server import FakeOpenAI, JobScript
-    from tests.test_openai_provider import API_KEY, make_config, make_request, write_prepared
+    from tests.test_openai_provider import (
+        API_KEY,
+        make_config,
+        make_request,
+        write_prepared,
+    )
 
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
