@@ -2,14 +2,14 @@
 other completed trial gets the paired-bootstrap 95% interval of its F1 difference to the winner on the same
 questions (`stats.paired_bootstrap_delta`). A trial whose interval holds 0 is "not distinguishable" from the winner,
 and among the winner and those, the cheaper one is recommended (estimated cost when every one of them has it,
-else the training work the provider reports: examples or tokens trained), then the faster one (p95 latency lower
+else the training work: tokens billed, or examples seen), then the faster one (p95 latency lower
 by more than LATENCY_NOISE_MARGIN), else the winner itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from finetune_mlflow.stats import Interval, paired_bootstrap_delta
 
@@ -27,7 +27,7 @@ class TrialOutcome:
     f1: float | None = None
     cost_usd: float | None = None
     latency_ms_p95: float | None = None
-    trained: float | None = None  # training work the provider reports (trained_examples or trained_tokens)
+    trained: float | None = None  # training work: billed tokens, else steps x batch size
     f1_by_question: Mapping[str, float] = field(default_factory=dict)
     note: str = ""  # why it was pruned or failed
 
@@ -83,7 +83,7 @@ def _recommend(winner: TrialOutcome, alike: list[TrialOutcome]) -> tuple[TrialOu
         if cheapest.trained < winner.trained:
             return cheapest, (f"trial {cheapest.number} is not distinguishable from the best F1 (trial "
                               f"{winner.number}) and trained on {cheapest.trained:.0f} instead of "
-                              f"{winner.trained:.0f} (examples or tokens: the cost where no price is known)")
+                              f"{winner.trained:.0f} (tokens or examples: the cost where no price is known)")
     if winner.latency_ms_p95 is not None:
         faster = [o for o in alike if o.latency_ms_p95 is not None
                   and o.latency_ms_p95 < winner.latency_ms_p95 * (1 - LATENCY_NOISE_MARGIN)]

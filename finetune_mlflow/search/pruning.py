@@ -18,7 +18,8 @@ import os
 import signal
 import statistics
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mlflow.tracking import MlflowClient
 

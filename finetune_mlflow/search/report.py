@@ -29,20 +29,31 @@ def outcomes(study: Any, client: MlflowClient) -> list[TrialOutcome]:
         metrics = dict(run.data.metrics) if run else {}
         rows = {}
         if trial.state.name == "COMPLETE" and run_id:
-            rows = {row.id: row.f1 for row in load_rows(run_id)}
+            rows = {row.id: row.f1 * 100 for row in load_rows(run_id)}  # F1 points, like eval_f1
         note = (run.data.tags.get("finetune.end_reason", "") if run else "") or str(trial.user_attrs.get("error", ""))
         found.append(TrialOutcome(trial.number, run_id, trial.state.name, dict(trial.params),
                                   trial.value if trial.state.name == "COMPLETE" else None,
                                   metrics.get("estimated_cost_usd"), metrics.get("latency_ms_p95"),
-                                  metrics.get("trained_examples", metrics.get("trained_tokens")), rows,
+                                  _work(metrics, run.data.params if run else {}), rows,
                                   note if trial.state.name in ("PRUNED", "FAIL") else ""))
     return found
+
+
+def _work(metrics: dict[str, float], params: dict[str, str]) -> float | None:
+    """Training work, comparable across one study's trials: billed tokens where the provider reports them (epochs
+    included), else steps completed x batch size (examples seen)."""
+    if "trained_tokens" in metrics:
+        return metrics["trained_tokens"]
+    if "completed_step_count" not in metrics:
+        return None
+    batch = params.get("batch_size", "0")
+    return metrics["completed_step_count"] * (int(batch) if batch.isdigit() and int(batch) > 0 else 1)
 
 
 def markdown(study_name: str, found: list[TrialOutcome], choice: Choice | None, importances: dict[str, float]) -> str:
     """The search's page: every trial (pruned ones marked), the comparison to the winner, the recommendation."""
     lines = [f"# Search {study_name}", "",
-             "| trial | state | point | F1 | p95 ms | cost USD | trained | run | note |",
+             "| trial | state | point | F1 | p95 ms | cost USD | trained (tokens or examples) | run | note |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for o in sorted(found, key=lambda o: o.number):
         state = {"PRUNED": "**pruned**", "FAIL": "failed"}.get(o.state, o.state.lower())
@@ -50,8 +61,8 @@ def markdown(study_name: str, found: list[TrialOutcome], choice: Choice | None, 
                      f"{_num(o.cost_usd)} | {_num(o.trained, 0)} | `{o.run_id}` | {o.note.replace('|', '/')[:200]} |")
     if choice is not None:
         lines += ["", "## Distinguishable from the winner?", "",
-                  f"Winner by F1: trial {choice.winner.number} (F1 {choice.winner.f1:.2f}). Each other completed trial's "
-                  "F1 difference to it, paired-bootstrap 95% interval over the same questions:", "",
+                  (f"Winner by F1: trial {choice.winner.number} (F1 {choice.winner.f1:.2f}). Each other completed trial's "
+                  "F1 difference to it, paired-bootstrap 95% interval over the same questions:"), "",
                   "| trial | F1 | F1 - winner [95% interval] | verdict |", "| --- | --- | --- | --- |"]
         for c in choice.compared:
             if c.delta is None:
@@ -61,8 +72,8 @@ def markdown(study_name: str, found: list[TrialOutcome], choice: Choice | None, 
                 verdict = "distinguishable" if c.distinguishable else "not distinguishable"
                 lines.append(f"| {c.outcome.number} | {c.outcome.f1:.2f} | {c.delta.estimate:+.2f} "
                              f"[{c.delta.low:+.2f}, {c.delta.high:+.2f}] | {verdict} |")
-        lines += ["", f"**Recommended: trial {choice.recommended.number}** (run `{choice.recommended.run_id}`): "
-                  f"{choice.reason}."]
+        lines += ["", (f"**Recommended: trial {choice.recommended.number}** (run `{choice.recommended.run_id}`): "
+                       f"{choice.reason}.")]
     if importances:
         lines += ["", "## Parameter importances (Optuna)", "", "| parameter | importance |", "| --- | --- |"]
         lines += [f"| {name} | {value:.3f} |" for name, value in importances.items()]
@@ -88,11 +99,13 @@ def _figures(client: MlflowClient, run_id: str, study: Any) -> dict[str, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
         axes = plots.plot_optimization_history(study, target_name="eval_f1")
+        axes.figure.tight_layout()
         client.log_figure(run_id, axes.figure, "search/history.png")
         plt.close(axes.figure)
         try:
             importances = optuna.importance.get_param_importances(study)
             axes = plots.plot_param_importances(study)
+            axes.figure.tight_layout()  # dotted parameter names need the room
             client.log_figure(run_id, axes.figure, "search/importances.png")
             plt.close(axes.figure)
         except (RuntimeError, ValueError, ZeroDivisionError) as e:

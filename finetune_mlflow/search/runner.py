@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,11 @@ from finetune_mlflow.job_tracking import request_for
 from finetune_mlflow.preparation import Prepared, ensure_prepared
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.scoring import base_evaluation
+from finetune_mlflow.search.register import register_chosen
+from finetune_mlflow.search.report import log_search_report
 from finetune_mlflow.search.space import SearchPlan, check_space, plan_search
 from finetune_mlflow.search.study import default_journal, open_study, pruner_spec, redacted, worker_id
 from finetune_mlflow.search.trials import Launch, work
-from finetune_mlflow.search.register import register_chosen
-from finetune_mlflow.search.report import log_search_report
 from finetune_mlflow.tracking import log_values, quote, step_run
 
 logger = logging.getLogger(__name__)

@@ -25,8 +25,9 @@ import dataclasses
 import itertools
 import math
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 from finetune_mlflow.config import Config, entry_flags
 from finetune_mlflow.errors import ConfigError

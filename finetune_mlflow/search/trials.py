@@ -17,14 +17,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from finetune_mlflow.config import Config
+from finetune_mlflow.config import Config, with_overrides
 from finetune_mlflow.liveness import pid_alive
 from finetune_mlflow.ownership import OWNER_TAG
 from finetune_mlflow.search.pruning import PRUNED_STEP_TAG, TRIAL_ENV
@@ -140,10 +141,7 @@ def _child_run(launch: Launch, trial: Any, values: dict[str, Any], study_name: s
     if existing:
         client.set_tag(existing, TRIAL_TAG, str(trial.number))
         return existing, True
-    config = launch.config
-    from finetune_mlflow.config import with_overrides
-
-    name = f"{with_overrides(config, values).run_name('tune')} #{trial.number}"
+    name = f"{with_overrides(launch.config, values).run_name('tune')} #{trial.number}"
     run = client.create_run(launch.parent.info.experiment_id, run_name=name, tags={
         "mlflow.parentRunId": launch.parent.info.run_id, "finetune.step": "tune",
         "finetune.sweep_point": point_key(values), **tags})
