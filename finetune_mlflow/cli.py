@@ -89,10 +89,10 @@ def _main(args: argparse.Namespace) -> None:
 def _sweep(args: argparse.Namespace) -> None:
     from finetune_mlflow.sweep import run_sweep
 
-    result = run_sweep(_config(args), promote=_flag(args.promote))
+    result = run_sweep(_config(args), promote=_flag(args.promote), join=_flag(args.join))
     best = result.winner
     print(f"sweep run {result.run_id}: {len(result.points)} points, "
-          f"{sum(p.status != 'FINISHED' for p in result.points)} failed; winner: "
+          f"{sum(p.status not in ('FINISHED', 'KILLED') for p in result.points)} failed; winner: "
           + (f"{best.config.run_name('tune')} (run {best.run_id}, F1 {best.metrics.get('eval_f1', float('nan')):.1f})"
              if best else "none"))
 
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("main", _main, "prepare -> evaluate base -> tune -> promote as child runs")
     sweep = command("sweep", _sweep, "one tune run per point of the config's sweep.grid, under a sweep parent")
     sweep.add_argument("--promote", default="false", help="hand the winner to promote (gates apply)")
+    sweep.add_argument("--join", default="false", help="add this process as a worker to the running search of "
+                       "the same experiment file (sweep.search: random | tpe)")
     report = commands.add_parser("report", allow_abbrev=False, help="compare tune runs: report.md and a self-contained report.html")
     report.add_argument("--experiment", default="", help="every tune run of this MLflow experiment")
     report.add_argument("--runs", default="", help="comma-separated run ids")

@@ -544,5 +544,12 @@ def read_raw_section(path: str | Path, section: str) -> Any:
     return raw.get(section)
 
 
+def section_lines(path: str | Path, section: str) -> dict[str, int]:
+    """The line of every key inside one top-level block, as `section.key.subkey` -> line (for file:line errors
+    about blocks `load_config` leaves to their entry point, such as `sweep:`)."""
+    _, lines = _read_yaml(Path(path), str(path))
+    return {key: line for key, line in lines.items() if key == section or key.startswith(section + ".")}
+
+
 def dump_yaml(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -7,6 +7,10 @@ class FinetuneError(Exception):
     """Base of every error the tool expects and explains; anything else is a bug and gets a traceback."""
 
 
+class RunStopped(FinetuneError):
+    """A run stopped on purpose before its end (a search pruned the trial): it ends KILLED with this reason."""
+
+
 class ConfigError(FinetuneError):
     """A config file or entry-point parameter is wrong; the message names the key, the value and the fix."""
 

@@ -28,6 +28,7 @@ from finetune_mlflow.providers.base import (
     TERMINAL_STATES,
     Checkpoint,
     JobState,
+    MetricPoint,
     MetricsPage,
     Provider,
     TuningJob,
@@ -112,10 +113,12 @@ def _record_poll(client: MlflowClient, sink: MetricSink, run_id: str, state: _Ru
 
 def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
                sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
-               wait: bool = True) -> TuningJob:
+               wait: bool = True, on_points: Callable[[TuningJob, list[MetricPoint]], None] | None = None
+               ) -> TuningJob:
     """Poll until the job ends, logging new metric points and state transitions as they appear.
 
-    `wait=False` (sync) polls once: whatever the job has now is logged and the job is returned in any state."""
+    `wait=False` (sync) polls once: whatever the job has now is logged and the job is returned in any state.
+    `on_points` sees each poll's new points once they are on the run (a search's pruner); it may raise to stop."""
     job_id = provider.check_job_id(job_id)  # from a run tag or the user: never a path or a URL
     client = MlflowClient()
     run = client.get_run(run_id)
@@ -142,6 +145,8 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
         if changed or page.points:
             watch.update(page.points, clock())
             logger.info("job %s: %s", job_id, watch.line(job, clock()))
+        if on_points is not None and page.points and job.state not in TERMINAL_STATES:
+            on_points(job, page.points)
         if job.state in TERMINAL_STATES or not wait:
             return job
         if clock() > deadline:

@@ -9,6 +9,8 @@ parent picks the winner (the report's rule: highest F1, then lower p95 latency, 
 as the sweep's one model version (children log their models but register none), attaches
 the comparison report (`report/report.html`), logs the grid as a table (`sweep_grid.json`), the winner's headline
 metrics and a description, and with `-P promote=true` hands the winner to `promote`, gates and all.
+A block with `search: random | tpe` is an Optuna study instead (`finetune_mlflow.search`; `-P join=true` adds a
+worker to it); `search: grid` is this grid.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from finetune_mlflow.preparation import Prepared, ensure_prepared
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.registry import SWEEP_POINT_TAG, RegisteredVersion, register_logged
 from finetune_mlflow.scoring import base_evaluation
+from finetune_mlflow.search.runner import SearchResult
+from finetune_mlflow.search.space import is_search
 from finetune_mlflow.steps.promote import run_promote
 from finetune_mlflow.summary import HEADLINE_METRICS, describe_tune
 from finetune_mlflow.report import from_parent, log_report, pick_winner
@@ -170,10 +174,20 @@ def _point_config(config: Config, values: dict) -> Config:
         raise ConfigError(f"{config.config_file}: sweep.grid point {point_key(values)}: {e}") from e
 
 
-def run_sweep(config: Config, *, promote: bool = False) -> SweepResult:
+def run_sweep(config: Config, *, promote: bool = False, join: bool = False) -> SweepResult | SearchResult:
     if not config.config_file:
         raise ConfigError("sweep needs an experiment file with a sweep: block: -P config=experiments/<file>.yaml")
-    plan = plan_sweep(read_raw_section(config.config_file, "sweep"), config.config_file)
+    block = read_raw_section(config.config_file, "sweep")
+    if is_search(block):  # sweep.search: random | tpe: an Optuna study (finetune_mlflow.search)
+        from finetune_mlflow.search.runner import run_search  # optuna is imported only for a search
+
+        return run_search(config, block, promote=promote, join=join)
+    if join:
+        raise ConfigError(f"{config.config_file}: join=true adds a worker to a search; this sweep is a grid "
+                          "(set sweep.search: random or tpe)")
+    if isinstance(block, dict):
+        block = {k: v for k, v in block.items() if k != "search"}  # search: grid is today's grid
+    plan = plan_sweep(block, config.config_file)
     points = [Point(values, _point_config(config, values)) for values in plan.points]  # all valid, or nothing runs
     provider = get_provider(config.tune.provider, config)
     parallel = plan.max_parallel_jobs or provider.max_parallel_jobs

@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow import ownership
+from finetune_mlflow.errors import RunStopped
 from finetune_mlflow.process import UNENDED_RUNS, disk_full_path
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,9 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
         _end_stale_launchers()
     try:
         yield run
+    except RunStopped as e:  # stopped on purpose (a pruned trial): KILLED with the reason as it is
+        _end(run, "KILLED", str(e))
+        raise
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (process.Terminated): stopped, not broken
         _end(run, "KILLED", f"{type(e).__name__}: {e or 'interrupted'}")
         raise

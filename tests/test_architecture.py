@@ -17,7 +17,7 @@ LAYERS = {
         "preparation", "scoring", "job_tracking", "promotion", "sweep_plan", "traces", "report", "checkpoints",
         "run_cost", "model_code", "scratch", "ownership",
         "process", "promotion_lock", "promotion_notes", "sweep_children"},
-    3: {"steps"},
+    3: {"steps", "search"},  # search: the tune step's pruning hook below, promote of the chosen trial above
     4: {"pipeline", "sweep", "cli", "__main__", "__init__"},
 }
 

@@ -7,7 +7,9 @@ Params logged: `provider`, `base_model`, `epochs`, `learning_rate`, `batch_size`
 training step. Summary metrics: the evaluate set for the tuned model, `base_eval_*` for the base model on the same
 split, `eval_f1_delta` with its paired-bootstrap interval, preflight estimates. Tags: see `job_tracking`.
 The tuned model is registered as a pyfunc version of `registered_model_name` (unless a version already serves the
-same model; a sweep child only logs it, and its sweep registers the winner).
+same model; a sweep child only logs it, and its sweep registers the winner). A run a search started (its trial
+handed over in FINETUNE_SEARCH_TRIAL) reports each val_loss to the trial and, when pruned, cancels its job and
+ends KILLED (`search.pruning`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import JobState, TuningJob
 from finetune_mlflow.registry import RegisteredVersion, warm_up
 from finetune_mlflow.scoring import Evaluation, base_evaluation
+from finetune_mlflow.search.pruning import trial_pruner
 from finetune_mlflow.tracking import log_values, step_run
 
 logger = logging.getLogger(__name__)
@@ -62,7 +65,8 @@ def run_tune(config: Config, *, prepared: Prepared | None = None, base: Evaluati
         else:
             job_id = launch(provider, request_for(config, run_id, prepared), config, client)
         warm_up(provider.serving_packages)  # while the job trains
-        job = stream_job(provider, job_id, run_id, config, sleep=sleep, clock=clock)
+        job = stream_job(provider, job_id, run_id, config, sleep=sleep, clock=clock,
+                         on_points=trial_pruner(provider, run_id))  # None unless a search started this run
         if job.state is JobState.SUCCEEDED:  # a failed job is recorded without paying for a base evaluation
             base = base or base_evaluation(config, prepared, provider)
         metrics, version = finish_job(provider, job, run_id, config, prepared, base)
