@@ -142,6 +142,12 @@ def test_evaluate_entry_point_scores_base_and_champion(small_squad):
         assert run.info.status == "FINISHED"
         assert EVAL_KEYS <= set(run.data.metrics), model
     assert "eval_f1_delta_ci_high" in run.data.metrics  # the champion is compared with the base run
+    # The alias is resolved once and said: which version was scored, on the run, its name and its trace.
+    champion = client.get_model_version_by_alias("squad-qa-local", "champion").version
+    assert run.data.tags["finetune.model_version"] == f"squad-qa-local/{champion}"
+    assert run.info.run_name == f"eval models:/squad-qa-local@champion (v{champion})"
+    traces = client.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id, flush=True)
+    assert [t.info.tags.get("finetune.model_version") for t in traces] == [f"squad-qa-local/{champion}"]
 
 
 def _free_port() -> int:
