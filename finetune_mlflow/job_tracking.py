@@ -38,7 +38,7 @@ from finetune_mlflow.preparation import Prepared
 from finetune_mlflow.progress import Progress
 from finetune_mlflow.run_cost import check_eval_cost, run_cost, usage_of
 from finetune_mlflow.scoring import Evaluation, evaluate_and_log, load_rows
-from finetune_mlflow.summary import describe_tune
+from finetune_mlflow.summary import base_scores, describe_tune
 from finetune_mlflow.tracking import MetricSink, log_values
 
 logger = logging.getLogger(__name__)
@@ -204,21 +204,24 @@ def _set_aside(model_id: str, checkpoint_id: str) -> None:
 def _evaluate_final(provider: Provider, job: TuningJob, run_id: str, config: Config, examples: list[dict],
                     base: Evaluation, candidates: list[Checkpoint]) -> tuple[dict[str, float], list]:
     """The final model's metrics and rows: evaluated against `base` (after one cost guard over it and every
-    checkpoint to come), or read back when an earlier attempt of this run already evaluated it."""
+    checkpoint to come), or read back when an earlier attempt of this run already evaluated it.
+
+    The base model's scores stay on the base evaluation run (`finetune.base_eval_run_id`); this run logs only
+    what is its own, the delta included, so the chart view compares what differs between tune runs. The returned
+    metrics add them as `base_*` for the descriptions written from them."""
     client = MlflowClient()
     run = client.get_run(run_id)
     done = run.data.tags.get(EVALUATED_TAG) == job.tuned_model
     check_eval_cost(examples, ([] if done else [job.tuned_model]) + [c.model for c in candidates], config,
                     provider.name)
+    base_metrics = base_scores(base.metrics)
     if done:
         # A rerun after a crash past evaluation: the run already holds this model's complete evaluation.
         logger.info("run %s already evaluated %s; not paying for it again", run_id, job.tuned_model)
-        return dict(run.data.metrics), (load_rows(run_id) if candidates else [])
+        return {**run.data.metrics, **base_metrics}, (load_rows(run_id) if candidates else [])
     tuned = evaluate_and_log(provider, job.tuned_model, examples, config, base.rows,
                              linked_model_id=_logged_model(client, run_id, job))
-    base_metrics = {f"base_{k}": v for k, v in base.metrics.items() if k.startswith(("eval_", "latency_ms_"))}
-    log_values(client, run_id, metrics=base_metrics,
-               tags={"finetune.base_eval_run_id": base.run_id, EVALUATED_TAG: job.tuned_model})
+    log_values(client, run_id, tags={"finetune.base_eval_run_id": base.run_id, EVALUATED_TAG: job.tuned_model})
     return {**tuned.metrics, **base_metrics}, tuned.rows
 
 

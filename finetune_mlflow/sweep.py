@@ -141,7 +141,7 @@ def _record(parent_id: str, points: list[Point], best: Point | None) -> None:
         metrics.update({k: v for k, v in (best.metrics or {}).items() if k in HEADLINE_METRICS})
         tags.update({"finetune.winner_run_id": best.run_id, "finetune.winner": best.config.run_name("tune"),
                      "mlflow.note.content": f"winner: {best.config.run_name('tune')}: "
-                                            f"{describe_tune(best.metrics or {}, best.run_id)}"})
+                                            f"{describe_tune(best.metrics or {})}; run {best.run_id}"})
     log_values(client, parent_id, metrics=metrics, tags=tags)
 
 

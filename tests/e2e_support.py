@@ -142,6 +142,12 @@ def run_entry_point(entry_point: str, parameters: dict[str, str], *, run_id: str
                                synchronous=synchronous, run_id=run_id)
 
 
+def base_metrics(run_id: str) -> dict[str, float]:
+    """The base model's scores a tune or sync run was compared with: they live on its base evaluation run."""
+    client = MlflowClient()
+    return dict(client.get_run(client.get_run(run_id).data.tags["finetune.base_eval_run_id"]).data.metrics)
+
+
 def history(run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) of every logged point of `key`, in step order (duplicates kept, so tests can see them)."""
     return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))

@@ -4,8 +4,9 @@ Parameters in: `config` and the tune/data/evaluate overrides (`finetune-mlflow t
 Params logged: `provider`, `base_model`, `epochs`, `learning_rate`, `batch_size`,
 `config_file`, `data_sha256`, and the active provider's section as `<provider>.<key>`;
 `config.yaml` artifact; metrics `n_train`, `n_val`; tag `finetune.config_sha256`. Step metrics `train_loss`, `val_loss` (and provider extras such as token accuracy), step =
-training step. Summary metrics: the evaluate set for the tuned model, `base_eval_*` for the base model on the same
-split, `eval_f1_delta` with its paired-bootstrap interval, preflight estimates. Tags: see `job_tracking`.
+training step. Summary metrics: the evaluate set for the tuned model, `eval_f1_delta` with its paired-bootstrap
+interval against the base model on the same split (whose scores stay on the base evaluation run the tag
+`finetune.base_eval_run_id` names), preflight estimates. Tags: see `job_tracking`.
 The tuned model is registered as a pyfunc version of `registered_model_name`.
 """
 
