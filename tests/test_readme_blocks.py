@@ -87,7 +87,7 @@ def test_every_marked_readme_block_runs_as_written_on_a_fresh_store(tmp_path):
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("squad-qa-local", "champion")
     previous = client.get_model_version_by_alias("squad-qa-local", "previous_champion")
-    assert (champion.version, previous.version) == ("1", "2"), "rollback put the first champion back"
+    assert (str(champion.version), str(previous.version)) == ("1", "2"), "rollback put the first champion back"
     assert (project / "report" / "report.html").exists() and (project / "report" / "report.md").exists()
     sweep = client.get_experiment_by_name("squad-local-sweep")
     children = client.search_runs([sweep.experiment_id], "tags.`finetune.step` = 'tune'")
