@@ -25,6 +25,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from finetune_mlflow import run_names
 from finetune_mlflow.config import Config, read_raw_section, with_overrides
 from finetune_mlflow.costing import check_cost_limit
 from finetune_mlflow.errors import ConfigError
@@ -108,7 +109,8 @@ def _run_child(point: Point, parent: mlflow.entities.Run, existing: mlflow.entit
     if existing is not None and existing.info.status == "FINISHED":
         tally.say(point, "finished earlier, kept", finished=True)
         return Point(point.values, point.config, existing.info.run_id, "FINISHED", dict(existing.data.metrics))
-    run = existing or client.create_run(parent.info.experiment_id, run_name=point.config.run_name("tune"), tags={
+    run = existing or client.create_run(parent.info.experiment_id, run_name=run_names.run_name(
+        point.config, "tune", run_names.varied_keys(point_key(point.values))), tags={
         "mlflow.parentRunId": parent.info.run_id, POINT_TAG: point_key(point.values), "finetune.step": "tune"})
     run_id = run.info.run_id
     tally.say(point, f"{'reattaching' if existing else 'launching'} (run {run_id})")

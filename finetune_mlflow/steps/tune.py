@@ -13,6 +13,7 @@ The tuned model is registered as a pyfunc version of `registered_model_name`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -26,6 +27,7 @@ from finetune_mlflow.preparation import Prepared, ensure_prepared
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import JobState, TuningJob
 from finetune_mlflow.registry import RegisteredVersion, warm_up
+from finetune_mlflow.run_names import SWEEP_POINT_TAG, run_name, varied_keys
 from finetune_mlflow.scoring import Evaluation, base_evaluation
 from finetune_mlflow.tracking import log_values, step_run
 
@@ -40,11 +42,20 @@ class TuneResult:
     version: RegisteredVersion
 
 
+def _sweep_point() -> str | None:
+    """The grid point of the run this process resumes (a sweep child runs with MLFLOW_RUN_ID set), if any: its
+    name then starts with what the sweep varies."""
+    resumed = os.environ.get("MLFLOW_RUN_ID")
+    if not resumed or mlflow.active_run() is not None:
+        return None
+    return MlflowClient().get_run(resumed).data.tags.get(SWEEP_POINT_TAG)
+
+
 def run_tune(config: Config, *, prepared: Prepared | None = None, base: Evaluation | None = None,
              sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> TuneResult:
     """The `tune` entry point. `prepared` and `base` are what an orchestrator (main, sweep) already produced;
     without them this run prepares (or reuses a prepare run) and evaluates the base model itself."""
-    with step_run("tune", run_name=config.run_name("tune"), tags={
+    with step_run("tune", run_name=run_name(config, "tune", varied_keys(_sweep_point())), tags={
             "finetune.provider": config.tune.provider, "finetune.base_model": config.tune.base_model}) as run:
         run_id = run.info.run_id
         client = MlflowClient()
