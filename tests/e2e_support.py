@@ -12,13 +12,14 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
 from mlflow.tracking import MlflowClient
+
+from tests.waiting import process_progress, until
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = re.compile(r"Passage:\n(?P<context>.*)\n\nQuestion: (?P<question>.*)\nAnswer:\s*$", re.S)
@@ -153,15 +154,10 @@ def history(run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
 
 
-def wait_for(condition: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+def wait_for(condition: Callable[[], Any], proc: subprocess.Popen, log_path: Path, *, interval: float = 0.1,
+             what: str = "condition"):
+    """Until `condition()` holds, while `proc` keeps moving (CPU or log output; see tests/waiting.py)."""
+    return until(condition, process_progress(proc, log_path), interval=interval, what=what)
 
 
 def start_cli(args: list[str], log_path: Path) -> subprocess.Popen:

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from finetune_mlflow.steps.promote import run_promote, run_rollback
 from finetune_mlflow.steps.tune import run_tune
 from tests import e2e_support as e2e
 from tests.conftest import ROOT
+from tests.waiting import process_progress, until
 
 EVAL_KEYS = {"eval_exact_match", "eval_f1", "eval_f1_ci_low", "eval_f1_ci_high", "eval_exact_match_ci_low",
              "eval_exact_match_ci_high", "eval_n", "eval_error_count", "eval_throughput_rps", "latency_ms_mean",
@@ -172,18 +172,18 @@ def test_champion_is_servable(small_squad):
     try:
         body = json.dumps({"dataframe_split": {"columns": ["question", "context"], "data": [
             ["Who founded the company?", "The company was founded by Ada Lovelace in London."]]}}).encode()
-        deadline = time.monotonic() + 60
-        while True:
+        def answer():
+            assert server.poll() is None, "the model server exited"
             try:
                 request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                                  headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=5) as response:
-                    predictions = json.loads(response.read())["predictions"]
-                break
+                    return json.loads(response.read())["predictions"]
             except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.5)
+                return None
+
+        # Until it answers, while the server (starting workers, loading the model) keeps using CPU.
+        predictions = until(answer, process_progress(server), interval=0.5, what="the model server to answer")
         assert predictions[0]["answer"]
     finally:
         os.killpg(server.pid, 15)

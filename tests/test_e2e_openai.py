@@ -112,7 +112,7 @@ def test_kill_minus_9_then_rerun_with_run_id_reattaches(openai_fake, small_squad
     args = ["tune"] + [f"--{key}={value}" for key, value in parameters.items()]
     proc = e2e.start_cli(args, tmp_path / "first.log")
     try:
-        run = e2e.wait_for(e2e.run_with_job_tag(proc, tmp_path / "first.log"), timeout=60,
+        run = e2e.wait_for(e2e.run_with_job_tag(proc, tmp_path / "first.log"), proc, tmp_path / "first.log",
                            what="a tune run with a job id and train_loss points")
     finally:
         e2e.kill_group(proc)

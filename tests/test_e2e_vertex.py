@@ -130,7 +130,7 @@ def test_kill_minus_9_then_rerun_with_run_id_reattaches(fake, config_file, small
     log = tmp_path / "first.log"
     proc = e2e.start_cli(["tune"] + [f"--{key}={value}" for key, value in parameters.items()], log)
     try:
-        run = e2e.wait_for(e2e.run_with_job_tag(proc, log), timeout=60,
+        run = e2e.wait_for(e2e.run_with_job_tag(proc, log), proc, log,
                            what="a tune run with a job id and train_loss points")
     finally:
         e2e.kill_group(proc)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import filecmp
 import json
 import logging
-import math
 import os
 import time
 import uuid
