@@ -287,8 +287,9 @@ def _register(provider: Provider, job: TuningJob, run_id: str, config: Config, p
         artifacts=provider.model_artifacts(selection.model), packages=provider.serving_packages,
         tags={**job.tags, "provider": name, "base_model": config.tune.base_model, "job_id": job.job_id,
               "tuned_model": selection.model, "source_run": run_id, "data_sha256": prepared.data_sha256,
-              "eval_f1": f"{chosen['eval_f1']:.4f}", "eval_exact_match": f"{chosen['eval_exact_match']:.4f}",
-              "latency_ms_p95": f"{chosen.get('latency_ms_p95', float('nan')):.3f}",
+              # Read on the version page: rounded as a person reads them (the run keeps full precision).
+              "eval_f1": f"{chosen['eval_f1']:.2f}", "eval_exact_match": f"{chosen['eval_exact_match']:.2f}",
+              "latency_ms_p95": f"{chosen.get('latency_ms_p95', float('nan')):.2f}",
               **checkpoints.selection_tags(selection)},
         description=(f"{what}{name} tuning job {job.job_id} of {config.tune.base_model}: validation F1 "
                      f"{chosen['eval_f1']:.2f}, EM {chosen['eval_exact_match']:.2f} (base F1 "
