@@ -82,7 +82,8 @@ def test_every_marked_readme_block_runs_as_written_on_a_fresh_store(tmp_path):
                               stdin=subprocess.DEVNULL)
         output = done.stdout.decode(errors="replace")
         assert done.returncode == 0, f"README block {name!r} failed ({done.returncode}):\n{output[-6000:]}"
-        assert "Downloading artifacts" not in output, f"README block {name!r} printed download progress bars"
+        if language == "bash":  # our commands; a user's own MLflow calls keep MLflow's default
+            assert "Downloading artifacts" not in output, f"README block {name!r} printed download progress bars"
     # What the sequence promised, read back from the store it made.
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     champion = client.get_model_version_by_alias("squad-qa-local", "champion")

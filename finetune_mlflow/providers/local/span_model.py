@@ -17,7 +17,6 @@ learning. Pure functions and plain data: no MLflow, no files, no network.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Iterator
 

@@ -138,7 +138,8 @@ def run(job_dir: Path) -> None:
         raise ValueError("no training example has its answer inside a candidate span")
     # The real total: the spec's counted every example, including those skipped above (no candidate span).
     total_steps = span_model.steps_for(len(train), spec["epochs"], spec["batch_size"])
-    write_json_atomic(job_dir / "status.json", {"state": "running", "updated": time.time(), "total_steps": total_steps})
+    write_json_atomic(job_dir / "status.json", {"state": "running", "updated": time.time(),
+                                                "total_steps": total_steps})
     steps = span_model.train(
         train, validation, span_model.initial_weights(size), epochs=spec["epochs"],
         learning_rate=spec["learning_rate"], batch_size=spec["batch_size"], seed=spec["seed"],
@@ -154,8 +155,9 @@ def run(job_dir: Path) -> None:
     if best["val_loss"] is not None:
         metrics["best_val_loss"] = best["val_loss"]
     write_json_atomic(job_dir / "status.json", {
-        "state": "succeeded", "updated": time.time(), "tuned_model": str(job_dir / WEIGHTS_FILE), "total_steps": total_steps,
-        "best_checkpoint": best["checkpoint_id"], "checkpoints": checkpoints, "metrics": metrics,
+        "state": "succeeded", "updated": time.time(), "tuned_model": str(job_dir / WEIGHTS_FILE),
+        "total_steps": total_steps, "best_checkpoint": best["checkpoint_id"], "checkpoints": checkpoints,
+        "metrics": metrics,
     })
 
 
