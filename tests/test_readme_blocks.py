@@ -70,6 +70,7 @@ def _user_environment(home: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.readme
 def test_every_marked_readme_block_runs_as_written_on_a_fresh_store(tmp_path):
     blocks = readme_blocks((ROOT / "README.md").read_text(encoding="utf-8"))
     assert [name for name, _, _ in blocks][:2] == ["fresh-store", "load-champion"], \
