@@ -20,19 +20,26 @@ from typing import Any, Callable
 STALL_SECONDS = 120.0
 
 
+# Progress is sampled at most this often (a sample reads /proc and walks folders), however fast `done` is polled.
+SAMPLE_SECONDS = 0.5
+
+
 def until(done: Callable[[], Any], progress: Callable[[], Any], *, stall_s: float = STALL_SECONDS,
           interval: float = 0.05, what: str = "condition") -> Any:
     """Poll `done()` until it returns something truthy (returned); fail when `progress()` stops changing."""
     last, since = progress(), time.monotonic()
+    sampled = since
     while True:
         value = done()
         if value:
             return value
-        seen = progress()
-        if seen != last:
-            last, since = seen, time.monotonic()
-        elif time.monotonic() - since > stall_s:
-            raise AssertionError(f"{what}: nothing moved for {stall_s:.0f}s (last progress seen: {last!r})")
+        now = time.monotonic()
+        if now - sampled >= SAMPLE_SECONDS:
+            seen, sampled = progress(), now
+            if seen != last:
+                last, since = seen, now
+            elif now - since > stall_s:
+                raise AssertionError(f"{what}: nothing moved for {stall_s:.0f}s (last progress seen: {str(last)[:500]})")
         time.sleep(interval)
 
 
