@@ -11,6 +11,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -66,7 +67,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from finetune_mlflow.summary import describe_evaluation
 
     result = run_evaluate(_config(args), args.model)
-    print(f"run {result.run_id}: {args.model} {describe_evaluation(result.metrics)}")
+    scored = f"{args.model} (version {result.model_version.rpartition('/')[2]})" if result.model_version else args.model
+    print(f"run {result.run_id}: {scored} {describe_evaluation(result.metrics)}")
 
 
 def _promote(args: argparse.Namespace) -> None:
@@ -193,7 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Our downloads (prepared splits, result tables, models to score) are internal steps: MLflow's per-download
+# progress bars would fill the log with bars nobody asked for. A user who sets the variable keeps their choice.
+QUIET_DOWNLOADS = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    for name, value in QUIET_DOWNLOADS.items():
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
     if args.command not in ("score", "knobs", "report"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

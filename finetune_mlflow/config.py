@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping
 
 import yaml
 
+from finetune_mlflow import run_names
 from finetune_mlflow.errors import ConfigError
 
 OnInvalid = Literal["fail", "drop"]
@@ -250,13 +251,8 @@ class Config:
                 "config_file": self.config_file or "<defaults>", **self.section_params(tune.provider)}
 
     def run_name(self, step: str) -> str:
-        """What a person reads in the runs table: `tune openai/gpt-4o-mini e3 lr1.8`, `... n300` when the training
-        data is cut to its first 300 examples. A base model given as a path, package file or hub id shows its last
-        component (the whole reference is the `base_model` param)."""
-        tune = self.tune
-        model = tune.base_model.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].removesuffix(".gguf")
-        cut = f" n{self.data.max_examples}" if self.data.max_examples else ""
-        return f"{step} {tune.provider}/{model or tune.base_model} e{tune.epochs} lr{tune.learning_rate:g}{cut}"
+        """What a person reads in the runs table: `tune openai/gpt-4o-mini e3 lr1.8` (see `run_names`)."""
+        return run_names.run_name(self, step)
 
 
 def provider_sections() -> tuple[str, ...]:

@@ -39,7 +39,7 @@ from finetune_mlflow.preparation import Prepared
 from finetune_mlflow.progress import Progress
 from finetune_mlflow.run_cost import check_eval_cost, run_cost, usage_of
 from finetune_mlflow.scoring import Evaluation, evaluate_and_log, load_rows
-from finetune_mlflow.summary import describe_tune
+from finetune_mlflow.summary import base_scores, describe_tune
 from finetune_mlflow.tracking import MetricSink, log_values
 
 logger = logging.getLogger(__name__)
@@ -210,21 +210,24 @@ def _set_aside(model_id: str, checkpoint_id: str) -> None:
 def _evaluate_final(provider: Provider, job: TuningJob, run_id: str, config: Config, examples: list[dict],
                     base: Evaluation, candidates: list[Checkpoint]) -> tuple[dict[str, float], list]:
     """The final model's metrics and rows: evaluated against `base` (after one cost guard over it and every
-    checkpoint to come), or read back when an earlier attempt of this run already evaluated it."""
+    checkpoint to come), or read back when an earlier attempt of this run already evaluated it.
+
+    The base model's scores stay on the base evaluation run (`finetune.base_eval_run_id`); this run logs only
+    what is its own, the delta included, so the chart view compares what differs between tune runs. The returned
+    metrics add them as `base_*` for the descriptions written from them."""
     client = MlflowClient()
     run = client.get_run(run_id)
     done = run.data.tags.get(EVALUATED_TAG) == job.tuned_model
     check_eval_cost(examples, ([] if done else [job.tuned_model]) + [c.model for c in candidates], config,
                     provider.name)
+    base_metrics = base_scores(base.metrics)
     if done:
         # A rerun after a crash past evaluation: the run already holds this model's complete evaluation.
         logger.info("run %s already evaluated %s; not paying for it again", run_id, job.tuned_model)
-        return dict(run.data.metrics), (load_rows(run_id) if candidates else [])
+        return {**run.data.metrics, **base_metrics}, (load_rows(run_id) if candidates else [])
     tuned = evaluate_and_log(provider, job.tuned_model, examples, config, base.rows,
                              linked_model_id=_logged_model(client, run_id, job))
-    base_metrics = {f"base_{k}": v for k, v in base.metrics.items() if k.startswith(("eval_", "latency_ms_"))}
-    log_values(client, run_id, metrics=base_metrics,
-               tags={"finetune.base_eval_run_id": base.run_id, EVALUATED_TAG: job.tuned_model})
+    log_values(client, run_id, tags={"finetune.base_eval_run_id": base.run_id, EVALUATED_TAG: job.tuned_model})
     return {**tuned.metrics, **base_metrics}, tuned.rows
 
 
@@ -291,8 +294,9 @@ def _register(provider: Provider, job: TuningJob, run_id: str, config: Config, p
         artifacts=provider.model_artifacts(selection.model), packages=provider.serving_packages,
         tags={**job.tags, "provider": name, "base_model": config.tune.base_model, "job_id": job.job_id,
               "tuned_model": selection.model, "source_run": run_id, "data_sha256": prepared.data_sha256,
-              "eval_f1": f"{chosen['eval_f1']:.4f}", "eval_exact_match": f"{chosen['eval_exact_match']:.4f}",
-              "latency_ms_p95": f"{chosen.get('latency_ms_p95', float('nan')):.3f}",
+              # Read on the version page: rounded as a person reads them (the run keeps full precision).
+              "eval_f1": f"{chosen['eval_f1']:.2f}", "eval_exact_match": f"{chosen['eval_exact_match']:.2f}",
+              "latency_ms_p95": f"{chosen.get('latency_ms_p95', float('nan')):.2f}",
               **checkpoints.selection_tags(selection)},
         description=(f"{what}{name} tuning job {job.job_id} of {config.tune.base_model}: validation F1 "
                      f"{chosen['eval_f1']:.2f}, EM {chosen['eval_exact_match']:.2f} (base F1 "

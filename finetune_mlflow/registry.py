@@ -25,6 +25,7 @@ from finetune_mlflow.config import Config
 from finetune_mlflow.model_code import stage_package
 from finetune_mlflow.scratch import scratch_dir
 from finetune_mlflow.served import SERVING_ARTIFACT
+from finetune_mlflow.run_names import SWEEP_POINT_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ TUNED_MODEL_DIR = "tuned_model"
 MACHINE_LOCAL_SETTINGS = {"jobs_dir"}
 # A sweep child's run carries this tag (its grid point): it logs its model but registers no version; the sweep
 # parent registers only the winner, from the tags and description the child left on its LoggedModel.
-SWEEP_POINT_TAG = "finetune.sweep_point"
 PENDING_TAGS = "finetune.version_tags"
 PENDING_DESCRIPTION = "finetune.version_description"
 # The content of what a version serves: the same model (same weights and serving settings, or the same hosted

@@ -20,6 +20,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
@@ -52,6 +53,7 @@ class Evaluation:
     run_id: str
     metrics: dict[str, float]
     rows: list[ExampleResult]
+    model_version: str = ""  # `<name>/<version>` when a registered version was scored
 
 
 def score_model(provider: Provider, model_id: str, examples: list[dict], config: Config,
@@ -72,9 +74,11 @@ def score_model(provider: Provider, model_id: str, examples: list[dict], config:
 
 
 def evaluate_and_log(provider: Provider, model_id: str, examples: list[dict], config: Config,
-                     baseline: list[ExampleResult] | None = None, *, linked_model_id: str | None = None) -> Evaluation:
+                     baseline: list[ExampleResult] | None = None, *, linked_model_id: str | None = None,
+                     trace_tags: dict[str, str] | None = None) -> Evaluation:
     """Evaluate in the active run: metrics (linked to the MLflow LoggedModel `linked_model_id` when given, so
-    the model's page shows them), per-example table, traces, and the delta against a baseline if given."""
+    the model's page shows them), per-example table, traces (tagged with `trace_tags`), and the delta against a
+    baseline if given."""
     run, metrics = score_model(provider, model_id, examples, config, baseline)
     active = mlflow.active_run()
     log_values(MlflowClient(), active.info.run_id, metrics=metrics, tags=provider.request_tags(model_id),
@@ -85,7 +89,7 @@ def evaluate_and_log(provider: Provider, model_id: str, examples: list[dict], co
     if config.evaluate.trace_samples:
         record_traces(run.results, {e["id"]: e["context"] for e in examples}, model=model_id, provider=provider.name,
                       experiment_id=active.info.experiment_id, run_id=active.info.run_id,
-                      size=config.evaluate.trace_samples)
+                      size=config.evaluate.trace_samples, tags=trace_tags)
     check_error_rate(run, config.evaluate.max_error_rate)
     return Evaluation(active.info.run_id, metrics, run.results)
 
@@ -137,16 +141,17 @@ class ResolvedModel:
     provider: Provider
     model_id: str
     base_model: str
+    version: str = ""  # `<name>/<version>` a `models:/` reference (an alias included) stood for
 
 
-def _registered_version_tags(name_and_version: str) -> dict[str, str]:
-    """Tags of `<name>/<version>` or `<name>@<alias>`."""
+def _registered_version(name_and_version: str) -> ModelVersion:
+    """The version `<name>/<version>` or `<name>@<alias>` names (an alias resolved now, as the load will)."""
     client = MlflowClient()
     if "@" in name_and_version:
         name, alias = name_and_version.split("@", 1)
-        return dict(client.get_model_version_by_alias(name, alias).tags)
+        return client.get_model_version_by_alias(name, alias)
     name, version = name_and_version.rsplit("/", 1)
-    return dict(client.get_model_version(name, version).tags)
+    return client.get_model_version(name, version)
 
 
 def resolve_model(reference: str, config: Config) -> ResolvedModel:
@@ -160,7 +165,11 @@ def resolve_model(reference: str, config: Config) -> ResolvedModel:
         tags = MlflowClient().get_run(run_id).data.tags
         base_model = tags.get("finetune.base_model", "")
     elif reference.startswith("models:/"):
-        base_model = _registered_version_tags(reference[len("models:/"):]).get("base_model", "")
+        version = _registered_version(reference[len("models:/"):])
+        # Load that exact version: an alias moved between this lookup and the download must not mix two versions.
+        model_id, provider = _load_logged_model(f"models:/{version.name}/{version.version}")
+        return ResolvedModel(provider, model_id, version.tags.get("base_model", ""),
+                             f"{version.name}/{version.version}")
     else:
         # A provider's own model id, e.g. an existing `ft:gpt-4o-mini-...` model or a Vertex endpoint.
         return ResolvedModel(get_provider(config.tune.provider, config), reference, config.tune.base_model)

@@ -27,6 +27,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from finetune_mlflow import run_names
 from finetune_mlflow.config import Config, read_raw_section, with_overrides
 from finetune_mlflow.costing import check_cost_limit
 from finetune_mlflow.errors import ConfigError
@@ -127,7 +128,8 @@ def _run_child(point: Point, parent: mlflow.entities.Run, existing: mlflow.entit
     if existing is not None and existing.info.status == "FINISHED":
         tally.say(point, "finished earlier, kept", finished=True)
         return Point(point.values, point.config, existing.info.run_id, "FINISHED", dict(existing.data.metrics))
-    run = existing or client.create_run(parent.info.experiment_id, run_name=point.config.run_name("tune"), tags={
+    run = existing or client.create_run(parent.info.experiment_id, run_name=run_names.run_name(
+        point.config, "tune", run_names.varied_keys(point_key(point.values))), tags={
         "mlflow.parentRunId": parent.info.run_id, POINT_TAG: point_key(point.values), "finetune.step": "tune"})
     run_id = run.info.run_id
     tally.say(point, f"{'reattaching' if existing else 'launching'} (run {run_id})")
@@ -162,7 +164,7 @@ def _record(parent_id: str, points: list[Point], best: Point | None) -> None:
         metrics.update({k: v for k, v in (best.metrics or {}).items() if k in HEADLINE_METRICS})
         tags.update({"finetune.winner_run_id": best.run_id, "finetune.winner": best.config.run_name("tune"),
                      "mlflow.note.content": f"winner: {best.config.run_name('tune')}: "
-                                            f"{describe_tune(best.metrics or {}, best.run_id)}"})
+                                            f"{describe_tune(best.metrics or {})}; run {best.run_id}"})
     log_values(client, parent_id, metrics=metrics, tags=tags)
 
 

@@ -29,6 +29,15 @@ def sample(results: Sequence[ExampleResult], size: int) -> list[ExampleResult]:
     return ranked[:size]
 
 
+SPAN_NAME_CHARS = 80
+
+
+def span_name(question: str) -> str:
+    """The question itself, on one line and cut to a readable length: the trace tree lists spans by name."""
+    text = " ".join(question.split()) or "(empty question)"
+    return text if len(text) <= SPAN_NAME_CHARS else text[: SPAN_NAME_CHARS - 1].rstrip() + "…"
+
+
 def _duration_ns(result: ExampleResult) -> int:
     return int((result.latency_ms or 0.0) * 1e6)
 
@@ -37,8 +46,9 @@ def _request_span(client: MlflowClient, root: Span, result: ExampleResult, conte
                   start_ns: int) -> int:
     """One sampled request as a child span of `root`, from `start_ns` for its latency; returns where it ends."""
     end_ns = start_ns + _duration_ns(result)
-    span = client.start_span(f"answer {result.id}", trace_id=root.trace_id, parent_id=root.span_id,
-                             span_type=SpanType.LLM, start_time_ns=start_ns, attributes={"model": model},
+    span = client.start_span(span_name(result.question), trace_id=root.trace_id, parent_id=root.span_id,
+                             span_type=SpanType.LLM, start_time_ns=start_ns,
+                             attributes={"model": model, "question_id": result.id},
                              inputs={"system": SYSTEM_INSTRUCTION, "prompt": user_prompt(result.question, context)})
     client.end_span(root.trace_id, span.span_id, end_time_ns=end_ns, status="ERROR" if result.error else "OK",
                     outputs={"answer": result.prediction, "gold_answers": result.gold_answers, "f1": result.f1,
@@ -49,9 +59,9 @@ def _request_span(client: MlflowClient, root: Span, result: ExampleResult, conte
 
 
 def record_traces(results: Sequence[ExampleResult], contexts: dict[str, str], *, model: str, provider: str,
-                  experiment_id: str, run_id: str, size: int) -> int:
-    """Write the sample as one trace of the run, a span per request; returns how many requests it holds (tracing
-    failures only warn: the metrics and the table are the record)."""
+                  experiment_id: str, run_id: str, size: int, tags: dict[str, str] | None = None) -> int:
+    """Write the sample as one trace of the run (with `tags`), a span per request named by its question;
+    returns how many requests it holds (tracing failures only warn: the metrics and the table are the record)."""
     chosen = sample(results, size)
     if not chosen:
         return 0
@@ -60,6 +70,7 @@ def record_traces(results: Sequence[ExampleResult], contexts: dict[str, str], *,
     try:
         root = client.start_trace(f"evaluate {model}", experiment_id=experiment_id, run_id=run_id,
                                   start_time_ns=cursor, attributes={"model": model, "provider": provider},
+                                  tags=tags or None,
                                   inputs={"model": model, "sampled_requests": len(chosen), "of": len(results)})
         try:
             for result in chosen:

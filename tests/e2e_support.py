@@ -12,13 +12,14 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
 from mlflow.tracking import MlflowClient
+
+from tests.waiting import process_progress, until
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = re.compile(r"Passage:\n(?P<context>.*)\n\nQuestion: (?P<question>.*)\nAnswer:\s*$", re.S)
@@ -144,20 +145,21 @@ def run_entry_point(entry_point: str, parameters: dict[str, str], *, run_id: str
                                synchronous=synchronous, run_id=run_id)
 
 
+def base_metrics(run_id: str) -> dict[str, float]:
+    """The base model's scores a tune or sync run was compared with: they live on its base evaluation run."""
+    client = MlflowClient()
+    return dict(client.get_run(client.get_run(run_id).data.tags["finetune.base_eval_run_id"]).data.metrics)
+
+
 def history(run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) of every logged point of `key`, in step order (duplicates kept, so tests can see them)."""
     return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
 
 
-def wait_for(condition: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+def wait_for(condition: Callable[[], Any], proc: subprocess.Popen, log_path: Path, *, interval: float = 0.1,
+             what: str = "condition"):
+    """Until `condition()` holds, while `proc` keeps moving (CPU or log output; see tests/waiting.py)."""
+    return until(condition, process_progress(proc, log_path), interval=interval, what=what)
 
 
 def start_cli(args: list[str], log_path: Path) -> subprocess.Popen:

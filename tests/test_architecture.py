@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "finetune_mlflow"
 
 # Lower number = lower floor. A module may import its own floor or below.
 LAYERS = {
-    0: {"errors", "liveness", "prompt", "costing", "squad_metrics", "stats", "records", "cleaning", "config"},
+    0: {"errors", "liveness", "prompt", "costing", "squad_metrics", "stats", "records", "cleaning", "config",
+        "run_names"},
     1: {"providers"},
     2: {"evaluation", "tracking", "progress", "summary", "scorefile", "registry", "qa_model", "served", "serving",
         "preparation", "scoring", "job_tracking", "promotion", "sweep_plan", "traces", "report", "checkpoints",

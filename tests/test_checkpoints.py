@@ -76,7 +76,9 @@ def test_openai_tune_evaluates_each_checkpoint_and_registers_the_better_one(open
     assert (version.tags["finetune.checkpoint_step"], version.tags["finetune.checkpoint_epoch"]) == ("20", "2")
     assert version.tags["finetune.checkpoint_id"].startswith("ftckpt_")
     _, better_f1, _ = e2e.expected_scores(openai_fake.answerer, lambda m: m == models[20])
-    assert float(version.tags["eval_f1"]) == pytest.approx(better_f1)
+    # Rounded as a person reads it on the version page.
+    assert float(version.tags["eval_f1"]) == pytest.approx(better_f1, abs=0.005)
+    assert len(version.tags["eval_f1"].partition(".")[2]) == 2
     assert better_f1 > run.data.metrics["eval_f1"]
     assert run.data.metrics["selected_eval_f1"] == pytest.approx(better_f1)
     assert run.data.tags["finetune.selected_model"] == models[20]

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT
+from tests.waiting import folder_state, process_progress, run_watched, until
 
 CONFIG = ROOT / "experiments" / "squad_local.yaml"
 MODEL_NAME = "squad-qa-local"
@@ -40,15 +40,19 @@ def start(command: list[str], run_id: str, log: Path) -> subprocess.Popen:
         return subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=os.getcwd())
 
 
-def wait_for(condition, process: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
+def wait_for(condition, process: subprocess.Popen, log: Path) -> None:
+    """Until the kill point, while tune (or the trainer it launched) keeps moving; see tests/waiting.py."""
+    def reached() -> bool:
         if process.poll() is not None:
             pytest.fail(f"tune exited ({process.returncode}) before the kill point:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"kill point not reached in {timeout:.0f}s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
+        return bool(condition())
+
+    jobs = Path(os.environ["FINETUNE_MLFLOW_HOME"]) / "local-jobs"
+    try:
+        until(reached, lambda: (process_progress(process, log)(), folder_state(jobs)), what="the kill point")
+    except AssertionError:
+        process.kill()
+        pytest.fail(f"kill point not reached, nothing moving:\n{log.read_text()[-3000:]}")
 
 
 def kill_then_rerun(small_squad, tmp_path, condition, *extra: str) -> tuple[MlflowClient, str, int]:
@@ -67,8 +71,7 @@ def kill_then_rerun(small_squad, tmp_path, condition, *extra: str) -> tuple[Mlfl
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody got the chance to end it
     logged_before_kill = len(client.get_metric_history(run_id, "train_loss"))
 
-    rerun = subprocess.run(command, env={**os.environ, "MLFLOW_RUN_ID": run_id}, capture_output=True, text=True,
-                           timeout=300, cwd=os.getcwd())
+    rerun = run_watched(command, env={**os.environ, "MLFLOW_RUN_ID": run_id}, cwd=os.getcwd())
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-5000:]
     assert "reattaching instead of launching another" in rerun.stderr
     return client, run_id, logged_before_kill

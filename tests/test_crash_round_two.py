@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from finetune_mlflow.cli import main
 from tests.conftest import ROOT, SQUAD_VALIDATION
 from tests.test_bad_input import VALID, all_runs
 from tests.test_crash_local import CONFIG, assert_completed_once, start, tune_command, wait_for
+from tests.waiting import process_progress, run_watched, until
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +38,7 @@ def children(client: MlflowClient, run_id: str, step: str) -> list:
 
 
 def rerun(command: list[str], run_id: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command, env={**os.environ, "MLFLOW_RUN_ID": run_id}, capture_output=True, text=True,
-                          timeout=300, cwd=os.getcwd())
+    return run_watched(command, env={**os.environ, "MLFLOW_RUN_ID": run_id}, cwd=os.getcwd())
 
 
 def launch(small_squad, tmp_path, *extra: str) -> tuple[MlflowClient, str, list[str], Path, subprocess.Popen]:
@@ -137,10 +136,9 @@ def test_cancel_by_run_id_stops_the_local_trainer_and_the_watching_tune_fails(sm
         trainer = json.loads((jobs_root() / job_id / "pid.json").read_text())["pid"]
         assert main(["cancel", "--config", str(CONFIG), "--run_id", run_id]) == 0
         assert f"{job_id}: cancelled" in capsys.readouterr().out
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{trainer}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not Path(f"/proc/{trainer}").exists(), "the trainer's process group got SIGTERM"
+        # Until the trainer is gone, while it still runs its SIGTERM handler (it stops using CPU only when stuck).
+        until(lambda: not Path(f"/proc/{trainer}").exists(), process_progress(trainer),
+              what="the trainer's process group to end on SIGTERM")
         assert process.wait(timeout=120) == 2
     finally:
         if process.poll() is None:

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +19,9 @@ from finetune_mlflow.config import load_config
 from finetune_mlflow.pipeline import run_main
 from finetune_mlflow.steps.promote import run_promote, run_rollback
 from finetune_mlflow.steps.tune import run_tune
+from tests import e2e_support as e2e
 from tests.conftest import ROOT
+from tests.waiting import process_progress, until
 
 EVAL_KEYS = {"eval_exact_match", "eval_f1", "eval_f1_ci_low", "eval_f1_ci_high", "eval_exact_match_ci_low",
              "eval_exact_match_ci_high", "eval_n", "eval_error_count", "eval_throughput_rps", "latency_ms_mean",
@@ -61,8 +62,12 @@ def test_tune_entry_point_through_mlflow_run(small_squad):
     assert tags["mlflow.note.content"].startswith("F1 ") and tags["finetune.job_id"] in tags["mlflow.note.content"]
     assert {"n_train", "n_val"} <= set(metrics) and "estimated_billed_tokens" not in metrics  # local bills nothing
     assert EVAL_KEYS <= set(metrics)
-    assert {"base_eval_exact_match", "base_eval_f1", "eval_f1_delta", "eval_f1_delta_ci_low"} <= set(metrics)
-    assert metrics["eval_f1"] > metrics["base_eval_f1"]
+    # The base model's scores live on the base evaluation run; the tune run keeps its own delta against them.
+    assert {"eval_f1_delta", "eval_f1_delta_ci_low"} <= set(metrics)
+    assert not [key for key in metrics if key.startswith("base_")]
+    base = e2e.base_metrics(run.info.run_id)
+    assert metrics["eval_f1"] > base["eval_f1"] and metrics["eval_f1_delta"] == pytest.approx(
+        metrics["eval_f1"] - base["eval_f1"], abs=1e-6)
     history = client.get_metric_history(run.info.run_id, "train_loss")
     steps = [m.step for m in history]
     assert len(steps) >= 20 and len(steps) == len(set(steps)) and sorted(steps) == list(range(1, len(steps) + 1))
@@ -146,6 +151,12 @@ def test_evaluate_entry_point_scores_base_and_champion(small_squad):
         assert run.info.status == "FINISHED"
         assert EVAL_KEYS <= set(run.data.metrics), model
     assert "eval_f1_delta_ci_high" in run.data.metrics  # the champion is compared with the base run
+    # The alias is resolved once and said: which version was scored, on the run, its name and its trace.
+    champion = client.get_model_version_by_alias("squad-qa-local", "champion").version
+    assert run.data.tags["finetune.model_version"] == f"squad-qa-local/{champion}"
+    assert run.info.run_name == f"eval models:/squad-qa-local@champion (v{champion})"
+    traces = client.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id, flush=True)
+    assert [t.info.tags.get("finetune.model_version") for t in traces] == [f"squad-qa-local/{champion}"]
 
 
 def _free_port() -> int:
@@ -165,18 +176,18 @@ def test_champion_is_servable(small_squad):
     try:
         body = json.dumps({"dataframe_split": {"columns": ["question", "context"], "data": [
             ["Who founded the company?", "The company was founded by Ada Lovelace in London."]]}}).encode()
-        deadline = time.monotonic() + 60
-        while True:
+        def answer():
+            assert server.poll() is None, "the model server exited"
             try:
                 request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                                  headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=5) as response:
-                    predictions = json.loads(response.read())["predictions"]
-                break
+                    return json.loads(response.read())["predictions"]
             except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.5)
+                return None
+
+        # Until it answers, while the server (starting workers, loading the model) keeps using CPU.
+        predictions = until(answer, process_progress(server), interval=0.5, what="the model server to answer")
         assert predictions[0]["answer"]
     finally:
         os.killpg(server.pid, 15)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from finetune_mlflow.providers.job_dir import restart_times
 from finetune_mlflow.providers.local.provider import LocalProvider
 from finetune_mlflow.preparation import write_splits
 from finetune_mlflow.providers.local.provider import weights_file
+from tests.waiting import job_progress, run_watched, until
 
 
 @pytest.fixture
@@ -38,12 +38,10 @@ def request(prepared: Path, run_id: str = "run-1", epochs: int = 2) -> TuningReq
                          learning_rate=0.01, batch_size=16, seed=0, suffix="t")
 
 
-def wait(provider, job_id: str, deadline_s: float = 60.0):
-    deadline = time.monotonic() + deadline_s
-    while (job := provider.get_job(job_id)).state not in TERMINAL_STATES:
-        assert time.monotonic() < deadline, "local job did not finish"
-        time.sleep(0.05)
-    return job
+def wait(provider, job_id: str):
+    """Until the job ends; fails only when its trainer stops moving (see tests/waiting.py), never on a clock."""
+    return until(lambda: (job := provider.get_job(job_id)).state in TERMINAL_STATES and job,
+                 job_progress(provider.jobs_dir / job_id), what=f"local job {job_id}")
 
 
 def test_job_runs_in_the_background_and_pages_events_with_a_cursor(prepared):
@@ -53,16 +51,16 @@ def test_job_runs_in_the_background_and_pages_events_with_a_cursor(prepared):
     job = provider.start_job(request(prepared))
     assert job.job_id.startswith("localjob-")
     points, cursor = [], None
-    deadline = time.monotonic() + 60
-    while True:
+
+    def poll() -> bool:
+        nonlocal cursor
         state = provider.get_job(job.job_id).state
         page = provider.read_metrics(job.job_id, cursor)
-        points += page.points
+        points.extend(page.points)
         cursor = page.next_cursor
-        if state in TERMINAL_STATES:
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+        return state in TERMINAL_STATES
+
+    until(poll, job_progress(provider.jobs_dir / job.job_id), interval=0.02, what="the local job")
     final = provider.get_job(job.job_id)
     assert final.state is JobState.SUCCEEDED and final.tuned_model == f"{job.job_id}/weights.npz"
     assert provider.weights_file(final.tuned_model) == (provider.jobs_dir / job.job_id / "weights.npz").resolve()
@@ -135,26 +133,28 @@ def test_a_killed_trainer_is_restarted_then_a_trainer_that_keeps_dying_is_a_fail
     job = provider.start_job(request(prepared, epochs=100))
     pid_file = provider.jobs_dir / job.job_id / "pid.json"
     killed: set[int] = set()
-    deadline = time.monotonic() + 120
-    while True:
-        current = provider.get_job(job.job_id)  # notices a dead trainer: restarts it, or gives up
-        if current.state is JobState.FAILED:
-            break
+    seen = {}
+
+    def kill_each_trainer() -> bool:
+        seen["job"] = provider.get_job(job.job_id)  # notices a dead trainer: restarts it, or gives up
+        if seen["job"].state is JobState.FAILED:
+            return True
         pid = json.loads(pid_file.read_text())["pid"] if pid_file.exists() else None
         if pid is not None and pid not in killed:
             os.kill(pid, signal.SIGKILL)
             killed.add(pid)
-        assert time.monotonic() < deadline, "the job neither restarted nor failed"
-        time.sleep(0.02)
+        return False
+
+    until(kill_each_trainer, lambda: (len(killed), job_progress(provider.jobs_dir / job.job_id)()), interval=0.02,
+          what="the job neither restarted nor failed")
+    current = seen["job"]
     assert current.error_code == "trainer_died" and len(killed) == LocalProvider.max_restarts + 1
     assert len(restart_times(provider.jobs_dir / job.job_id)) == LocalProvider.max_restarts
 
 
-def wait_for_file(path: Path, seconds: float = 30.0) -> Path:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
+def wait_for_file(path: Path) -> Path:
+    """Until a job's file appears, while the job's launched trainer keeps moving."""
+    until(path.exists, job_progress(path.parent), interval=0.02, what=f"{path} to appear")
     return path
 
 
@@ -167,8 +167,7 @@ def test_a_redundant_trainer_launch_leaves_the_running_job_alone(prepared):
     # The first trainer may finish before a second interpreter starts: hold the job's lock as it does meanwhile.
     with open(job_dir / "trainer.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # waits while the first trainer holds it, then stands in for it
-        second = subprocess.run([sys.executable, "-m", "finetune_mlflow.providers.local.trainer", str(job_dir)],
-                                capture_output=True, text=True, timeout=60)
+        second = run_watched([sys.executable, "-m", "finetune_mlflow.providers.local.trainer", str(job_dir)])
     assert second.returncode == 0 and "another trainer holds this job" in second.stderr
     final = wait(provider, job.job_id)
     assert final.state is JobState.SUCCEEDED
@@ -220,3 +219,19 @@ def test_a_job_folder_linking_out_of_the_jobs_home_is_refused(tmp_path):
     (jobs / "localjob-real").mkdir()
     (jobs / "localjob-real" / "weights.npz").write_bytes(b"w")
     assert weights_file(jobs, "localjob-real/weights.npz") == (jobs / "localjob-real" / "weights.npz").resolve()
+
+
+def test_the_step_total_counts_only_the_examples_the_trainer_keeps(prepared):
+    """Examples with no candidate span are skipped by the trainer: the progress line's total (and its epoch
+    fraction) must end at the last step, not short of a total that counted them."""
+    from finetune_mlflow.progress import Progress
+    from finetune_mlflow.providers.base import MetricPoint
+
+    provider = get_provider("local", load_config(None, {"local.max_span_tokens": "2"}))  # longer answers: skipped
+    job = wait(provider, provider.start_job(dataclasses.replace(request(prepared, epochs=2), batch_size=4)).job_id)
+    skipped, steps = job.metrics["skipped_unanswerable_examples"], job.metrics["completed_step_count"]
+    assert skipped >= 8, "the setup must skip enough examples to change the step count"
+    assert job.total_steps == steps == 2 * -(-(150 - skipped) // 4)
+    progress = Progress(started=0.0)
+    progress.update([MetricPoint("train_loss", 1.0, int(steps), 0)], now=1.0)
+    assert f"step {steps:.0f}/{steps:.0f} (epoch 2.0/2)" in progress.line(job, now=2.0)

@@ -8,7 +8,6 @@ Together server.
 from __future__ import annotations
 
 import dataclasses
-import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
@@ -19,6 +18,7 @@ from finetune_mlflow.config import load_config
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Prediction, Provider, TuningRequest
 from finetune_mlflow.preparation import write_splits
+from tests.waiting import job_progress, until
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.openai_server import JobScript as OpenAIScript
 from tests.fakes.together_server import FakeTogether
@@ -137,17 +137,23 @@ def tuning_request(harness: Harness, prepared: Path, run_id: str = "contract-run
 
 def follow(provider: Provider, job_id: str, pause: float):
     """Poll like tune does: state first, then metrics after the cursor; returns (final job, points, cursor)."""
-    points, cursor = [], None
-    deadline = time.monotonic() + 120  # a trainer process that imports torch needs time on a busy machine
-    while True:
-        job = provider.get_job(job_id)
+    points, cursor, seen = [], None, {}
+    # A trainer process on this machine (local, transformers) shows progress in its folder and CPU time, before
+    # its first point too (importing torch on a busy machine); a fake server's job moves on by state and points.
+    folder = getattr(provider, "jobs_dir", None)
+    trainer = job_progress(folder / job_id) if folder is not None else (lambda: None)
+
+    def poll() -> bool:
+        nonlocal cursor
+        seen["job"] = job = provider.get_job(job_id)
         page = provider.read_metrics(job_id, cursor)
-        points += page.points
+        points.extend(page.points)
         cursor = page.next_cursor
-        if job.state in TERMINAL_STATES:
-            return job, points, cursor
-        assert time.monotonic() < deadline, f"{provider.name} job never finished"
-        time.sleep(pause)
+        return job.state in TERMINAL_STATES
+
+    until(poll, lambda: (len(points), seen.get("job") and seen["job"].provider_status, trainer()), interval=pause,
+          what=f"{provider.name} job {job_id}")
+    return seen["job"], points, cursor
 
 
 def test_a_job_succeeds_with_a_curve_read_once(harness, prepared):

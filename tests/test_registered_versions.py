@@ -22,7 +22,7 @@ from finetune_mlflow.providers.local import span_model
 from finetune_mlflow.providers.local.provider import save_weights
 from finetune_mlflow.registry import register_tuned_model
 from finetune_mlflow.scoring import resolve_model
-from finetune_mlflow.traces import record_traces
+from finetune_mlflow.traces import SPAN_NAME_CHARS, record_traces, span_name
 from tests.conftest import ROOT
 
 JOB = "localjob-0123456789ab"
@@ -108,14 +108,27 @@ def test_the_sample_is_one_trace_of_the_run_with_a_span_per_request_wrong_answer
     results = [result(i, 1.0) for i in range(8)] + [result(8, 0.5), result(9, 0.0, "Timeout: slow")]
     with mlflow.start_run() as run:
         written = record_traces(results, {r.id: f"context {r.id}" for r in results}, model="m1", provider="local",
-                                experiment_id=run.info.experiment_id, run_id=run.info.run_id, size=4)
+                                experiment_id=run.info.experiment_id, run_id=run.info.run_id, size=4,
+                                tags={"finetune.model_version": "squad-qa-local/3"})
     assert written == 4
     traces = MlflowClient().search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id, flush=True)
     assert len(traces) == 1
+    assert traces[0].info.tags["finetune.model_version"] == "squad-qa-local/3"
     root, *spans = traces[0].data.spans
     assert root.name == "evaluate m1" and root.inputs == {"model": "m1", "sampled_requests": 4, "of": 10}
     assert root.outputs == {"recorded": 4, "wrong": 2}
-    assert {s.name for s in spans[:2]} == {"answer q8", "answer q9"}  # the wrong answers come first
-    failed = next(s for s in spans if s.name == "answer q9")
+    # Spans are named by their question (the trace tree shows names), wrong answers first; the id is an attribute.
+    assert {s.name for s in spans[:2]} == {"question 8?", "question 9?"}
+    failed = next(s for s in spans if s.attributes["question_id"] == "q9")
     assert failed.status.status_code == "ERROR" and failed.outputs["error"] == "Timeout: slow"
     assert all(s.parent_id == root.span_id and "context q" in s.inputs["prompt"] for s in spans)
+
+
+@pytest.mark.parametrize("question, name", [
+    ("Who wrote it?", "Who wrote it?"),
+    ("  Who\n wrote\tit? ", "Who wrote it?"),
+    ("", "(empty question)"),
+    ("word " * 40, ("word " * 16).strip() + "…"),
+])
+def test_a_span_is_named_by_its_question_on_one_readable_line(question, name):
+    assert span_name(question) == name and len(span_name(question)) <= SPAN_NAME_CHARS

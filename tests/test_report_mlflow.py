@@ -34,13 +34,16 @@ def _run(client: MlflowClient, experiment_id: str, name: str, step: str, *, pare
     return run_id
 
 
-def _tune(client: MlflowClient, experiment_id: str, parent: str, epochs: int, f1: float) -> str:
+def _tune(client: MlflowClient, experiment_id: str, parent: str, epochs: int, f1: float, base: str = "",
+          own: dict | None = None) -> str:
+    """A tune run whose base scores live on the `base` evaluation run, or (an older run) in `own` metrics."""
     return _run(client, experiment_id, f"tune local/span-ranker-base e{epochs}", "tune", parent=parent or None,
                 params={"provider": "local", "base_model": "span-ranker-base", "epochs": str(epochs),
                         "learning_rate": "0.005", "batch_size": "32"},
                 metrics={"eval_f1": f1, "eval_f1_ci_low": f1 - 2, "eval_f1_ci_high": f1 + 2,
-                         "eval_exact_match": f1 - 9, "base_eval_f1": 29.8, "eval_f1_delta": f1 - 29.8,
-                         "latency_ms_p95": 1.2, "estimated_cost_usd": 0.0})
+                         "eval_exact_match": f1 - 9, "eval_f1_delta": f1 - 29.8,
+                         "latency_ms_p95": 1.2, "estimated_cost_usd": 0.0, **(own or {})},
+                tags={"finetune.base_eval_run_id": base} if base else None)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +56,10 @@ def store(tmp_path_factory) -> tuple[str, dict[str, str]]:
     client = MlflowClient(uri)
     experiment_id = client.create_experiment(EXPERIMENT, artifact_location=str(folder / "artifacts"))
     parent = _run(client, experiment_id, "sweep", "sweep", status="RUNNING")
-    ids = {"parent": parent, **{f"e{e}": _tune(client, experiment_id, parent, e, f1)
-                                for e, f1 in ((1, 33.9), (2, 36.4), (3, 35.0))}}
+    base = _run(client, experiment_id, "evaluate-base-local", "evaluate", parent=parent,
+                metrics={"eval_f1": 29.8, "eval_exact_match": 19.7, "latency_ms_p95": 0.9})
+    ids = {"parent": parent, "base": base, **{f"e{e}": _tune(client, experiment_id, parent, e, f1, base)
+                                              for e, f1 in ((1, 33.9), (2, 36.4), (3, 35.0))}}
     _run(client, experiment_id, "tune local e9", "tune", parent=parent, status="FAILED")
     _run(client, experiment_id, "prepare squad", "prepare", parent=parent)
     _run(client, experiment_id, "tune local e4", "tune", parent=parent, metrics={"completed_step_count": 3})
@@ -64,7 +69,7 @@ def store(tmp_path_factory) -> tuple[str, dict[str, str]]:
                          metrics={"eval_f1": 70.0, "estimated_cost_usd": 0.9, "eval_f1_delta": 9.0})
     _run(client, experiment_id, "sync openai", "sync")  # the sync parent: no job of its own
     other = client.create_experiment("elsewhere", artifact_location=str(folder / "elsewhere"))
-    ids["elsewhere"] = _tune(client, other, parent="", epochs=5, f1=40.0)
+    ids["elsewhere"] = _tune(client, other, parent="", epochs=5, f1=40.0, own={"base_eval_f1": 31.0})
     return uri, ids
 
 
@@ -83,6 +88,10 @@ def test_experiment_holds_every_finished_tuning_run_and_counts_the_rest(sweep):
     assert collected.skipped == {"FAILED": 1,
                                  "finished without eval_f1 (job not done at sync, or evaluation missing)": 1}
     e2 = next(r for r in collected.records if r.run_id == sweep["e2"])
+    # The base model's scores are read from the base evaluation run, where they are logged once.
+    assert (e2.metric("base_eval_f1"), e2.metric("base_eval_exact_match"), e2.metric("base_latency_ms_p95")) == \
+        (29.8, 19.7, 0.9)
+    assert "base_eval_f1" not in MlflowClient().get_run(sweep["e2"]).data.metrics
     assert (e2.epochs, e2.learning_rate, e2.batch_size, e2.provider) == (2.0, 0.005, 32.0, "local")
     assert e2.curves["train_loss"].steps == tuple(range(1, 11)) and e2.curves["val_loss"].values == (2.25, 2.0)
     synced = next(r for r in collected.records if r.run_id == sweep["synced"])
@@ -93,12 +102,13 @@ def test_parent_holds_its_tune_children_only(sweep):
     collected = from_parent(sweep["parent"])
     assert [r.run_name for r in collected.records] == [f"tune local/span-ranker-base e{e}" for e in (1, 2, 3)]
     assert collected.skipped["not a tune run (finetune.step=prepare)"] == 1
-    assert sum(collected.skipped.values()) == 3
+    assert sum(collected.skipped.values()) == 4
 
 
 def test_run_ids_reach_across_experiments_and_unknown_ids_are_refused(sweep):
     collected = from_run_ids([sweep["elsewhere"], sweep["e1"], sweep["parent"]])
     assert [r.run_id for r in collected.records] == [sweep["elsewhere"], sweep["e1"]]
+    assert collected.records[0].metric("base_eval_f1") == 31.0  # an older run's own base_* metrics are kept
     assert collected.skipped == {"not a tune run (finetune.step=sweep)": 1}
     with pytest.raises(ConfigError, match="no such run .*: 0123456789abcdef"):
         from_run_ids([sweep["e1"], "0123456789abcdef"])
@@ -110,7 +120,7 @@ def test_report_command_writes_both_files(sweep, tmp_path, capsys):
     assert "Winner: sync openai ftjob-1" in page and page.count("data:image/png;base64,") == 4
     assert main(["report", "--parent", sweep["parent"], "--out", str(tmp_path / "by-parent")]) == 0
     markdown = (tmp_path / "by-parent" / "report.md").read_text(encoding="utf-8")
-    assert "Winner: tune local/span-ranker-base e2" in markdown and "Skipped 3 run(s)" in markdown
+    assert "Winner: tune local/span-ranker-base e2" in markdown and "Skipped 4 run(s)" in markdown
     assert "winner tune local/span-ranker-base e2" in capsys.readouterr().out
 
 

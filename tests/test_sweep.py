@@ -75,6 +75,8 @@ def test_a_sweep_runs_its_points_under_one_parent_and_a_rerun_launches_nothing(t
     children = client.search_runs(["0"], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     tunes = [c for c in children if c.data.tags["finetune.step"] == "tune"]
     assert sorted(c.data.params["epochs"] for c in tunes) == ["1", "2"]
+    # What the grid varies leads each child's name, so the runs table tells them apart.
+    assert sorted(c.info.run_name for c in tunes) == [f"e{e} · local/span-ranker-base lr0.005 n200" for e in (1, 2)]
     assert {c.data.tags["finetune.step"] for c in children} == {"tune", "prepare", "evaluate"}  # prepare, base once
     assert parent.data.tags["finetune.winner_run_id"] in {c.info.run_id for c in tunes}
     assert parent.data.metrics["sweep_n_points"] == 2 and parent.data.metrics["sweep_n_failed"] == 0

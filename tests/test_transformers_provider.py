@@ -20,6 +20,7 @@ from finetune_mlflow.liveness import pid_alive  # noqa: E402
 from finetune_mlflow.providers import get_provider  # noqa: E402
 from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, TuningRequest  # noqa: E402
 from finetune_mlflow.squad_metrics import best_over_golds  # noqa: E402
+from tests.waiting import job_progress, until  # noqa: E402
 from tests.hf_tiny import FACTS, PASSAGES, build_tiny_model, toy_examples, write_prepared  # noqa: E402
 
 SETTINGS = {"provider": "transformers", "transformers.target_modules": "all-linear", "transformers.lora_r": "16",
@@ -48,12 +49,11 @@ def request(model: Path, prepared: Path, run_id: str = "run-1", epochs: int = 10
                          learning_rate=0.03, batch_size=4, seed=0, suffix="t")
 
 
-def wait(provider, job_id: str, seconds: float = 90.0):
-    deadline = time.monotonic() + seconds
-    while (job := provider.get_job(job_id)).state not in TERMINAL_STATES:
-        assert time.monotonic() < deadline, "transformers job did not finish"
-        time.sleep(0.2)
-    return job
+def wait(provider, job_id: str):
+    """Until the job ends; fails only when its trainer stops moving (see tests/waiting.py), never on a clock."""
+    job_dir = provider.jobs_dir / job_id
+    return until(lambda: (job := provider.get_job(job_id)).state in TERMINAL_STATES and job, job_progress(job_dir),
+                 interval=0.2, what=f"transformers job {job_id}")
 
 
 def mean_f1(provider, model: str, examples: list[dict]) -> float:
@@ -82,10 +82,8 @@ def test_bad_input_is_one_line_before_any_job(tiny_model, prepared, tmp_path, mo
 
 
 def kill_after_first_checkpoint(job_dir: Path) -> None:
-    deadline = time.monotonic() + 90
-    while not list((job_dir / "hf").glob("checkpoint-*/trainer_state.json")) or not (job_dir / "pid.json").exists():
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.1)
+    until(lambda: list((job_dir / "hf").glob("checkpoint-*/trainer_state.json")) and (job_dir / "pid.json").exists(),
+          job_progress(job_dir), interval=0.1, what="the first checkpoint")
     os.kill(json.loads((job_dir / "pid.json").read_text())["pid"], signal.SIGKILL)
     time.sleep(0.3)
 
@@ -165,7 +163,7 @@ def test_a_trainer_that_keeps_dying_fails_the_job(tiny_model, prepared):
     job_dir = Path(job.tags["transformers.job_dir"])
     pid = json.loads((job_dir / "launch.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)
-    final = wait(provider, job.job_id, 10)
+    final = wait(provider, job.job_id)
     assert final.state is JobState.FAILED and final.error_code == "trainer_died"
 
 
@@ -189,7 +187,7 @@ def test_several_workers_through_accelerate_launch_train_one_job_and_a_dead_laun
     job_dir = Path(job.tags["transformers.job_dir"])
     kill_after_first_checkpoint(job_dir)
     orphans = workers_of(job_dir)
-    final = wait(provider, job.job_id, 180)
+    final = wait(provider, job.job_id)
     assert final.state is JobState.SUCCEEDED, (job_dir / "trainer.log").read_text()[-3000:]
     assert orphans and not any(pid_alive(pid) for pid in orphans)
     assert final.metrics["num_processes"] == 2 and final.metrics["resumed"] == 1.0

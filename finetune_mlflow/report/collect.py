@@ -2,7 +2,8 @@
 
 Only finished runs of a tuning job count: `finetune.step=tune`, or a `sync` run that imported one job (it carries
 `finetune.job_id`), status FINISHED and an `eval_f1`. Everything else is counted under the reason it was skipped,
-so the report can say what it left out.
+so the report can say what it left out. The base model's scores live on its evaluation run
+(`finetune.base_eval_run_id`): a record reads them from there as `base_eval_*` / `base_latency_ms_*`.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.errors import ConfigError
 from finetune_mlflow.report.runs import CURVE_KEYS, Curve, RunRecord
+from finetune_mlflow.summary import base_scores
 from finetune_mlflow.tracking import quote
 
 STEP_TAG = "finetune.step"
 JOB_ID_TAG = "finetune.job_id"
+BASE_RUN_TAG = "finetune.base_eval_run_id"
 TUNE_FILTER = f"tags.`{STEP_TAG}` = 'tune'"
 SYNCED_JOB_FILTER = f"tags.`{STEP_TAG}` = 'sync' and tags.`{JOB_ID_TAG}` IS NOT NULL"
 # Params a synced job carries instead of tune's own (OpenAI `hp.n_epochs`, Vertex `hp.epoch_count`, ...).
@@ -73,7 +76,9 @@ def _number(value: str | None) -> float | None:
         return None
 
 
-def to_record(run: Run, curves: dict[str, Curve]) -> RunRecord:
+def to_record(run: Run, curves: dict[str, Curve], base: dict[str, float] | None = None) -> RunRecord:
+    """`base`: the base evaluation's metrics as `base_*` (a run that logged its own `base_*`, as older runs did,
+    keeps them)."""
     params, tags = run.data.params, run.data.tags
     provider = params.get("provider") or tags.get("finetune.provider", "")
     settings = {name: next((_number(params[key]) for key in keys if key in params), None)
@@ -83,7 +88,7 @@ def to_record(run: Run, curves: dict[str, Curve]) -> RunRecord:
              if key not in mapped and (key.startswith(f"{provider}.") or key.startswith("hp."))}
     return RunRecord(run_id=run.info.run_id, run_name=run.info.run_name or "", provider=provider,
                      base_model=params.get("base_model") or tags.get("finetune.base_model", ""),
-                     metrics=dict(run.data.metrics), curves=curves, knobs=knobs, **settings)
+                     metrics={**(base or {}), **run.data.metrics}, curves=curves, knobs=knobs, **settings)
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> tuple[str, str, Curve]:
@@ -102,12 +107,26 @@ def _curves(client: MlflowClient, runs: list[Run]) -> dict[str, dict[str, Curve]
     return curves
 
 
+def _base_metrics(client: MlflowClient, runs: list[Run]) -> dict[str, dict[str, float]]:
+    """Base evaluation run id -> its scores as `base_*`, one read per distinct base run (a sweep shares one); a
+    base run deleted since is left out (the report then shows no base for those runs)."""
+    found = {}
+    for base_id in dict.fromkeys(run.data.tags[BASE_RUN_TAG] for run in runs if run.data.tags.get(BASE_RUN_TAG)):
+        try:
+            found[base_id] = base_scores(client.get_run(base_id).data.metrics)
+        except MlflowException:
+            continue
+    return found
+
+
 def _collect(client: MlflowClient, runs: list[Run]) -> Collected:
     reasons = {run.info.run_id: skip_reason(run) for run in runs}
     kept = [run for run in runs if reasons[run.info.run_id] is None]
     curves = _curves(client, kept)
+    bases = _base_metrics(client, kept)
     skipped = collections.Counter(reason for reason in reasons.values() if reason is not None)
-    return Collected([to_record(run, curves[run.info.run_id]) for run in kept], dict(skipped))
+    return Collected([to_record(run, curves[run.info.run_id], bases.get(run.data.tags.get(BASE_RUN_TAG, "")))
+                      for run in kept], dict(skipped))
 
 
 def from_experiment(name: str, client: MlflowClient | None = None) -> Collected:

@@ -4,8 +4,9 @@ Parameters in: `config` and the tune/data/evaluate overrides (`finetune-mlflow t
 Params logged: `provider`, `base_model`, `epochs`, `learning_rate`, `batch_size`,
 `config_file`, `data_sha256`, and the active provider's section as `<provider>.<key>`;
 `config.yaml` artifact; metrics `n_train`, `n_val`; tag `finetune.config_sha256`. Step metrics `train_loss`, `val_loss` (and provider extras such as token accuracy), step =
-training step. Summary metrics: the evaluate set for the tuned model, `base_eval_*` for the base model on the same
-split, `eval_f1_delta` with its paired-bootstrap interval, preflight estimates. Tags: see `job_tracking`.
+training step. Summary metrics: the evaluate set for the tuned model, `eval_f1_delta` with its paired-bootstrap
+interval against the base model on the same split (whose scores stay on the base evaluation run the tag
+`finetune.base_eval_run_id` names), preflight estimates. Tags: see `job_tracking`.
 The tuned model is registered as a pyfunc version of `registered_model_name` (unless a version already serves the
 same model; a sweep child only logs it, and its sweep registers the winner). A run a search started (its trial
 handed over in FINETUNE_SEARCH_TRIAL) reports each val_loss to the trial and, when pruned, cancels its job and
@@ -15,6 +16,7 @@ ends KILLED (`search.pruning`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -28,6 +30,7 @@ from finetune_mlflow.preparation import Prepared, ensure_prepared
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import JobState, TuningJob
 from finetune_mlflow.registry import RegisteredVersion, warm_up
+from finetune_mlflow.run_names import SWEEP_POINT_TAG, run_name, varied_keys
 from finetune_mlflow.scoring import Evaluation, base_evaluation
 from finetune_mlflow.search.pruning import trial_pruner
 from finetune_mlflow.tracking import log_values, step_run
@@ -43,11 +46,20 @@ class TuneResult:
     version: RegisteredVersion
 
 
+def _sweep_point() -> str | None:
+    """The grid point of the run this process resumes (a sweep child runs with MLFLOW_RUN_ID set), if any: its
+    name then starts with what the sweep varies."""
+    resumed = os.environ.get("MLFLOW_RUN_ID")
+    if not resumed or mlflow.active_run() is not None:
+        return None
+    return MlflowClient().get_run(resumed).data.tags.get(SWEEP_POINT_TAG)
+
+
 def run_tune(config: Config, *, prepared: Prepared | None = None, base: Evaluation | None = None,
              sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> TuneResult:
     """The `tune` entry point. `prepared` and `base` are what an orchestrator (main, sweep) already produced;
     without them this run prepares (or reuses a prepare run) and evaluates the base model itself."""
-    with step_run("tune", run_name=config.run_name("tune"), tags={
+    with step_run("tune", run_name=run_name(config, "tune", varied_keys(_sweep_point())), tags={
             "finetune.provider": config.tune.provider, "finetune.base_model": config.tune.base_model}) as run:
         run_id = run.info.run_id
         client = MlflowClient()

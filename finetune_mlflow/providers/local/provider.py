@@ -11,7 +11,6 @@ from __future__ import annotations
 import filecmp
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -143,7 +142,8 @@ class LocalProvider(JobDirectoryProvider):
             n_train = len(read_jsonl(job_dir / "train.jsonl"))
             batch_size = request.batch_size or 32
             write_json_atomic(job_dir / "spec.json", {
-                "total_steps": request.epochs * math.ceil(n_train / batch_size),
+                # Counts every example; the trainer writes the real total once it knows which it skips.
+                "total_steps": span_model.steps_for(n_train, request.epochs, batch_size),
                 "job_id": job_id,
                 "run_id": request.run_id,
                 "train": str((job_dir / "train.jsonl").resolve()),
@@ -183,7 +183,8 @@ class LocalProvider(JobDirectoryProvider):
             tuned_model=f"{job_id}/{WEIGHTS_FILE}" if status.get("tuned_model") else None,
             error_code=status.get("error_code"), error_message=status.get("error_message"), tags=tags,
             metrics={k: float(v) for k, v in status.get("metrics", {}).items()},
-            base_model=BASE_MODEL, **self._job_facts(self._job_dir(job_id)),
+            base_model=BASE_MODEL, **{**self._job_facts(self._job_dir(job_id)),
+                                      **({"total_steps": status["total_steps"]} if status.get("total_steps") else {})},
         )
 
     @staticmethod

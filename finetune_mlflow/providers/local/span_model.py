@@ -16,6 +16,7 @@ learning. Pure functions and plain data: no MLflow, no files, no network.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -389,6 +390,11 @@ def _average_into(mean: Weights, w: Weights, count: int) -> None:
     """mean <- running mean of the `count` weight snapshots so far (the newest is `w`)."""
     for k, block in mean.blocks.items():
         block += (w.blocks[k] - block) / count
+
+
+def steps_for(examples: int, epochs: int, batch_size: int) -> int:
+    """How many steps `train` takes: every epoch walks the examples in batches, the last one possibly short."""
+    return epochs * math.ceil(examples / batch_size)
 
 
 def train(train_set: Corpus, val_set: Corpus | None, start: Weights, *, epochs: int, learning_rate: float,

@@ -108,7 +108,7 @@ def _best(checkpoints: list[dict]) -> dict:
     return min(reversed(scored), key=lambda c: c["val_loss"]) if scored else checkpoints[-1]
 
 
-def _stream(job_dir: Path, steps, idf, size: int) -> tuple[list[dict], span_model.StepReport]:
+def _stream(job_dir: Path, steps, idf, size: int, total_steps: int) -> tuple[list[dict], span_model.StepReport]:
     checkpoints, report = [], None
     written = _written_points(job_dir / "events.jsonl")
     with open(job_dir / "events.jsonl", "a", encoding="utf-8") as events:
@@ -120,7 +120,7 @@ def _stream(job_dir: Path, steps, idf, size: int) -> tuple[list[dict], span_mode
             if report.epoch_end:
                 checkpoints.append(_checkpoint(job_dir, report, weights, idf, size))
                 write_json_atomic(job_dir / "status.json", {"state": "running", "updated": time.time(),
-                                                            "checkpoints": checkpoints})
+                                                            "total_steps": total_steps, "checkpoints": checkpoints})
     return checkpoints, report
 
 
@@ -136,13 +136,17 @@ def run(job_dir: Path) -> None:
     validation, _ = featurize_rows(read_jsonl(spec["validation"]), idf, size, limit=spec["validation_loss_examples"])
     if not len(train):
         raise ValueError("no training example has its answer inside a candidate span")
+    # The real total: the spec's counted every example, including those skipped above (no candidate span).
+    total_steps = span_model.steps_for(len(train), spec["epochs"], spec["batch_size"])
+    write_json_atomic(job_dir / "status.json", {"state": "running", "updated": time.time(),
+                                                "total_steps": total_steps})
     steps = span_model.train(
         train, validation, span_model.initial_weights(size), epochs=spec["epochs"],
         learning_rate=spec["learning_rate"], batch_size=spec["batch_size"], seed=spec["seed"],
         eval_every_steps=spec["eval_every_steps"], max_span_tokens=size,
         average_every=spec.get("average_every_steps", 0),  # a job spec written before the knob: no averaging
     )
-    checkpoints, report = _stream(job_dir, steps, idf, size)
+    checkpoints, report = _stream(job_dir, steps, idf, size, total_steps)
     best = _best(checkpoints)
     shutil.copyfile(best["path"], job_dir / f"{WEIGHTS_FILE}.tmp")
     os.replace(job_dir / f"{WEIGHTS_FILE}.tmp", job_dir / WEIGHTS_FILE)
@@ -152,7 +156,8 @@ def run(job_dir: Path) -> None:
         metrics["best_val_loss"] = best["val_loss"]
     write_json_atomic(job_dir / "status.json", {
         "state": "succeeded", "updated": time.time(), "tuned_model": str(job_dir / WEIGHTS_FILE),
-        "best_checkpoint": best["checkpoint_id"], "checkpoints": checkpoints, "metrics": metrics,
+        "total_steps": total_steps, "best_checkpoint": best["checkpoint_id"], "checkpoints": checkpoints,
+        "metrics": metrics,
     })
 
 
