@@ -163,13 +163,14 @@ def resolve_model(reference: str, config: Config) -> ResolvedModel:
     else:
         # A provider's own model id, e.g. an existing `ft:gpt-4o-mini-...` model or a Vertex endpoint.
         return ResolvedModel(get_provider(config.tune.provider, config), reference, config.tune.base_model)
-    model_id, provider = _load_logged_model(reference)
+    model_id, provider = _load_logged_model(reference, config)
     return ResolvedModel(provider, model_id, base_model)
 
 
-def _load_logged_model(reference: str) -> tuple[str, Provider]:
-    """(model id, provider) of a logged pyfunc, from the files it ships (no pyfunc load: see `served`)."""
-    loaded = load_version(reference, scratch_dir("model"))
+def _load_logged_model(reference: str, config: Config) -> tuple[str, Provider]:
+    """(model id, provider) of a logged pyfunc, from the files it ships (no pyfunc load: see `served`); the
+    user's config decides where credentials go."""
+    loaded = load_version(reference, scratch_dir("model"), config)
     if loaded is not None:
         return loaded
     # A version logged before `serving.json`: only its pyfunc knows the provider. suppress_warnings: no check of

@@ -228,6 +228,12 @@ class OpenAIProvider(ProviderBase):
 
     name = "openai"
 
+    @classmethod
+    def endpoints(cls, config: "Config") -> dict[str, str]:
+        """Where the API key goes: `openai.base_url`, else OPENAI_BASE_URL, else the SDK's default host."""
+        return {"openai.base_url": config.openai.base_url or os.environ.get("OPENAI_BASE_URL")
+                or "https://api.openai.com/v1"}
+
     def __init__(
         self,
         config: "Config",
