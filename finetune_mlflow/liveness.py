@@ -32,10 +32,10 @@ def identity(pid: int) -> dict | None:
         return None
 
 
-def same_process(recorded: dict, marker: str) -> bool:
+def same_process(recorded: dict, markers: tuple[str, ...]) -> bool:
     """Whether the process a pid file recorded still runs as that very process: alive (not a zombie), the same
-    start time when one was recorded, and `marker` (the job's folder) among its arguments. A pid reused by an
-    unrelated process fails at least one of these, so it is never signalled."""
+    start time when one was recorded, and every one of `markers` (the trainer's module, the job's folder) among
+    its arguments. A pid reused by an unrelated process fails at least one of these, so it is never signalled."""
     try:
         pid = int(recorded["pid"])
     except (KeyError, TypeError, ValueError):
@@ -43,7 +43,7 @@ def same_process(recorded: dict, marker: str) -> bool:
     if pid <= 0 or not pid_alive(pid):
         return False
     now = identity(pid)
-    if now is None or marker not in now["cmdline"]:
+    if now is None or not set(markers) <= set(now["cmdline"]):
         return False
     started = recorded.get("started")
     return not isinstance(started, (int, float)) or abs(float(started) - now["started"]) < 0.05

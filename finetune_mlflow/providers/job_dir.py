@@ -70,17 +70,21 @@ def restart_times(job_dir: Path) -> list[float]:
     return [0.0] * int(recorded["count"]) if isinstance(recorded, dict) else [float(t) for t in recorded]
 
 
-def stop_leftovers(job_dir: Path, signum: int = signal.SIGKILL) -> None:
+def stop_leftovers(job_dir: Path, module: str, signum: int = signal.SIGKILL) -> None:
     """Signal every process still working for this job (SIGKILL by default, after its trainer died): workers that
     `accelerate launch` started (each in a session of its own) keep training when the process above them dies. A
-    process counts when one of its arguments is this job's folder, checked again through a pidfd that pins it, so
-    nothing unrelated is touched even if a pid changes hands meanwhile."""
-    wanted = str(job_dir).encode()
+    process counts when both the trainer's module and this job's folder are among its arguments (a shell that
+    merely lists the folder does not), checked again through a pidfd that pins it, so nothing unrelated is
+    touched even if a pid changes hands meanwhile."""
+    wanted = {str(job_dir).encode(), module.encode()}
+
+    def works_for_job(proc: Path) -> bool:
+        return wanted <= set((proc / "cmdline").read_bytes().split(b"\0"))
+
     for proc in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError):
-            if int(proc.name) != os.getpid() and wanted in (proc / "cmdline").read_bytes().split(b"\0"):
-                _signal_pinned(int(proc.name), lambda: wanted in (proc / "cmdline").read_bytes().split(b"\0"),
-                               signum)
+            if int(proc.name) != os.getpid() and works_for_job(proc):
+                _signal_pinned(int(proc.name), lambda: works_for_job(proc), signum)
 
 
 def _signal_pinned(pid: int, still_ours: Callable[[], bool], signum: int) -> bool:
@@ -154,7 +158,7 @@ class JobDirectoryProvider(ProviderBase):
                 recorded = json.loads((job_dir / name).read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
-            if isinstance(recorded, dict) and same_process(recorded, str(job_dir)):
+            if isinstance(recorded, dict) and same_process(recorded, (self.trainer_module, str(job_dir))):
                 return int(recorded["pid"])
         return None
 
@@ -181,7 +185,7 @@ class JobDirectoryProvider(ProviderBase):
 
     def _relaunch(self, job_dir: Path, status: dict, count: int) -> dict:
         write_json_atomic(job_dir / RESTARTS, restart_times(job_dir) + [time.time()])
-        stop_leftovers(job_dir)
+        stop_leftovers(job_dir, self.trainer_module)
         status = self._status_for_relaunch(job_dir, status)
         pid = self._launch(job_dir)
         logger.warning("%s job %s: its trainer had died without a final status; %s (pid %d, restart %d of %d)",
@@ -211,7 +215,7 @@ class JobDirectoryProvider(ProviderBase):
             deadline = time.monotonic() + 10
             while self._live_pid(job_dir) == pid and time.monotonic() < deadline:
                 time.sleep(0.05)
-        stop_leftovers(job_dir)
+        stop_leftovers(job_dir, self.trainer_module)
         status = self._checked_status(job_id, restart=False)
         if status["state"] in ACTIVE or status.get("error_code") == "trainer_died":
             write_json_atomic(job_dir / "status.json", {"state": "cancelled", "updated": time.time(),
@@ -225,7 +229,7 @@ class JobDirectoryProvider(ProviderBase):
         pid = self._live_pid(job_dir)
         if pid is None or not _signal_pinned(pid, lambda: self._live_pid(job_dir) == pid, signum):
             return None
-        stop_leftovers(job_dir, signum)
+        stop_leftovers(job_dir, self.trainer_module, signum)
         return pid
 
     def _job_dir(self, job_id: str) -> Path:

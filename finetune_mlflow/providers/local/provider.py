@@ -49,6 +49,9 @@ JOB_ID = re.compile(r"(?!\.\.?$)[A-Za-z0-9._-]+")
 WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.npz")
 PASSAGE_CACHE_ENTRIES = 256
 PASSAGE_CACHE_BYTES = 64 << 20
+# Tokens featurized and scored at once: a long context is answered window by window (see span_features.windows),
+# so a request's memory follows this, not the context's length. SQuAD passages are under 1,000 tokens: one window.
+WINDOW_TOKENS = 2048
 TRAINER_MODULE = "finetune_mlflow.providers.local.trainer"
 
 
@@ -204,7 +207,11 @@ class LocalProvider(JobDirectoryProvider):
         """An empty (or punctuation-only) context answers "" for its row instead of failing the batch."""
         weights, idf, size = self._model(model)
         started = time.monotonic()
-        answer = span_model.answer(self.passage_cache.get(context), question, idf, weights, size)
+        answer, best = "", float("-inf")
+        for piece in span_features.windows(context, WINDOW_TOKENS):
+            text, score = span_model.scored_answer(self.passage_cache.get(piece), question, idf, weights, size)
+            if score > best:
+                answer, best = text, score
         return Prediction(answer, (time.monotonic() - started) * 1000.0)
 
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
