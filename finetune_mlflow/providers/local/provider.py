@@ -209,7 +209,9 @@ class LocalProvider(JobDirectoryProvider):
         started = time.monotonic()
         answer, best = "", float("-inf")
         for piece in span_features.windows(context, WINDOW_TOKENS):
-            text, score = span_model.scored_answer(self.passage_cache.get(piece), question, idf, weights, size)
+            # Only a context that is one window is cached: a long one's windows would fill the cache for one use.
+            featurized = self.passage_cache.get(piece) if piece is context else span_features.passage(piece)
+            text, score = span_model.scored_answer(featurized, question, idf, weights, size)
             if score > best:
                 answer, best = text, score
         return Prediction(answer, (time.monotonic() - started) * 1000.0)
