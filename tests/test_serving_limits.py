@@ -113,3 +113,19 @@ def test_a_long_context_within_the_limit_is_answered_in_bounded_memory(served):
     grown = peak_rss_mb(process.pid) - before
     # Before windows: ~500 MB of peak per MB of context (about 100 MB here); now the windows bound it.
     assert grown < 40, f"serving peak grew {grown:.0f} MB for a {len(context) / 1e6:.2f} MB context"
+
+
+@pytest.mark.parametrize("text,max_tokens,pieces", [
+    ("", 4, [""]),
+    ("Ada wrote it.", 4, ["Ada wrote it."]),
+    ("One two. Three four five. Six", 4, ["One two.", " Three four five.", " Six"]),
+    ("one two three four five six seven", 3, ["one two three", " four five six", " seven"]),
+    ("A b. C d. E f. G", 100, ["A b. C d. E f. G"]),
+    ("Tail. ", 1, ["Tail", ". "]),
+])
+def test_windows_cover_the_text_in_pieces_of_bounded_tokens(text, max_tokens, pieces):
+    from finetune_mlflow.providers.local.span_features import TOKEN, windows
+
+    found = list(windows(text, max_tokens))
+    assert found == pieces and "".join(found) == text
+    assert all(len(TOKEN.findall(piece)) <= max_tokens for piece in found)
