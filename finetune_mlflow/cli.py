@@ -27,8 +27,10 @@ def _config(args: argparse.Namespace) -> Config:
         key, _, value = item.partition("=")
         overrides[key] = value
     config = load_config(args.config or None, overrides)
+    from finetune_mlflow.store_check import check_tracking_store
     from finetune_mlflow.tracking import use_experiment
 
+    check_tracking_store()
     use_experiment(config.experiment)
     return config
 

@@ -21,8 +21,10 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from finetune_mlflow.config import Config
+from finetune_mlflow.errors import ConfigError, FinetuneError
 from finetune_mlflow.evaluation import (
     EvaluationRun,
     ExampleResult,
@@ -144,25 +146,45 @@ def _registered_version_tags(name_and_version: str) -> dict[str, str]:
     if "@" in name_and_version:
         name, alias = name_and_version.split("@", 1)
         return dict(client.get_model_version_by_alias(name, alias).tags)
-    name, version = name_and_version.rsplit("/", 1)
+    name, _, version = name_and_version.rpartition("/")
+    if not name or not version:
+        raise ConfigError(f"model 'models:/{name_and_version}': expected models:/<name>/<version> or "
+                          "models:/<name>@<alias>")
     return dict(client.get_model_version(name, version).tags)
 
 
 def resolve_model(reference: str, config: Config) -> ResolvedModel:
-    """`base`, `models:/...`, `runs:/<id>` or a provider model id -> the provider and model id to call."""
+    """`base`, `models:/...`, `runs:/<id>` or a provider model id -> the provider and model id to call; a reference
+    that names nothing usable is a ConfigError saying what was looked for, before any run is opened."""
     if reference == "base":
         return ResolvedModel(get_provider(config.tune.provider, config), config.tune.base_model,
                              config.tune.base_model)
+    if not reference.startswith(("runs:/", "models:/")):
+        # A provider's own model id, e.g. an existing `ft:gpt-4o-mini-...` model or a Vertex endpoint.
+        provider = get_provider(config.tune.provider, config)
+        provider.check_model(reference)
+        return ResolvedModel(provider, reference, config.tune.base_model)
+    try:
+        return _resolve_logged(reference, config)
+    except FinetuneError:
+        raise
+    except (MlflowException, OSError, ValueError, KeyError) as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ConfigError(f"model {reference[:200]!r} cannot be resolved: {detail}; expected "
+                          "models:/<name>/<version>, models:/<name>@<alias> or runs:/<id of a run that logged a "
+                          "model>") from e
+
+
+def _resolve_logged(reference: str, config: Config) -> ResolvedModel:
     if reference.startswith("runs:/"):
         run_id = reference[len("runs:/"):].split("/")[0]
+        if not run_id:
+            raise ConfigError(f"model {reference!r}: no run id after runs:/")
         reference = f"runs:/{run_id}/model"
         tags = MlflowClient().get_run(run_id).data.tags
         base_model = tags.get("finetune.base_model", "")
-    elif reference.startswith("models:/"):
-        base_model = _registered_version_tags(reference[len("models:/"):]).get("base_model", "")
     else:
-        # A provider's own model id, e.g. an existing `ft:gpt-4o-mini-...` model or a Vertex endpoint.
-        return ResolvedModel(get_provider(config.tune.provider, config), reference, config.tune.base_model)
+        base_model = _registered_version_tags(reference[len("models:/"):]).get("base_model", "")
     model_id, provider = _load_logged_model(reference, config)
     return ResolvedModel(provider, model_id, base_model)
 

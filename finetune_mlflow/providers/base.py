@@ -227,6 +227,10 @@ class ProviderBase:
         """Whether two model ids answer identically (a checkpoint that is the final model); by id by default."""
         return model == other
 
+    def check_model(self, model: str) -> None:
+        """Refuse (ConfigError) a model id this provider can never answer with, before any run or request; the
+        default accepts any id (a hosted provider's own call says whether it exists)."""
+
     @classmethod
     def endpoints(cls, config: Any) -> dict[str, str]:
         """Where this provider sends the user's credentials, by setting (`section.key`), as `config` and the

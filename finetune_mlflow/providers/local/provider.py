@@ -197,6 +197,11 @@ class LocalProvider(JobDirectoryProvider):
         return {"hyperparameters": {k: str(spec[k]) for k in ("epochs", "learning_rate", "batch_size") if k in spec},
                 "total_steps": spec.get("total_steps")}
 
+    def check_model(self, model: str) -> None:
+        """The base model, or a tuned model's weights inside the jobs home (see `weights_file`)."""
+        if model != BASE_MODEL:
+            self.weights_file(model)
+
     def _model(self, model: str) -> tuple[span_model.Weights, dict[str, float], int]:
         if model == BASE_MODEL:
             size = self.config.local.max_span_tokens
