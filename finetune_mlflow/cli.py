@@ -196,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in ("score", "knobs", "report"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from finetune_mlflow.redaction import RedactingFilter
+
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(RedactingFilter())
     return run_guarded(lambda: args.handler(args))
 
 

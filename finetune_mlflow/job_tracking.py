@@ -36,6 +36,7 @@ from finetune_mlflow.providers.base import (
 from finetune_mlflow.registry import MODEL_NAME_IN_RUN, RegisteredVersion, register_tuned_model
 from finetune_mlflow.preparation import Prepared
 from finetune_mlflow.progress import Progress
+from finetune_mlflow.redaction import redact
 from finetune_mlflow.run_cost import check_eval_cost, run_cost, usage_of
 from finetune_mlflow.scoring import Evaluation, evaluate_and_log, load_rows
 from finetune_mlflow.summary import describe_tune
@@ -157,7 +158,7 @@ def _now_iso() -> str:
 
 def _finish_failed(client: MlflowClient, run_id: str, job: TuningJob) -> None:
     log_values(client, run_id, tags={"finetune.error_code": job.error_code or "",
-                                     "finetune.error_message": (job.error_message or "")[:5000]})
+                                     "finetune.error_message": redact(job.error_message or "")[:5000]})
     raise TuningJobFailed(job.job_id, job.state.value, job.error_code, job.error_message)
 
 

@@ -12,6 +12,7 @@ import sys
 from typing import Any, Callable
 
 from finetune_mlflow.errors import FinetuneError
+from finetune_mlflow.redaction import redact
 
 
 # Signals whose default action ends the process (SIGINT already raises KeyboardInterrupt). SIGPIPE is left to
@@ -72,7 +73,7 @@ def _say(line: str) -> None:
     """One line on stderr; a terminal that is gone (SIGHUP after ssh dropped: EIO, EPIPE) does not turn it into a
     traceback."""
     try:
-        print(line, file=sys.stderr, flush=True)
+        print(redact(line), file=sys.stderr, flush=True)
     except OSError:
         pass
 
@@ -85,7 +86,7 @@ def run_guarded(handler: Callable[[], None]) -> int:
     try:
         handler()
     except FinetuneError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _say(f"error: {e}")
         return 2
     except KeyboardInterrupt as e:
         _say(f"error: {e or 'interrupted'}; runs ended KILLED, a started job keeps running: rerun with "

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from finetune_mlflow import ownership
 from finetune_mlflow.process import UNENDED_RUNS, disk_full_path
+from finetune_mlflow.redaction import redact
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def _end(run: mlflow.ActiveRun, status: str, reason: str) -> None:
     MLflow's SQL store logs each failed statement with a page of traceback: quiet here, the error says it."""
     with _quiet("mlflow.store.db.utils"):
         try:
-            MlflowClient().set_tag(run.info.run_id, "finetune.end_reason", reason[:5000])
+            MlflowClient().set_tag(run.info.run_id, "finetune.end_reason", redact(reason)[:5000])
         except Exception as e:  # noqa: BLE001 - a full disk or a dead server must not hide the original error
             logger.warning("could not record why run %s ended: %s", run.info.run_id,
                            (str(e) or repr(e)).splitlines()[0])
