@@ -69,6 +69,14 @@ def disk_full_path(error: BaseException) -> str | None:
     return found
 
 
+def _unended_note() -> str:
+    """The truth about runs this process could not end (the store did not answer), for the final line."""
+    if not UNENDED_RUNS:
+        return ""
+    return (f"; runs {', '.join(dict.fromkeys(UNENDED_RUNS))} could not be marked ended (the tracking store did not "
+            "answer) and show RUNNING until a rerun with --run-id ends them")
+
+
 def _say(line: str) -> None:
     """One line on stderr; a terminal that is gone (SIGHUP after ssh dropped: EIO, EPIPE) does not turn it into a
     traceback."""
@@ -86,11 +94,12 @@ def run_guarded(handler: Callable[[], None]) -> int:
     try:
         handler()
     except FinetuneError as e:
-        _say(f"error: {e}")
+        _say(f"error: {e}{_unended_note()}")
         return 2
     except KeyboardInterrupt as e:
-        _say(f"error: {e or 'interrupted'}; runs ended KILLED, a started job keeps running: rerun with "
-             "--run-id <run> to reattach")
+        ended = "; runs ended KILLED" if not UNENDED_RUNS else _unended_note()
+        _say(f"error: {e or 'interrupted'}{ended}, a started job keeps running: rerun with --run-id <run> to "
+             "reattach")
         return 128 + getattr(e, "signum", signal.SIGINT)
     except Exception as e:  # noqa: BLE001 - only to recognise a full disk; anything else is re-raised
         where = disk_full_path(e)
