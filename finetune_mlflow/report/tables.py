@@ -77,15 +77,15 @@ def base_vs_tuned_table(ranked: Sequence[RunRecord], names: dict[str, str]) -> T
     return Table(headers, rows)
 
 
-MARKDOWN_SPECIALS = "\\`*_[]|"
+MARKDOWN_SPECIALS = "\\`|"
 
 
 def markdown_text(text: str) -> str:
-    """Text from a run (its name, a setting) as inert Markdown: one line (a newline would end a table row),
-    Markdown's own characters escaped (no links, no emphasis), HTML markup as text (`<script>` shows, never
-    runs, where a viewer renders HTML inside Markdown)."""
+    """Text from a run (its name, a setting) as inert Markdown: one line (a newline would end a table row), the
+    characters that end a cell or start code escaped, no link (`](` broken), HTML markup as text (`<script>`
+    shows, never runs, where a viewer renders HTML inside Markdown)."""
     one_line = " ".join(str(text).splitlines())
-    escaped = "".join("\\" + ch if ch in MARKDOWN_SPECIALS else ch for ch in one_line)
+    escaped = "".join("\\" + ch if ch in MARKDOWN_SPECIALS else ch for ch in one_line).replace("](", "]\\(")
     return html.escape(escaped, quote=False)
 
 
