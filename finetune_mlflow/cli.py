@@ -28,8 +28,10 @@ def _config(args: argparse.Namespace) -> Config:
         key, _, value = item.partition("=")
         overrides[key] = value
     config = load_config(args.config or None, overrides)
+    from finetune_mlflow.store_check import check_tracking_store
     from finetune_mlflow.tracking import prepare_store, use_experiment
 
+    check_tracking_store()
     prepare_store()
     use_experiment(config.experiment)
     return config
@@ -206,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in ("score", "knobs", "report"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from finetune_mlflow.redaction import RedactingFilter
+
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(RedactingFilter())
     return run_guarded(lambda: args.handler(args))
 
 

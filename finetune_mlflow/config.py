@@ -27,6 +27,10 @@ OnInvalid = Literal["fail", "drop"]
 CheckpointChoice = Literal["auto", "all", "last", "best_val_loss"]
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MAX_CONFIG_BYTES = 1_000_000
+MAX_YAML_DEPTH = 32  # experiment files are two levels deep; deeper nesting only exhausts the parser's stack
+MAX_NUMBER_CHARS = 100  # no knob needs a longer number; Python refuses ints past 4,300 digits with a traceback
+MAX_TEXT_CHARS = 1_000  # any text knob (a model id, a path, a suffix)
+MAX_EXPERIMENT_CHARS = 500  # MLflow's own limit on an experiment name
 
 
 def knob(default: Any, help: str, *, flag: str = "", low: float | None = None, high: float | None = None,
@@ -340,24 +344,24 @@ def _coerce(value: Any, annotation: Any, key: str, origin: Origin) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {_shown(value)}")
     if annotation in (int, float):
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_shown(value)}")
         try:
             number = annotation(value) if isinstance(value, str) else value
         except ValueError:
-            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got {_shown(value)}") from None
         if annotation is int and (not isinstance(number, int) or isinstance(number, float)):
             if isinstance(number, float) and number.is_integer():
                 return int(number)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_shown(value)}")
         if not isinstance(number, (int, float)):
-            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got {_shown(value)}")
         return annotation(number)
     if annotation is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_shown(value)}")
         return str(value)
     raise ConfigError(f"{where}: unsupported type {annotation}")  # pragma: no cover
 
@@ -375,17 +379,25 @@ def _build(cls: type, values: dict[str, Any], key: str, origin: Origin) -> Any:
         dotted = f"{key}.{name}" if key else name
         if dataclasses.is_dataclass(hints[name]):
             if not isinstance(value, dict):
-                raise ConfigError(f"{origin(dotted)}: {dotted}: expected a mapping, got {value!r}")
+                raise ConfigError(f"{origin(dotted)}: {dotted}: expected a mapping, got {_shown(value)}")
             kwargs[name] = _build(hints[name], value, dotted, origin)
         else:
             kwargs[name] = _coerce(value, hints[name], dotted, origin)
     return cls(**kwargs)
 
 
+def _shown(value: Any) -> str:
+    """A value for a message: its repr, cut at 200 characters (a hostile value must not fill the screen)."""
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(text):,} characters)"
+
+
 def _out_of_bounds(value: Any, meta: Mapping[str, Any]) -> str | None:
     """What is wrong with a value against its knob's bounds and choices, or None."""
     if meta.get("choices") and value not in meta["choices"]:
         return f"one of {', '.join(map(str, meta['choices']))}"
+    if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+        return f"at most {MAX_TEXT_CHARS} characters (got {len(value):,})"
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     low, high = meta.get("low"), meta.get("high")
@@ -405,7 +417,10 @@ def _validate(config: Config, origin: Origin) -> None:
         value = getattr(getattr(config, section), name) if section else getattr(config, name)
         expected = _out_of_bounds(value, f.metadata)
         if expected:
-            raise ConfigError(f"{origin(key)}: {key} is {value!r}; expected {expected}")
+            raise ConfigError(f"{origin(key)}: {key} is {_shown(value)}; expected {expected}")
+    if len(config.experiment) > MAX_EXPERIMENT_CHARS:
+        raise ConfigError(f"{origin('experiment')}: experiment name has {len(config.experiment):,} characters; MLflow "
+                          f"allows at most {MAX_EXPERIMENT_CHARS}")
     if config.tune.provider not in provider_sections():
         raise ConfigError(f"{origin('tune.provider')}: tune.provider: unknown provider {config.tune.provider!r}; expected one of "
                           f"{', '.join(provider_sections())}")
@@ -428,12 +443,27 @@ class _StrictLoader(yaml.SafeLoader):
     """Safe YAML without aliases (an alias bomb expands without bound) or duplicate keys (the last would win
     silently)."""
 
+    depth = 0
+
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.MarkedYAMLError(problem="aliases (*name) are not allowed in experiment files",
                                        problem_mark=event.start_mark)
-        return super().compose_node(parent, index)
+        if self.depth >= MAX_YAML_DEPTH:
+            raise yaml.MarkedYAMLError(problem=f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                       problem_mark=self.peek_event().start_mark)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        if len(str(node.value)) > MAX_NUMBER_CHARS:
+            raise yaml.MarkedYAMLError(problem=f"a number of {len(str(node.value)):,} characters (at most "
+                                       f"{MAX_NUMBER_CHARS})", problem_mark=node.start_mark)
+        return super().construct_yaml_int(node)
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen: set = set()
@@ -443,6 +473,9 @@ class _StrictLoader(yaml.SafeLoader):
                                            problem_mark=key_node.start_mark)
             seen.add(key_node.value)
         return super().construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 
 
 def _read_yaml(path: Path, source: str) -> tuple[dict[str, Any], dict[str, int]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from finetune_mlflow.redaction import redact
+
 
 class FinetuneError(Exception):
     """Base of every error the tool expects and explains; anything else is a bug and gets a traceback."""
@@ -51,7 +53,8 @@ class ProviderError(FinetuneError):
             )
             if part
         )
-        super().__init__(f"[{provider}] {message}" + (f" ({details})" if details else ""))
+        # A provider's text can echo the credentials it was called with.
+        super().__init__(redact(f"[{provider}] {message}" + (f" ({details})" if details else "")))
 
 
 class TuningJobFailed(FinetuneError):
@@ -61,7 +64,8 @@ class TuningJobFailed(FinetuneError):
         self.job_id = job_id
         self.state = state
         self.code = code
-        self.provider_message = message
+        self.provider_message = redact(message) if message else message
+        message = self.provider_message
         super().__init__(
             f"tuning job {job_id} ended {state}"
             + (f" with error {code}" if code else "")

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from finetune_mlflow import checkpoints
 from finetune_mlflow.config import Config
 from finetune_mlflow.costing import check_cost_limit
-from finetune_mlflow.errors import TuningJobFailed, TuningTimeout
+from finetune_mlflow.errors import FinetuneError, TuningJobFailed, TuningTimeout
 from finetune_mlflow.providers.base import (
     TERMINAL_STATES,
     Checkpoint,
@@ -37,10 +37,12 @@ from finetune_mlflow.providers.base import (
 from finetune_mlflow.registry import MODEL_NAME_IN_RUN, RegisteredVersion, register_tuned_model
 from finetune_mlflow.preparation import Prepared
 from finetune_mlflow.progress import Progress
+from finetune_mlflow.redaction import redact
+from finetune_mlflow.store_outage import MAX_BACKOFF_S, MAX_OUTAGE_S, Outage, permanent
 from finetune_mlflow.run_cost import check_eval_cost, run_cost, usage_of
 from finetune_mlflow.scoring import Evaluation, evaluate_and_log, load_rows
 from finetune_mlflow.summary import base_scores, describe_tune
-from finetune_mlflow.tracking import MetricSink, log_values
+from finetune_mlflow.tracking import MetricSink, log_values, quiet_store_log
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ EVALUATED_TAG = "finetune.evaluated_model"
 LOGGED_MODEL_TAG = "finetune.logged_model_id"
 # What MLflow raises when the tracking server is down, overloaded or timing out (connection errors included).
 TRANSIENT_TRACKING_ERRORS = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
+
+
+class TrackingStoreDown(FinetuneError):
+    """The tracking store took no write for too long, or refuses writes for good; the job keeps running."""
 
 
 def request_for(config: Config, run_id: str, prepared: Prepared) -> TuningRequest:
@@ -128,20 +134,34 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
     deadline = clock() + config.tune.timeout_seconds
     watch = Progress(started=clock())
     interval = config.tune.poll_interval
+    outage = Outage(config.tune.poll_interval)
     while True:
         job = provider.get_job(job_id)
         # Read metrics after the state: once the job is terminal, this read holds every point it will ever have.
         page = provider.read_metrics(job_id, state.cursor)
         try:
-            logged, changed = _record_poll(client, sink, run_id, state, job, page)
+            with quiet_store_log():  # MLflow's SQL store logs a page of traceback per failed statement
+                logged, changed = _record_poll(client, sink, run_id, state, job, page)
         except MlflowException as e:
-            # The tracking server stayed unreachable through MLflow's own retries: keep the cursor where it was
-            # and read the same points again next poll, so nothing is lost and nothing is logged twice.
-            if e.error_code not in TRANSIENT_TRACKING_ERRORS or clock() > deadline:
-                raise
-            logger.warning("tracking server write failed (%s); retrying on the next poll", e)
-            sleep(config.tune.poll_interval)
+            # The store stayed unreachable through MLflow's own retries: keep the cursor where it was and read the
+            # same points again later, so nothing is lost and nothing is logged twice; back off, say it once.
+            reason = (str(e).strip().splitlines() or [e.error_code])[0][:300]
+            if e.error_code not in TRANSIENT_TRACKING_ERRORS or permanent(str(e)):
+                raise TrackingStoreDown(f"the tracking store refuses writes ({reason}); job {job_id} keeps "
+                                        f"running: fix the store, then rerun with --run-id {run_id}") from e
+            first, pause = outage.failed(clock())
+            if outage.too_long(clock()) or clock() > deadline:
+                raise TrackingStoreDown(f"the tracking store took no write for {clock() - outage.started:.0f} s "
+                                        f"({outage.failures} tries; last: {reason}); job {job_id} keeps running: "
+                                        f"rerun with --run-id {run_id} once the store is back") from e
+            if first:
+                logger.warning("tracking store write failed (%s); retrying with backoff up to %.0f s, for at most "
+                               "%.0f min", reason, MAX_BACKOFF_S, MAX_OUTAGE_S / 60)
+            sleep(pause)
             continue
+        ended = outage.recovered(clock())
+        if ended:
+            logger.warning("tracking store writes succeed again after %d failed tries over %.0f s", *ended)
         if changed or page.points:
             watch.update(page.points, clock())
             logger.info("job %s: %s", job_id, watch.line(job, clock()))
@@ -163,7 +183,7 @@ def _now_iso() -> str:
 
 def _finish_failed(client: MlflowClient, run_id: str, job: TuningJob) -> None:
     log_values(client, run_id, tags={"finetune.error_code": job.error_code or "",
-                                     "finetune.error_message": (job.error_message or "")[:5000]})
+                                     "finetune.error_message": redact(job.error_message or "")[:5000]})
     raise TuningJobFailed(job.job_id, job.state.value, job.error_code, job.error_message)
 
 

@@ -63,9 +63,16 @@ class Prepared:
 
 
 def resolve_input(uri: str) -> Path:
-    """A local path, or any URI MLflow can download (`runs:/<id>/prepared/train.jsonl`, `s3://...`)."""
+    """A local path, or any URI MLflow can download (`runs:/<id>/prepared/train.jsonl`, `s3://...`); a download
+    that fails (closed port, no credentials, a scheme MLflow has no client for) is a DataError naming the URI."""
     if "://" in uri or uri.startswith("runs:/") or uri.startswith("models:/"):
-        return download_artifacts(artifact_uri=uri)
+        try:
+            return download_artifacts(artifact_uri=uri)
+        except Exception as e:  # noqa: BLE001 - each artifact client raises its own types; all mean "cannot read"
+            detail = (str(e).strip().splitlines() or [""])[0][:300] or type(e).__name__
+            raise DataError(uri, None, f"cannot download ({type(e).__name__}: {detail}); give a local path, a "
+                            "runs:/ URI, or a store MLflow can read with the credentials in this environment"
+                            ) from e
     return Path(uri)
 
 

@@ -15,6 +15,7 @@ import mlflow
 import pandas as pd
 
 from finetune_mlflow.providers.base import MODEL_ARTIFACT
+from finetune_mlflow.request_limits import FIELDS, RequestRefused, question_pairs
 from finetune_mlflow.served import SERVING_ARTIFACT, served_model
 
 
@@ -28,11 +29,13 @@ class QAModel(mlflow.pyfunc.PythonModel):
         self.model_id, self.provider = served_model(settings, context.artifacts.get(MODEL_ARTIFACT))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        missing = {"question", "context"} - set(model_input.columns)
-        if missing:
-            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
-                f"input needs columns question and context; missing {', '.join(sorted(missing))}")
-        pairs = [(str(q), str(c)) for q, c in zip(model_input["question"], model_input["context"])]
+        columns = list(model_input.columns)
+        try:
+            rows = (list(zip(*(model_input[field].tolist() for field in FIELDS)))
+                    if set(FIELDS) <= set(columns) else [])
+            pairs = question_pairs(columns, rows)
+        except RequestRefused as e:  # a 400 from the scoring server, before any work
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(str(e)) from None
         # One batched generation where the provider has one (transformers); row after row otherwise.
         predictions = self.provider.predict_batch(self.model_id, pairs)
         return pd.DataFrame({"answer": [prediction.text for prediction in predictions]})

@@ -22,8 +22,10 @@ import mlflow
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from finetune_mlflow.config import Config
+from finetune_mlflow.errors import ConfigError, FinetuneError
 from finetune_mlflow.evaluation import (
     EvaluationRun,
     ExampleResult,
@@ -150,36 +152,57 @@ def _registered_version(name_and_version: str) -> ModelVersion:
     if "@" in name_and_version:
         name, alias = name_and_version.split("@", 1)
         return client.get_model_version_by_alias(name, alias)
-    name, version = name_and_version.rsplit("/", 1)
+    name, _, version = name_and_version.rpartition("/")
+    if not name or not version:
+        raise ConfigError(f"model 'models:/{name_and_version}': expected models:/<name>/<version> or "
+                          "models:/<name>@<alias>")
     return client.get_model_version(name, version)
 
 
 def resolve_model(reference: str, config: Config) -> ResolvedModel:
-    """`base`, `models:/...`, `runs:/<id>` or a provider model id -> the provider and model id to call."""
+    """`base`, `models:/...`, `runs:/<id>` or a provider model id -> the provider and model id to call; a reference
+    that names nothing usable is a ConfigError saying what was looked for, before any run is opened."""
     if reference == "base":
         return ResolvedModel(get_provider(config.tune.provider, config), config.tune.base_model,
                              config.tune.base_model)
+    if not reference.startswith(("runs:/", "models:/")):
+        # A provider's own model id, e.g. an existing `ft:gpt-4o-mini-...` model or a Vertex endpoint.
+        provider = get_provider(config.tune.provider, config)
+        provider.check_model(reference)
+        return ResolvedModel(provider, reference, config.tune.base_model)
+    try:
+        return _resolve_logged(reference, config)
+    except FinetuneError:
+        raise
+    except (MlflowException, OSError, ValueError, KeyError) as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ConfigError(f"model {reference[:200]!r} cannot be resolved: {detail}; expected "
+                          "models:/<name>/<version>, models:/<name>@<alias> or runs:/<id of a run that logged a "
+                          "model>") from e
+
+
+def _resolve_logged(reference: str, config: Config) -> ResolvedModel:
     if reference.startswith("runs:/"):
         run_id = reference[len("runs:/"):].split("/")[0]
+        if not run_id:
+            raise ConfigError(f"model {reference!r}: no run id after runs:/")
         reference = f"runs:/{run_id}/model"
         tags = MlflowClient().get_run(run_id).data.tags
         base_model = tags.get("finetune.base_model", "")
-    elif reference.startswith("models:/"):
+    else:
         version = _registered_version(reference[len("models:/"):])
         # Load that exact version: an alias moved between this lookup and the download must not mix two versions.
-        model_id, provider = _load_logged_model(f"models:/{version.name}/{version.version}")
+        model_id, provider = _load_logged_model(f"models:/{version.name}/{version.version}", config)
         return ResolvedModel(provider, model_id, version.tags.get("base_model", ""),
                              f"{version.name}/{version.version}")
-    else:
-        # A provider's own model id, e.g. an existing `ft:gpt-4o-mini-...` model or a Vertex endpoint.
-        return ResolvedModel(get_provider(config.tune.provider, config), reference, config.tune.base_model)
-    model_id, provider = _load_logged_model(reference)
+    model_id, provider = _load_logged_model(reference, config)
     return ResolvedModel(provider, model_id, base_model)
 
 
-def _load_logged_model(reference: str) -> tuple[str, Provider]:
-    """(model id, provider) of a logged pyfunc, from the files it ships (no pyfunc load: see `served`)."""
-    loaded = load_version(reference, scratch_dir("model"))
+def _load_logged_model(reference: str, config: Config) -> tuple[str, Provider]:
+    """(model id, provider) of a logged pyfunc, from the files it ships (no pyfunc load: see `served`); the
+    user's config decides where credentials go."""
+    loaded = load_version(reference, scratch_dir("model"), config)
     if loaded is not None:
         return loaded
     # A version logged before `serving.json`: only its pyfunc knows the provider. suppress_warnings: no check of

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from finetune_mlflow import ownership
 from finetune_mlflow.errors import RunStopped
 from finetune_mlflow.process import UNENDED_RUNS, disk_full_path
+from finetune_mlflow.redaction import redact
 
 logger = logging.getLogger(__name__)
 
@@ -156,21 +157,43 @@ def _end_stale_launchers() -> None:
 
 
 def _end(run: mlflow.ActiveRun, status: str, reason: str) -> None:
-    """End the active run with a status and the reason as a tag; the reason is best effort (the store may be
-    the thing that failed), the status too when the store is full (the run is then named in the final message).
+    """End the active run with a status and the reason as a tag; both best effort (the store may be the thing
+    that failed): a run that could not be ended is named in the final message instead of claimed ended, and the
+    attempt is bounded (one try per request, 10 s each) so a dead server cannot hold the exit for minutes.
     MLflow's SQL store logs each failed statement with a page of traceback: quiet here, the error says it."""
-    with _quiet("mlflow.store.db.utils"):
+    with _quiet("mlflow.store.db.utils"), _bounded_requests():
         try:
-            MlflowClient().set_tag(run.info.run_id, "finetune.end_reason", reason[:5000])
+            MlflowClient().set_tag(run.info.run_id, "finetune.end_reason", redact(reason)[:5000])
         except Exception as e:  # noqa: BLE001 - a full disk or a dead server must not hide the original error
             logger.warning("could not record why run %s ended: %s", run.info.run_id,
                            (str(e) or repr(e)).splitlines()[0])
         try:
             mlflow.end_run(status)  # pops the run first: the active-run stack is right even when this raises
-        except Exception as e:  # noqa: BLE001 - only a full store is survivable here; the original error goes on
-            if disk_full_path(e) is None:
-                raise
+        except Exception as e:  # noqa: BLE001 - the original error goes on; this run is named as not ended
+            logger.warning("could not mark run %s %s: %s", run.info.run_id, status,
+                           (str(e) or repr(e)).splitlines()[0][:300])
             UNENDED_RUNS.append(run.info.run_id)
+
+
+# While ending runs after a failure: MLflow's defaults retry a dead server for minutes per request.
+_CLEANUP_REQUESTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def _bounded_requests() -> Iterator[None]:
+    """MLflow's HTTP retry settings cut for the block, unless the user set them."""
+    chosen = {k: v for k, v in _CLEANUP_REQUESTS.items() if k not in os.environ}
+    os.environ.update(chosen)
+    try:
+        yield
+    finally:
+        for key in chosen:
+            os.environ.pop(key, None)
+
+
+def quiet_store_log() -> contextlib.AbstractContextManager:
+    """MLflow's SQL store's per-statement tracebacks silenced (the caller reports the failure once)."""
+    return _quiet("mlflow.store.db.utils")
 
 
 @contextlib.contextmanager

@@ -79,7 +79,9 @@ def test_metric_points_survive_a_tracking_server_outage(small_squad, tmp_path, m
         server = start_server(tmp_path, port)
         output, _ = tune.communicate(timeout=180)
         assert tune.returncode == 0, output[-3000:]
-        assert "tracking server write failed" in output
+        assert output.count("tracking store write failed") == 1, output[-3000:]  # said once, not per retry
+        assert "tracking store writes succeed again after" in output
+        assert "Traceback" not in output
         finished = client.get_run(run.info.run_id)
         assert finished.info.status == "FINISHED"
         job_dir = Path(os.environ["FINETUNE_MLFLOW_HOME"]) / "local-jobs" / finished.data.tags["finetune.job_id"]
@@ -92,3 +94,39 @@ def test_metric_points_survive_a_tracking_server_outage(small_squad, tmp_path, m
         if tune.poll() is None:
             tune.kill()
         stop(server)
+
+
+def test_a_store_that_stays_down_stops_tune_in_bounded_time_and_says_which_runs_stay_running(small_squad, tmp_path,
+                                                                                            monkeypatch):
+    """The server is killed for good: tune backs off, gives up after FINETUNE_MLFLOW_STORE_OUTAGE_S, and its last
+    line names the runs it could not end instead of claiming they ended."""
+    train, validation = small_squad
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    env = {**os.environ, "FINETUNE_MLFLOW_STORE_OUTAGE_S": "6", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    command = [sys.executable, "-m", "finetune_mlflow", "tune", "--train_data", str(train), "--validation_data",
+               str(validation), "--epochs", "100", "--batch_size", "1", "--poll_interval", "0.2"]
+    tune = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = MlflowClient(tracking_uri=url)
+
+        def streaming_run():
+            for run in client.search_runs(all_experiment_ids(), "tags.`finetune.step` = 'tune'"):
+                if run.data.tags.get("finetune.job_id") and client.get_metric_history(run.info.run_id, "train_loss"):
+                    return run
+            return None
+
+        run = wait_for(streaming_run, 90, "train_loss points")
+        stop(server)
+        output, _ = tune.communicate(timeout=240)
+    finally:
+        if tune.poll() is None:
+            tune.kill()
+    assert tune.returncode == 2, output[-3000:]
+    assert output.count("tracking store write failed") == 1 and "Traceback" not in output, output[-3000:]
+    (line,) = [x for x in output.splitlines() if x.startswith("error: ")]
+    assert "the tracking store took no write for" in line and f"--run-id {run.info.run_id}" in line, line
+    assert f"runs {run.info.run_id} could not be marked ended" in line and "runs ended KILLED" not in line, line

@@ -12,7 +12,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 from finetune_mlflow.errors import ConfigError, FinetuneError
 
@@ -237,6 +237,17 @@ class ProviderBase:
     def same_model(self, model: str, other: str) -> bool:
         """Whether two model ids answer identically (a checkpoint that is the final model); by id by default."""
         return model == other
+
+    def check_model(self, model: str) -> None:
+        """Refuse (ConfigError) a model id this provider can never answer with, before any run or request; the
+        default accepts any id (a hosted provider's own call says whether it exists)."""
+
+    @classmethod
+    def endpoints(cls, config: Any) -> dict[str, str]:
+        """Where this provider sends the user's credentials, by setting (`section.key`), as `config` and the
+        environment resolve them: a registered version's stored endpoint is checked against these before use.
+        None by default (the model runs in-process)."""
+        return {}
 
     @classmethod
     def model_from_artifact(cls, path: str) -> tuple[str, dict[str, str]]:

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 
 from finetune_mlflow.errors import ProviderError
-from finetune_mlflow.liveness import pid_alive
+from finetune_mlflow.liveness import identity, same_process
 from finetune_mlflow.providers.base import MetricPoint, MetricsPage, ProviderBase, TuningJob
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def launch_trainer(job_dir: Path, module: str) -> int:
     with open(job_dir / "trainer.log", "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", module, str(job_dir)], stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-    write_json_atomic(job_dir / LAUNCHER_PID, {"pid": process.pid})
+    write_json_atomic(job_dir / LAUNCHER_PID, identity(process.pid) or {"pid": process.pid})
     return process.pid
 
 
@@ -70,15 +70,38 @@ def restart_times(job_dir: Path) -> list[float]:
     return [0.0] * int(recorded["count"]) if isinstance(recorded, dict) else [float(t) for t in recorded]
 
 
-def stop_leftovers(job_dir: Path) -> None:
-    """SIGKILL every process still working for this job after its trainer died: workers that `accelerate launch`
-    started (each in a session of its own) keep training when the process above them dies. A process counts when
-    one of its arguments is this job's folder, so nothing unrelated is touched."""
-    wanted = str(job_dir).encode()
+def stop_leftovers(job_dir: Path, module: str, signum: int = signal.SIGKILL) -> None:
+    """Signal every process still working for this job (SIGKILL by default, after its trainer died): workers that
+    `accelerate launch` started (each in a session of its own) keep training when the process above them dies. A
+    process counts when both the trainer's module and this job's folder are among its arguments (a shell that
+    merely lists the folder does not), checked again through a pidfd that pins it, so nothing unrelated is
+    touched even if a pid changes hands meanwhile."""
+    wanted = {str(job_dir).encode(), module.encode()}
+
+    def works_for_job(proc: Path) -> bool:
+        return wanted <= set((proc / "cmdline").read_bytes().split(b"\0"))
+
     for proc in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError):
-            if int(proc.name) != os.getpid() and wanted in (proc / "cmdline").read_bytes().split(b"\0"):
-                os.kill(int(proc.name), signal.SIGKILL)
+            if int(proc.name) != os.getpid() and works_for_job(proc):
+                _signal_pinned(int(proc.name), lambda: works_for_job(proc), signum)
+
+
+def _signal_pinned(pid: int, still_ours: Callable[[], bool], signum: int) -> bool:
+    """Signal `pid` through a pidfd, after `still_ours()` holds for the process the pidfd pins; whether sent."""
+    try:
+        handle = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if not still_ours():
+            return False
+        signal.pidfd_send_signal(handle, signum)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(handle)
 
 
 def run_trainer(job_dir: Path, train: Callable[[Path], None]) -> int:
@@ -93,7 +116,7 @@ def run_trainer(job_dir: Path, train: Callable[[Path], None]) -> int:
     if json.loads((job_dir / "status.json").read_text(encoding="utf-8"))["state"] in ("succeeded", "failed",
                                                                                  "cancelled"):
         return 0
-    write_json_atomic(job_dir / TRAINER_PID, {"pid": os.getpid()})
+    write_json_atomic(job_dir / TRAINER_PID, identity(os.getpid()) or {"pid": os.getpid()})
     try:
         train(job_dir)
     except Exception as e:  # noqa: BLE001 - every failure must end as a readable job status
@@ -128,20 +151,21 @@ class JobDirectoryProvider(ProviderBase):
                                 f"machine with the same {self.name}.jobs_dir?", status=404) from None
 
     def _live_pid(self, job_dir: Path) -> int | None:
-        """The pid of the process training (or about to train) the job, if one is alive."""
+        """The pid of the process training (or about to train) the job, if that very process is alive: a
+        recorded pid now used by another process (same number, other start time or command line) is not it."""
         for name in (TRAINER_PID, LAUNCHER_PID):
             try:
-                pid = int(json.loads((job_dir / name).read_text(encoding="utf-8"))["pid"])
-            except (OSError, ValueError, KeyError, TypeError):
+                recorded = json.loads((job_dir / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
                 continue
-            if pid_alive(pid):
-                return pid
+            if isinstance(recorded, dict) and same_process(recorded, (self.trainer_module, str(job_dir))):
+                return int(recorded["pid"])
         return None
 
     def _trainer_died(self, job_dir: Path) -> bool:
-        """The trainer's own pid once it runs, before that the launched process's: recorded, and not alive."""
-        pid_file = next((job_dir / name for name in (TRAINER_PID, LAUNCHER_PID) if (job_dir / name).exists()), None)
-        return pid_file is not None and not pid_alive(json.loads(pid_file.read_text(encoding="utf-8"))["pid"])
+        """A trainer (or launched process) was recorded and none of them is still that process."""
+        recorded = any((job_dir / name).exists() for name in (TRAINER_PID, LAUNCHER_PID))
+        return recorded and self._live_pid(job_dir) is None
 
     def _checked_status(self, job_id: str, restart: bool = True) -> dict:
         """status.json; a trainer found dead without a final status is relaunched (`restart`, at most
@@ -161,7 +185,7 @@ class JobDirectoryProvider(ProviderBase):
 
     def _relaunch(self, job_dir: Path, status: dict, count: int) -> dict:
         write_json_atomic(job_dir / RESTARTS, restart_times(job_dir) + [time.time()])
-        stop_leftovers(job_dir)
+        stop_leftovers(job_dir, self.trainer_module)
         status = self._status_for_relaunch(job_dir, status)
         pid = self._launch(job_dir)
         logger.warning("%s job %s: its trainer had died without a final status; %s (pid %d, restart %d of %d)",
@@ -180,22 +204,33 @@ class JobDirectoryProvider(ProviderBase):
         return status
 
     def cancel_job(self, job_id: str) -> TuningJob:
-        """SIGTERM to the trainer's process group, then status `cancelled` (a job already ended stays as it is)."""
+        """SIGTERM to the trainer, proven to be the job's own process (start time and command line, then held by a
+        pidfd so the pid cannot change hands before the signal), and to the processes working for the job; then status
+        `cancelled`. A job already ended stays as it is and nothing is signalled."""
         job_dir = self._job_dir(self.check_job_id(job_id))
-        pid = self._live_pid(job_dir)
+        if self._read_status(job_id)["state"] not in ACTIVE:
+            return self.get_job(job_id)
+        pid = self._signal_trainer(job_dir, signal.SIGTERM)
         if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while pid_alive(pid) and time.monotonic() < deadline:
+            while self._live_pid(job_dir) == pid and time.monotonic() < deadline:
                 time.sleep(0.05)
-        stop_leftovers(job_dir)
+        stop_leftovers(job_dir, self.trainer_module)
         status = self._checked_status(job_id, restart=False)
         if status["state"] in ACTIVE or status.get("error_code") == "trainer_died":
             write_json_atomic(job_dir / "status.json", {"state": "cancelled", "updated": time.time(),
                                                         "error_message": "cancelled by finetune-mlflow cancel"})
             logger.info("%s job %s cancelled%s", self.name, job_id, f" (trainer pid {pid} stopped)" if pid else "")
         return self.get_job(job_id)
+
+    def _signal_trainer(self, job_dir: Path, signum: int) -> int | None:
+        """Send `signum` to the job's live trainer, then to the processes working for the job (its folder among
+        their arguments); the trainer's pid, or None when no live process is proven to be it."""
+        pid = self._live_pid(job_dir)
+        if pid is None or not _signal_pinned(pid, lambda: self._live_pid(job_dir) == pid, signum):
+            return None
+        stop_leftovers(job_dir, self.trainer_module, signum)
+        return pid
 
     def _job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id

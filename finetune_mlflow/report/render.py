@@ -6,14 +6,14 @@ from __future__ import annotations
 import base64
 import html
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from finetune_mlflow.errors import FinetuneError
 from finetune_mlflow.report import figures
 from finetune_mlflow.report.ranking import margin, rank_runs
 from finetune_mlflow.report.runs import RunRecord, display_names
-from finetune_mlflow.report.tables import (Table, base_vs_tuned_table, grid_table, number, to_html, to_markdown,
-                                          with_interval)
+from finetune_mlflow.report.tables import (Table, base_vs_tuned_table, grid_table, markdown_text, number, to_html,
+                                          to_markdown, with_interval)
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
@@ -98,13 +98,23 @@ class Section:
         return " ".join(part for part in (self.chart.caption, self.note) if part)
 
 
+def _drawn(heading: str, draw: Callable[[], figures.Chart | None], absent: str, note: str = "") -> Section:
+    """A section whose chart could not be drawn (a metric such as 1e308 puts an axis limit at infinity) says so
+    instead of failing the whole report."""
+    try:
+        return Section(heading, draw(), absent, note)
+    except (ValueError, OverflowError) as e:
+        return Section(heading, None, f"Not drawn: the values cannot be plotted ({e}). {note}".strip(), note)
+
+
 def _sections(ranked: Sequence[RunRecord], names: dict[str, str]) -> list[Section]:
     cost_note = _cost_note(ranked, names)
-    return [Section("F1 by epochs", figures.f1_by_epochs(ranked), "No run has both an epochs setting and an F1."),
-            Section("Loss curves", figures.loss_curves(ranked, names), "No run logged a loss history."),
-            Section("F1 against latency", figures.f1_by_latency(ranked, names), "No run logged latency_ms_p95."),
-            Section("Cost per F1 point", figures.cost_per_point(ranked, names),
-                    f"No run has a known cost and an F1 gain over base. {cost_note}".strip(), cost_note)]
+    return [_drawn("F1 by epochs", lambda: figures.f1_by_epochs(ranked), "No run has both an epochs setting and an F1."),
+            _drawn("Loss curves", lambda: figures.loss_curves(ranked, names), "No run logged a loss history."),
+            _drawn("F1 against latency", lambda: figures.f1_by_latency(ranked, names),
+                   "No run logged latency_ms_p95."),
+            _drawn("Cost per F1 point", lambda: figures.cost_per_point(ranked, names),
+                   f"No run has a known cost and an F1 gain over base. {cost_note}".strip(), cost_note)]
 
 
 def build_report(records: Sequence[RunRecord], *, skipped: Mapping[str, int] | None = None,
@@ -126,11 +136,11 @@ def build_report(records: Sequence[RunRecord], *, skipped: Mapping[str, int] | N
 
 
 def _markdown(title: str, notes: list[str], tables: list[tuple[str, Table]], sections: list[Section]) -> str:
-    parts = [f"# {title}", *[note for note in notes if note]]
+    parts = [f"# {markdown_text(title)}", *[markdown_text(note) for note in notes if note]]
     for heading, table in tables:
         parts += [f"## {heading}", to_markdown(table)]
-    parts += ["## Figures", "\n".join(f"- {s.heading}: " + ("in report.html. " if s.chart else "") + s.caption()
-                                       for s in sections)]
+    parts += ["## Figures", "\n".join(f"- {s.heading}: " + ("in report.html. " if s.chart else "")
+                                       + markdown_text(s.caption()) for s in sections)]
     return "\n\n".join(parts) + "\n"
 
 

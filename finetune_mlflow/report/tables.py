@@ -20,6 +20,8 @@ class Table:
 def number(value: float | None, *, signed: bool = False, digits: int = 2) -> str:
     if value is None:
         return MISSING
+    if not abs(value) < 1e12:  # 1e308 (or inf) in fixed point is a 300-digit cell
+        return f"{value:+.3g}" if signed else f"{value:.3g}"
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
@@ -75,9 +77,21 @@ def base_vs_tuned_table(ranked: Sequence[RunRecord], names: dict[str, str]) -> T
     return Table(headers, rows)
 
 
+MARKDOWN_SPECIALS = "\\`|"
+
+
+def markdown_text(text: str) -> str:
+    """Text from a run (its name, a setting) as inert Markdown: one line (a newline would end a table row), the
+    characters that end a cell or start code escaped, no link (`](` broken), HTML markup as text (`<script>`
+    shows, never runs, where a viewer renders HTML inside Markdown)."""
+    one_line = " ".join(str(text).splitlines())
+    escaped = "".join("\\" + ch if ch in MARKDOWN_SPECIALS else ch for ch in one_line).replace("](", "]\\(")
+    return html.escape(escaped, quote=False)
+
+
 def to_markdown(table: Table) -> str:
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+        return "| " + " | ".join(markdown_text(cell) for cell in cells) + " |"
 
     return "\n".join([line(table.headers), line(["---"] * len(table.headers)), *map(line, table.rows)])
 

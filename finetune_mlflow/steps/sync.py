@@ -17,7 +17,8 @@ run that is already registered for the same tuned model is not evaluated again).
 A failed or cancelled job's run ends FAILED with `finetune.error_code`/`finetune.error_message`; sync itself goes
 on with the other jobs. A job still running is recorded as it is now (its run ends FINISHED with
 `finetune.job_state` pending/running and nothing registered): sync again later, or reattach with
-`mlflow run . -e tune --run-id <that run>`, which streams it to the end.
+`mlflow run . -e tune --run-id <that run>`, which streams it to the end. A job whose run a live process owns (a
+`tune` still watching it; see `ownership`) is left to that process, untouched, and reported as not synced.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Iterator
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from finetune_mlflow import ownership
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, FinetuneError, TuningJobFailed
 from finetune_mlflow.providers import get_provider
@@ -81,7 +83,10 @@ def _job_run(existing_run_id: str | None, job_id: str, provider: str) -> Iterato
                       tags={JOB_ID_TAG: job_id, "finetune.provider": provider}) as run:
             yield run
         return
+    # A run a live process owns (a `tune` still watching its job) is not taken over: RunHeld, nothing touched.
+    ownership.claim(existing_run_id)
     with mlflow.start_run(run_id=existing_run_id, nested=True) as run:
+        ownership.mark_owner(existing_run_id)
         yield run
 
 
@@ -140,6 +145,10 @@ def sync_job(provider: Provider, job_id: str, config: Config, prepared: Prepared
     except TuningJobFailed as e:
         logger.warning("job %s: %s", job_id, e)
         return SyncedJob(job_id, run_id, JobState(e.state), existing is None, error=str(e))
+    except ownership.RunHeld as e:
+        logger.warning("job %s left to the process that owns its run: %s", job_id, e)
+        state = client.get_run(run_id).data.tags.get("finetune.job_state", JobState.RUNNING.value)
+        return SyncedJob(job_id, run_id, JobState(state), False, error=f"not synced: {e}")
     except FinetuneError as e:
         # One unreadable job (a 404, an evaluation over its error budget) must not stop `job_id=all`.
         logger.error("job %s could not be synced: %s", job_id, e)

@@ -48,6 +48,9 @@ JOB_ID = re.compile(r"(?!\.\.?$)[A-Za-z0-9._-]+")
 WEIGHTS_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.npz")
 PASSAGE_CACHE_ENTRIES = 256
 PASSAGE_CACHE_BYTES = 64 << 20
+# Tokens featurized and scored at once: a long context is answered window by window (see span_features.windows),
+# so a request's memory follows this, not the context's length. SQuAD passages are under 1,000 tokens: one window.
+WINDOW_TOKENS = 2048
 TRAINER_MODULE = "finetune_mlflow.providers.local.trainer"
 
 
@@ -197,6 +200,11 @@ class LocalProvider(JobDirectoryProvider):
         return {"hyperparameters": {k: str(spec[k]) for k in ("epochs", "learning_rate", "batch_size") if k in spec},
                 "total_steps": spec.get("total_steps")}
 
+    def check_model(self, model: str) -> None:
+        """The base model, or a tuned model's weights inside the jobs home (see `weights_file`)."""
+        if model != BASE_MODEL:
+            self.weights_file(model)
+
     def _model(self, model: str) -> tuple[span_model.Weights, dict[str, float], int]:
         if model == BASE_MODEL:
             size = self.config.local.max_span_tokens
@@ -207,7 +215,13 @@ class LocalProvider(JobDirectoryProvider):
         """An empty (or punctuation-only) context answers "" for its row instead of failing the batch."""
         weights, idf, size = self._model(model)
         started = time.monotonic()
-        answer = span_model.answer(self.passage_cache.get(context), question, idf, weights, size)
+        answer, best = "", float("-inf")
+        for piece in span_features.windows(context, WINDOW_TOKENS):
+            # Only a context that is one window is cached: a long one's windows would fill the cache for one use.
+            featurized = self.passage_cache.get(piece) if piece is context else span_features.passage(piece)
+            text, score = span_model.scored_answer(featurized, question, idf, weights, size)
+            if score > best:
+                answer, best = text, score
         return Prediction(answer, (time.monotonic() - started) * 1000.0)
 
     def checkpoints(self, job_id: str) -> list[Checkpoint]:

@@ -14,7 +14,7 @@ import re
 import zlib
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -250,6 +250,28 @@ def passage(text: str) -> Passage:
                          suffix + SUFFIX_BUCKETS]).reshape(n, 5).astype(np.int32),
         (LEXICAL_BUCKETS + t["suffix"]).astype(np.int32),
     )
+
+
+SENTENCE_ENDS = frozenset((".", "?", "!"))
+
+
+def windows(text: str, max_tokens: int) -> Iterator[str]:
+    """`text` cut into pieces of at most `max_tokens` tokens, at the last sentence end inside each (else at the
+    token limit), scanning lazily: the work and memory of answering about one piece do not grow with the whole
+    context (a candidate span never crosses a sentence, so few are lost). A context that fits is one piece, the
+    text itself."""
+    start, ends, last_break = 0, [], -1  # ends: end offsets of the current piece's tokens
+    for match in TOKEN.finditer(text):
+        if len(ends) == max_tokens:
+            cut_at = last_break if last_break >= 0 else len(ends) - 1
+            cut = ends[cut_at]
+            yield text[start:cut]
+            start, ends, last_break = cut, ends[cut_at + 1:], -1
+        ends.append(match.end())
+        if match.group(0) in SENTENCE_ENDS:
+            last_break = len(ends) - 1
+    if ends or start == 0:
+        yield text[start:] if start else text
 
 
 def slim(p: Passage) -> Passage:

@@ -335,8 +335,9 @@ def mean_loss(c: Corpus, w: Weights, max_span_tokens: int, batch_size: int = 256
     return float(np.mean(np.concatenate(losses)))
 
 
-def predict_spans(c: Corpus, w: Weights, max_span_tokens: int) -> list[tuple[int, int] | None]:
-    """Best (start token, end token) of each question of `c`, in order; None where the passage has no span."""
+def predict_spans(c: Corpus, w: Weights, max_span_tokens: int) -> list[tuple[int, int, float] | None]:
+    """Best (start token, end token, score) of each question of `c`, in order; None where the passage has no
+    span."""
     b = batch(c, np.arange(len(c)), max_span_tokens)
     scored = score_batch(b, w, max_span_tokens)
     s = scored.spans
@@ -346,7 +347,8 @@ def predict_spans(c: Corpus, w: Weights, max_span_tokens: int) -> list[tuple[int
         sizes = np.diff(np.r_[s.segment_start, len(s.i)])
         winners = np.flatnonzero(scored.scores == np.repeat(top, sizes))
         for k in winners[np.r_[True, s.example[winners][1:] != s.example[winners][:-1]]]:
-            best[int(s.example[k])] = (int(s.i[k] - b.first[s.i[k]]), int(s.j[k] - b.first[s.i[k]]))
+            best[int(s.example[k])] = (int(s.i[k] - b.first[s.i[k]]), int(s.j[k] - b.first[s.i[k]]),
+                                       float(scored.scores[k]))
     return best
 
 
@@ -427,8 +429,17 @@ def train(train_set: Corpus, val_set: Corpus | None, start: Weights, *, epochs: 
 
 def answer(p: sf.Passage, question: str, idf: dict[str, float], w: Weights, max_span_tokens: int) -> str:
     """The best span's text; "" when the context has no candidate span (empty, or punctuation only)."""
+    return scored_answer(p, question, idf, w, max_span_tokens)[0]
+
+
+def scored_answer(p: sf.Passage, question: str, idf: dict[str, float], w: Weights, max_span_tokens: int
+                  ) -> tuple[str, float]:
+    """The best span's text and score (-inf with "" when the passage has no candidate span), so the answers of
+    a long context's windows can be compared."""
     if not len(p.sentence):
-        return ""
+        return "", float("-inf")
     q = sf.question(question, p, idf, (), max_span_tokens)
     best = predict_spans(build_corpus([p], [(0, q)]), w, max_span_tokens)[0]
-    return "" if best is None else p.text[p.offsets[best[0], 0]: p.offsets[best[1], 1]]
+    if best is None:
+        return "", float("-inf")
+    return p.text[p.offsets[best[0], 0]: p.offsets[best[1], 1]], best[2]

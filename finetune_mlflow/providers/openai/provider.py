@@ -237,6 +237,12 @@ class OpenAIProvider(ProviderBase):
         """A fine-tuned model or checkpoint (`ft:<base>:org:suffix:id[:ckpt-step-N]`) bills under `ft:<base>`."""
         return "ft:" + model.split(":")[1] if model.startswith("ft:") else super().billed_as(model, base_model)
 
+    @classmethod
+    def endpoints(cls, config: "Config") -> dict[str, str]:
+        """Where the API key goes: `openai.base_url`, else OPENAI_BASE_URL, else the SDK's default host."""
+        return {"openai.base_url": config.openai.base_url or os.environ.get("OPENAI_BASE_URL")
+                or "https://api.openai.com/v1"}
+
     def __init__(
         self,
         config: "Config",

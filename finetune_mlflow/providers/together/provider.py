@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import re
 import time
 
@@ -57,6 +58,12 @@ class TogetherProvider(ProviderBase):
         self._clock = clock
         self._limits: dict[str, Any] = {}
         self._estimates: dict[str, float] = {}
+
+    @classmethod
+    def endpoints(cls, config: "Config") -> dict[str, str]:
+        """Where the API key goes: `together.base_url`, else TOGETHER_BASE_URL, else the SDK's default host."""
+        return {"together.base_url": config.together.base_url or os.environ.get("TOGETHER_BASE_URL")
+                or "https://api.together.ai"}
 
     @classmethod
     def billed_as(cls, model: str, base_model: str) -> str:

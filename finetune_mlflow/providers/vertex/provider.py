@@ -369,6 +369,14 @@ class VertexProvider(ProviderBase):
         job_id = super().check_job_id(job_id)
         return job_id if "/" in job_id else f"projects/{self.project}/locations/{self.location}/tuningJobs/{job_id}"
 
+    @classmethod
+    def endpoints(cls, config: Config) -> dict[str, str]:
+        """Where Google credentials go: the Vertex API endpoint (default: the location's regional host) and the
+        Cloud Storage endpoint (default: the client's)."""
+        location = config.vertex.location or os.environ.get("GOOGLE_CLOUD_LOCATION", "") or DEFAULT_LOCATION
+        return {"vertex.api_endpoint": config.vertex.api_endpoint or default_api_endpoint(location),
+                "vertex.storage_endpoint": config.vertex.storage_endpoint or "https://storage.googleapis.com"}
+
     def __init__(
         self,
         config: Config,
