@@ -30,7 +30,7 @@ from finetune_mlflow.job_tracking import request_for
 from finetune_mlflow.preparation import Prepared, ensure_prepared
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.scoring import base_evaluation
-from finetune_mlflow.search.register import register_chosen
+from finetune_mlflow.registry import register_logged
 from finetune_mlflow.search.report import log_search_report
 from finetune_mlflow.search.space import SearchPlan, check_space, plan_search
 from finetune_mlflow.search.study import default_journal, open_study, pruner_spec, redacted, worker_id
@@ -189,7 +189,9 @@ def _finish(config: Config, plan: SearchPlan, study: Any, parent_id: str, ends: 
     _say(f"this worker: {ends}; study: {sum(o.state == 'COMPLETE' for o in found)} completed, "
          f"{sum(o.state == 'PRUNED' for o in found)} pruned, {sum(o.state == 'FAIL' for o in found)} failed"
          + (f"; recommended trial {choice.recommended.number} ({choice.reason})" if choice else ""))
-    version = register_chosen(winner.run_id, config.tune.registered_model_name) if owner and winner else None
+    # Trials carry a sweep point, so their tune runs log their models and register none (as a grid's children):
+    # the recommended one becomes the search's one version of the production name.
+    version = register_logged(winner.run_id, config.tune.registered_model_name) if owner and winner else None
     if version is not None:
         log_values(MlflowClient(), parent_id, tags={"finetune.registered_version": f"{version.name}/{version.version}"})
         _say(f"registered the recommended trial as {version.model_uri}")

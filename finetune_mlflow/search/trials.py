@@ -29,7 +29,6 @@ from finetune_mlflow.config import Config, with_overrides
 from finetune_mlflow.liveness import pid_alive
 from finetune_mlflow.ownership import OWNER_TAG
 from finetune_mlflow.search.pruning import PRUNED_STEP_TAG, TRIAL_ENV
-from finetune_mlflow.search.register import trials_name
 from finetune_mlflow.search.space import SearchPlan
 from finetune_mlflow.search.study import WORKER_ATTR, fail_dead_trials, worker_id
 from finetune_mlflow.sweep_plan import point_key
@@ -106,8 +105,7 @@ def _next_trial(study: Any, plan: SearchPlan, lock: threading.Lock, stop: thread
 
 
 def _command(launch: Launch, values: dict[str, Any]) -> list[str]:
-    command = [sys.executable, "-m", "finetune_mlflow", "tune", "--config", launch.config.config_file,
-               "--set", f"tune.registered_model_name={trials_name(launch.config.tune.registered_model_name)}"]
+    command = [sys.executable, "-m", "finetune_mlflow", "tune", "--config", launch.config.config_file]
     for key, value in values.items():
         command += ["--set", f"{key}={value}"]
     return command
