@@ -24,6 +24,7 @@ from finetune_mlflow import checkpoints
 from finetune_mlflow.config import Config
 from finetune_mlflow.costing import check_cost_limit
 from finetune_mlflow.errors import TuningJobFailed, TuningTimeout
+from finetune_mlflow.lifecycle_record import check_accepts_jobs, lifecycle_tags
 from finetune_mlflow.providers.base import (
     TERMINAL_STATES,
     Checkpoint,
@@ -72,6 +73,7 @@ def launch(provider: Provider, request: TuningRequest, config: Config, client: M
             "estimated_cost_usd": round(report.estimated_cost_usd, 4)})
     check_cost_limit(report.estimated_cost_usd, config.tune.max_cost_usd, price_key=f"{provider.name}."
                      "training_price_per_million_tokens", what=f"tuning {request.base_model} for {request.epochs} epochs")
+    check_accepts_jobs(provider, request.base_model, config)  # before any upload
     job = provider.start_job(request)
     # First write after creation: everything after this point can crash and a rerun will reattach.
     client.set_tag(request.run_id, JOB_ID_TAG, job.job_id)
@@ -260,7 +262,9 @@ def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, 
     final = _evaluate_final(provider, job, run_id, config, examples, base, candidates)
     selection = _select_model(provider, job, run_id, config, examples, base, final, candidates)
     metrics = {**final[0], **{f"selected_{k}": v for k, v in selection.metrics.items()}}
-    version = _register(provider, job, run_id, config, prepared, base, selection)
+    lifecycle = lifecycle_tags(provider, selection.model, config.tune.base_model, config)
+    log_values(client, run_id, tags=lifecycle)
+    version = _register(provider, job, run_id, config, prepared, base, selection, lifecycle)
     log_values(client, run_id, tags={"finetune.registered_version": f"{version.name}/{version.version}",
                                      "mlflow.note.content": describe_tune(metrics, job.job_id)
                                      + checkpoints.describe(selection)})
@@ -270,7 +274,7 @@ def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, 
 
 
 def _register(provider: Provider, job: TuningJob, run_id: str, config: Config, prepared: Prepared,
-              base: Evaluation, selection: checkpoints.Selection) -> RegisteredVersion:
+              base: Evaluation, selection: checkpoints.Selection, lifecycle: dict[str, str]) -> RegisteredVersion:
     chosen, name = selection.metrics, provider.name
     what = (f"checkpoint {selection.checkpoint.checkpoint_id} (step {selection.checkpoint.step}) of "
             if selection.checkpoint else "")
@@ -286,7 +290,7 @@ def _register(provider: Provider, job: TuningJob, run_id: str, config: Config, p
               "tuned_model": selection.model, "source_run": run_id, "data_sha256": prepared.data_sha256,
               "eval_f1": f"{chosen['eval_f1']:.4f}", "eval_exact_match": f"{chosen['eval_exact_match']:.4f}",
               "latency_ms_p95": f"{chosen.get('latency_ms_p95', float('nan')):.3f}",
-              **checkpoints.selection_tags(selection)},
+              **checkpoints.selection_tags(selection), **lifecycle},
         description=(f"{what}{name} tuning job {job.job_id} of {config.tune.base_model}: validation F1 "
                      f"{chosen['eval_f1']:.2f}, EM {chosen['eval_exact_match']:.2f} (base F1 "
                      f"{base.metrics.get('eval_f1', float('nan')):.2f}); source run {run_id}"),

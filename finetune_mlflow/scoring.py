@@ -33,6 +33,7 @@ from finetune_mlflow.evaluation import (
     run_predictions,
     summarize,
 )
+from finetune_mlflow.lifecycle_record import warn_if_retiring
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import Provider
 from finetune_mlflow.preparation import Prepared
@@ -159,10 +160,12 @@ def resolve_model(reference: str, config: Config) -> ResolvedModel:
         tags = MlflowClient().get_run(run_id).data.tags
         base_model = tags.get("finetune.base_model", "")
     elif reference.startswith("models:/"):
-        base_model = _registered_version_tags(reference[len("models:/"):]).get("base_model", "")
+        tags = _registered_version_tags(reference[len("models:/"):])
+        base_model = tags.get("base_model", "")
     else:
         # A provider's own model id, e.g. an existing `ft:gpt-4o-mini-...` model or a Vertex endpoint.
         return ResolvedModel(get_provider(config.tune.provider, config), reference, config.tune.base_model)
+    warn_if_retiring(reference, tags, config.lifecycle.warn_days)
     model_id, provider = _load_logged_model(reference)
     return ResolvedModel(provider, model_id, base_model)
 

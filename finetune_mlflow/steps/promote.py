@@ -24,6 +24,7 @@ from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, FinetuneError
 from finetune_mlflow.evaluation import ExampleResult, delta_against, error_rate
 from finetune_mlflow.promotion import BASE_REFERENCE, Decision, Evidence, decide
+from finetune_mlflow.promotion_lifecycle import lifecycle_gate
 from finetune_mlflow.records import read_jsonl
 from finetune_mlflow.preparation import PREPARED
 from finetune_mlflow.scoring import RESULTS_TABLE, load_rows, resolve_model, score_model
@@ -210,7 +211,8 @@ def run_promote(config: Config, *, model_name: str = "", version: str = "", forc
             decision = Decision(False, f"version {candidate_version} is already {alias}")
         else:
             evidence = _gather_evidence(candidate, champion, name, config)
-            decision = decide(evidence, config.promotion)
+            decision = lifecycle_gate(decide(evidence, config.promotion), candidate_version, candidate.tags,
+                                      champion_version, champion.tags if champion else None, config)
             if force and not decision.promote:
                 decision = Decision(True, f"forced ({reason}); gates said: {decision.reason}", decision.checks)
             _log_evidence(run.info.run_id, evidence, config, candidate_version, champion_version, force)
