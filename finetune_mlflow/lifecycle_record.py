@@ -41,16 +41,19 @@ def model_lifecycle(provider: Provider, model: str, config: Config) -> ModelLife
     return from_entry(model, entry, now()) if entry else reported
 
 
-def version_lifecycle(provider: Provider, tuned_model: str, base_model: str, config: Config
-                      ) -> ModelLifecycle | None:
-    """A tuned model's lifecycle: its own or its base model's, whichever ends first."""
+def version_lifecycle(provider: Provider, tuned_model: str, base_model: str, config: Config,
+                      version_ref: str = "") -> ModelLifecycle | None:
+    """A tuned model's lifecycle: its own, its base model's, or a dated entry for the registered version itself
+    (`models:/<name>/<version>`, e.g. a self-hosted deployment a platform team retires), whichever ends first."""
     tuned = model_lifecycle(provider, tuned_model, config) if tuned_model else None
     base = model_lifecycle(provider, base_model, config) if base_model and base_model != tuned_model else None
-    return soonest(tuned, base)
+    entry = config.lifecycle.models.get(version_ref) if version_ref else None
+    return soonest(tuned, base, from_entry(version_ref, entry, now()) if entry else None)
 
 
-def lifecycle_tags(provider: Provider, tuned_model: str, base_model: str, config: Config) -> dict[str, str]:
-    return to_tags(version_lifecycle(provider, tuned_model, base_model, config), now())
+def lifecycle_tags(provider: Provider, tuned_model: str, base_model: str, config: Config,
+                   version_ref: str = "") -> dict[str, str]:
+    return to_tags(version_lifecycle(provider, tuned_model, base_model, config, version_ref), now())
 
 
 def check_accepts_jobs(provider: Provider, base_model: str, config: Config) -> None:
