@@ -143,7 +143,7 @@ def _capture(args: argparse.Namespace) -> None:
 
 
 def _migrate(args: argparse.Namespace) -> None:
-    from finetune_mlflow.steps.migrate import run_migrate
+    from finetune_mlflow.migration import run_migrate
 
     run_migrate(_config(args))
 

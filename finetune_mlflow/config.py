@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping
 import yaml
 
 from finetune_mlflow.errors import ConfigError
-from finetune_mlflow.lifecycle_facts import lifecycle_entry_problem
+from finetune_mlflow.lifecycle_entries import lifecycle_entry_problem
 
 OnInvalid = Literal["fail", "drop"]
 CheckpointChoice = Literal["auto", "all", "last", "best_val_loss"]

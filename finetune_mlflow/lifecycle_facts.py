@@ -1,17 +1,8 @@
-"""Pure rules about model lifecycles: dated config entries, the tags a run and a registered version carry, the
+"""Pure rules about model lifecycles: the tags a run and a registered version carry, the
 warning and the promotion gate. No MLflow and no network here (the shells are `lifecycle_record` and
 `steps/lifecycle`).
 
-A dated entry (`lifecycle.models.<model>` in an experiment YAML) states what a provider published and when it was
-read, so a date is never guessed or written in code:
-
-    lifecycle:
-      models:
-        gpt-4o-mini-2024-07-18:
-          shutdown_date: 2027-01-14
-          new_jobs: closed
-          source: https://platform.openai.com/docs/deprecations (notice of 2026-05-07)
-          as_of: 2026-12-01
+Dated config entries are read by `lifecycle_entries`.
 """
 
 from __future__ import annotations
@@ -19,11 +10,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Mapping
 
+from finetune_mlflow.lifecycle_entries import NEW_JOBS, parse_date as _date
 from finetune_mlflow.providers.base import ModelLifecycle
-
-ENTRY_KEYS = {"shutdown_date", "source", "as_of", "stage", "new_jobs"}
-REQUIRED_KEYS = ("shutdown_date", "source", "as_of")
-NEW_JOBS = {"open": True, "closed": False}
 
 # Tags on a run and on a registered version.
 SHUTDOWN_TAG = "finetune.shutdown_date"
@@ -33,30 +21,6 @@ SOURCE_TAG = "finetune.lifecycle_source"
 MODEL_TAG = "finetune.lifecycle_model"
 NEW_JOBS_TAG = "finetune.lifecycle_new_jobs"
 UNKNOWN = "unknown"
-
-
-def _date(value: str) -> dt.date | None:
-    try:
-        return dt.date.fromisoformat(str(value))
-    except ValueError:
-        return None
-
-
-def lifecycle_entry_problem(entry: Mapping[str, str]) -> str | None:
-    """What is wrong with one dated config entry (with the fix), or None."""
-    unknown = sorted(set(entry) - ENTRY_KEYS)
-    if unknown:
-        return f"unknown key {unknown[0]!r}; expected some of {', '.join(sorted(ENTRY_KEYS))}"
-    missing = [key for key in REQUIRED_KEYS if not str(entry.get(key, "")).strip()]
-    if missing:
-        return (f"missing {', '.join(missing)}: a lifecycle entry says the date, where it was published (source) "
-                "and when that source was read (as_of)")
-    for key in ("shutdown_date", "as_of"):
-        if _date(entry[key]) is None:
-            return f"{key} {entry[key]!r} is not a date; write YYYY-MM-DD"
-    if "new_jobs" in entry and entry["new_jobs"] not in NEW_JOBS:
-        return f"new_jobs {entry['new_jobs']!r} is not one of open, closed"
-    return None
 
 
 def from_entry(model: str, entry: Mapping[str, str], checked_at: dt.datetime) -> ModelLifecycle:

@@ -22,8 +22,8 @@ from finetune_mlflow.errors import ConfigError
 
 SETTINGS = {"candidates", "max_f1_loss", "max_agreement_loss", "prompts"}
 # What a candidate may not set: they would move it off the champion's registered model or its data split.
-FIXED = {"tune.registered_model_name", "data.train_data", "data.validation_data", "data.max_validation_examples",
-         "data.validation_fraction"}
+# (every data.* key too: candidates are tuned and scored on the champion's own prepared split).
+FIXED = {"tune.registered_model_name"}
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def _dotted(name: str, where: str) -> str:
     if "." not in dotted:
         raise ConfigError(f"{where}: unknown key {name!r}; expected a -P name ({', '.join(sorted(flags))}) or a "
                           "section.key such as vertex.adapter_size")
-    if dotted in FIXED:
+    if dotted in FIXED or dotted.startswith("data."):
         raise ConfigError(f"{where}: {name} cannot differ between candidates: every candidate is registered under "
                           "the champion's model and scored on the champion's prepared split")
     return dotted

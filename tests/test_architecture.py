@@ -11,14 +11,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "finetune_mlflow"
 
 # Lower number = lower floor. A module may import its own floor or below.
 LAYERS = {
-    0: {"errors", "liveness", "prompt", "costing", "squad_metrics", "stats", "records", "cleaning", "config"},
+    0: {"errors", "liveness", "prompt", "costing", "squad_metrics", "stats", "records", "cleaning", "config",
+        "lifecycle_entries"},
     1: {"providers"},
     2: {"evaluation", "tracking", "progress", "summary", "scorefile", "registry", "qa_model", "served", "serving",
         "preparation", "scoring", "job_tracking", "promotion", "sweep_plan", "traces", "report", "checkpoints",
         "run_cost", "model_code", "scratch", "ownership",
-        "process"},
+        "process", "lifecycle_facts", "lifecycle_record", "lifecycle_table", "promotion_lifecycle",
+        "migration_plan", "migration_rule", "migration_report", "agreement"},
     3: {"steps"},
-    4: {"pipeline", "sweep", "cli", "__main__", "__init__"},
+    4: {"pipeline", "sweep", "migration", "cli", "__main__", "__init__"},
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 
 import mlflow
@@ -85,8 +86,10 @@ def run_capture(config: Config, model: str, prompts_path: str) -> Capture:
         done = run_predictions(lambda q, c: resolved.provider.predict(resolved.model_id, q, c), examples,
                                min(config.evaluate.max_concurrency, resolved.provider.max_concurrency))
         frame = pd.DataFrame(prompts)
-        mlflow.log_input(mlflow.data.from_pandas(frame, source=str(prompts_path), name="captured prompts"),
-                         context="capture")
+        with warnings.catch_warnings():  # MLflow warns that a local path matches two equivalent source classes
+            warnings.simplefilter("ignore")
+            dataset = mlflow.data.from_pandas(frame, source=str(prompts_path), name="captured prompts")
+        mlflow.log_input(dataset, context="capture")
         mlflow.log_table({"id": [p["id"] for p in prompts], "question": [p["question"] for p in prompts],
                           "context": [p["context"] for p in prompts],
                           "answer": [r.prediction for r in done.results],
