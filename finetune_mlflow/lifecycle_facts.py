@@ -54,6 +54,12 @@ def shutdown_from_tags(tags: Mapping[str, str]) -> dt.date | None:
     return _date(tags.get(SHUTDOWN_TAG, ""))
 
 
+def keeps_recorded(recorded: Mapping[str, str], fresh: Mapping[str, str]) -> bool:
+    """A refresh that learnt no date keeps a recorded one: a model that shut down answers 404 to the lookup too,
+    and its date is exactly what must not be lost."""
+    return shutdown_from_tags(fresh) is None and shutdown_from_tags(recorded) is not None
+
+
 def days_left(shutdown: dt.date | None, today: dt.date) -> int | None:
     return None if shutdown is None else (shutdown - today).days
 

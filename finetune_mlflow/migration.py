@@ -28,7 +28,7 @@ from finetune_mlflow.config import Config, read_raw_section, with_overrides
 from finetune_mlflow.costing import token_price
 from finetune_mlflow.errors import ConfigError, FinetuneError
 from finetune_mlflow.evaluation import delta_against, error_rate
-from finetune_mlflow.lifecycle_facts import MODEL_TAG, SHUTDOWN_TAG, days_left, shutdown_from_tags
+from finetune_mlflow.lifecycle_facts import MODEL_TAG, SHUTDOWN_TAG, days_left, keeps_recorded, shutdown_from_tags
 from finetune_mlflow.lifecycle_record import lifecycle_tags, today
 from finetune_mlflow.migration_plan import MigrationPlan, plan_migration
 from finetune_mlflow.migration_report import render_report, table_columns
@@ -83,7 +83,7 @@ def _refreshed_tags(version: ModelVersion, config: Config) -> dict[str, str]:
         return tags
     fresh = lifecycle_tags(provider, tags.get("tuned_model", ""), tags.get("base_model", ""), config,
                            f"models:/{version.name}/{version.version}")
-    if shutdown_from_tags(fresh) is not None or shutdown_from_tags(tags) is None:
+    if not keeps_recorded(tags, fresh):
         client = MlflowClient()
         for key, value in fresh.items():
             if tags.get(key) != value:

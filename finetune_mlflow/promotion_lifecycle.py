@@ -16,8 +16,8 @@ from finetune_mlflow.promotion import Decision
 def lifecycle_gate(decision: Decision, candidate: str, candidate_tags: Mapping[str, str], champion: str | None,
                    champion_tags: Mapping[str, str] | None, config: Config) -> Decision:
     """`decision` with the shutdown gate applied (check `lifecycle`); warnings are log lines only."""
-    warn_if_retiring(f"champion {champion}", champion_tags or {}, config.lifecycle.warn_days) if champion else None
-    warn_if_retiring(f"candidate {candidate}", candidate_tags, config.lifecycle.warn_days)
+    warn_if_retiring(f"champion v{champion}", champion_tags or {}, config.lifecycle.warn_days) if champion else None
+    warn_if_retiring(f"candidate v{candidate}", candidate_tags, config.lifecycle.warn_days)
     refused = shutdown_gate(candidate_tags, today(), config.promotion.min_days_to_shutdown)
     checks = {**decision.checks, "lifecycle": refused is None}
     if refused is None:

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.config import Config
 from finetune_mlflow.errors import FinetuneError
+from finetune_mlflow.lifecycle_facts import SHUTDOWN_TAG, keeps_recorded
 from finetune_mlflow.lifecycle_record import lifecycle_tags, today
 from finetune_mlflow.lifecycle_table import VersionRow, render, soonest_first, version_row
 from finetune_mlflow.providers import get_provider
@@ -49,10 +50,14 @@ def refresh(config: Config, client: MlflowClient) -> list[VersionRow]:
         if provider is not None:
             fresh = lifecycle_tags(provider, tags.get("tuned_model", ""), tags.get("base_model", ""), config,
                                    f"models:/{name}/{version.version}")
-            for key, value in fresh.items():
-                if tags.get(key) != value:
-                    client.set_model_version_tag(name, version.version, key, value)
-            tags.update(fresh)
+            if keeps_recorded(tags, fresh):
+                logger.info("%s v%s: the provider no longer reports a date (shut down?); keeping the recorded %s",
+                            name, version.version, tags.get(SHUTDOWN_TAG))
+            else:
+                for key, value in fresh.items():
+                    if tags.get(key) != value:
+                        client.set_model_version_tag(name, version.version, key, value)
+                tags.update(fresh)
         rows.append(version_row(name, str(version.version), aliases, tags, today()))
     return soonest_first(rows)
 
