@@ -3,7 +3,10 @@ into the run until it ends, then evaluate and register the tuned model. Shared b
 
 Tags: `finetune.job_id` (written as soon as the job exists: a rerun with `--run-id` reattaches instead of paying
 for a second job), `finetune.job_state`, `finetune.provider_status`, `finetune.status.<status>` (UTC time each
-provider status was first seen), `finetune.metrics_cursor`, `finetune.tuned_model`, `finetune.registered_version`.
+provider status was first seen), `finetune.metrics_cursor`, `finetune.tuned_model`, `finetune.registered_version`,
+and the registered model's lifecycle (`finetune.shutdown_date`, `finetune.lifecycle_stage`,
+`finetune.lifecycle_checked_at`, ...; see `lifecycle_record`), also on the registered version. A launch is refused
+before any upload when the provider or a dated entry says the base model takes no new jobs.
 Step metrics (`train_loss`, `val_loss`, ...) are written with `log_batch` and never twice.
 """
 

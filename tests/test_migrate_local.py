@@ -25,11 +25,11 @@ def local_config(tmp_path: Path, small_squad) -> tuple[str, Path]:
     prompts = tmp_path / "prompts.jsonl"
     rows = [json.loads(line) for line in Path(e2e.ROOT / "data" / "migrate" / "prompts.jsonl").read_text().splitlines()]
     prompts.write_text("".join(json.dumps({"question": r["question"], "context": r["context"]}) + "\n"
-                               for r in rows[:12]))
+                               for r in rows[:8]))
     config["data"].update(train_data=str(train), validation_data=str(validation), max_examples=0,
                           max_validation_examples=60)
     config["tune"].update(registered_model_name=NAME, poll_interval=0.05, epochs=2)
-    config["evaluate"].update(bootstrap_samples=200, trace_samples=0)
+    config["evaluate"].update(bootstrap_samples=100, trace_samples=0)
     config["lifecycle"]["models"] = {  # the base model's date, and a sooner one for version 1 itself
         "span-ranker-base": {"shutdown_date": "2099-01-01", "source": "base notice", "as_of": "2026-12-01"},
         f"models:/{NAME}/1": {"shutdown_date": "2098-06-01", "source": "v1 notice", "as_of": "2026-12-01"}}
@@ -76,7 +76,7 @@ def test_local_migration_with_captured_prompts(small_squad, tmp_path, capsys, ca
                  str(prompts))
     [capture] = client.search_runs(["0"], "tags.`finetune.step` = 'capture'")
     assert capture.data.tags["finetune.captured_model"] == f"models:/{NAME}/1"
-    assert capture.data.metrics["capture_n"] == 12 and capture.inputs.dataset_inputs
+    assert capture.data.metrics["capture_n"] == 8 and capture.inputs.dataset_inputs
     assert "reused" in cli_ok(capsys, "capture", "--config", config, "--model", f"models:/{NAME}/1", "--prompts",
                               str(prompts))
 
