@@ -3,7 +3,8 @@
 Parameters in: `config` with a `migration:` block (see `migration_plan`): explicit candidate settings (provider,
 base model, knobs), `max_f1_loss`, optionally `prompts` and `max_agreement_loss`. For the champion of
 `tune.registered_model_name` (`promotion.alias`), on its own prepared split: each candidate is tuned (nested `tune`
-runs, registered under the champion's model) or reused when an identical finished run exists; it is compared with
+runs, registered under the champion's model) or reused when a finished run has the same data, tune, evaluate
+and provider settings (`reuse_key`; edits to `lifecycle` or `promotion` retrain nothing); it is compared with
 the champion's recorded per-question answers (the champion is never called, so this works after it shut down),
 and with captured prompts for agreement with the champion's recorded answers (`capture`). The rule is in
 `migration_rule`. The alias moves through `promote` (forced, with the migration's decision as the reason, which
@@ -16,10 +17,13 @@ candidate), tags `migration.decision`, `migration.winner`, `migration.retiring_m
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 
 import mlflow
+import yaml
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
@@ -38,7 +42,11 @@ from finetune_mlflow.preparation import Prepared, load_prepared
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.run_cost import bills
 from finetune_mlflow.scoring import RESULTS_TABLE, load_rows
-from finetune_mlflow.tracking import find_finished_run, log_values, step_run
+from finetune_mlflow.scratch import download_artifacts
+from finetune_mlflow.steps.capture import find_capture, read_capture, run_capture
+from finetune_mlflow.steps.promote import run_promote
+from finetune_mlflow.steps.tune import run_tune
+from finetune_mlflow.tracking import log_values, quote, step_run
 
 logger = logging.getLogger(__name__)
 
@@ -122,15 +130,36 @@ def _champion_prepared(version: ModelVersion) -> Prepared:
     return load_prepared(tags["finetune.prepare_run_id"], tags.get("finetune.data_sha256", ""))
 
 
+def reuse_key(settings: dict) -> str:
+    """What makes two candidate runs interchangeable: the data, tune and evaluate sections and the provider's own;
+    not `lifecycle` or `promotion`, which a user edits as notices arrive without changing what a run trained."""
+    provider = settings.get("tune", {}).get("provider", "")
+    chosen = {name: settings.get(name) for name in ("data", "tune", "evaluate", provider)}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _finished_candidate(candidate: Config, prepared: Prepared, experiment_id: str) -> str | None:
+    """A finished, registered tune run of the same settings on the same data, if one exists."""
+    client, wanted = MlflowClient(), reuse_key(candidate.to_dict())
+    runs = client.search_runs([experiment_id], f"tags.`finetune.step` = 'tune' and tags.`finetune.data_sha256` = "
+                              f"{quote(prepared.data_sha256)} and tags.`finetune.provider` = "
+                              f"{quote(candidate.tune.provider)} and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=200)
+    for run in runs:
+        if not run.data.tags.get("finetune.registered_version"):
+            continue
+        logged = download_artifacts(run_id=run.info.run_id, artifact_path="config.yaml").read_text(encoding="utf-8")
+        if reuse_key(yaml.safe_load(logged) or {}) == wanted:
+            return run.info.run_id
+    return None
+
+
 def _candidate_run(candidate: Config, prepared: Prepared, experiment_id: str) -> tuple[str | None, str | None]:
     """(tune run id, failure) of a candidate: an identical finished run is reused, else one is tuned now."""
-    found = find_finished_run(experiment_id, step="tune", config_sha256=candidate.sha256(),
-                              data_sha256=prepared.data_sha256)
-    if found is not None and found.data.tags.get("finetune.registered_version"):
-        logger.info("candidate %s: reusing finished run %s", candidate.run_name("tune"), found.info.run_id)
-        return found.info.run_id, None
-    from finetune_mlflow.steps.tune import run_tune
-
+    found = _finished_candidate(candidate, prepared, experiment_id)
+    if found is not None:
+        logger.info("candidate %s: reusing finished run %s", candidate.run_name("tune"), found)
+        return found, None
     try:
         return run_tune(candidate, prepared=prepared).run_id, None
     except FinetuneError as e:
@@ -158,8 +187,6 @@ def _agreement(config: Config, plan: MigrationPlan, model_uri: str, recorded: di
                ) -> dict[str, float] | None:
     if recorded is None:
         return None
-    from finetune_mlflow.steps.capture import run_capture
-
     answers = run_capture(config, model_uri, plan.prompts).answers
     return agreement(answers, recorded, samples=config.evaluate.bootstrap_samples, seed=config.evaluate.bootstrap_seed)
 
@@ -167,8 +194,6 @@ def _agreement(config: Config, plan: MigrationPlan, model_uri: str, recorded: di
 def _champion_capture(name: str, version: str, plan: MigrationPlan) -> dict[str, str] | None:
     if not plan.prompts:
         return None
-    from finetune_mlflow.steps.capture import find_capture, read_capture
-
     found = find_capture(f"models:/{name}/{version}", plan.prompts)
     if found is None:
         raise FinetuneError(f"migration.prompts is set but version {version}'s answers on {plan.prompts} were never "
@@ -184,8 +209,6 @@ def _move(config: Config, name: str, champion: ModelVersion, winner: Standing, d
     if current is not None and str(current.version) == winner.version:
         logger.info("v%s is already %s: nothing moves", winner.version, config.promotion.alias)
         return False
-    from finetune_mlflow.steps.promote import run_promote
-
     client.set_model_version_tag(name, winner.version, REPLACES_TAG, str(champion.version))
     result = run_promote(config, model_name=name, version=winner.version, force=True, reason=decision)
     client.set_model_version_tag(name, str(champion.version), "migration.replaced_by", winner.version)

@@ -178,3 +178,14 @@ def test_cost_per_thousand_requests():
     assert cost_per_1k(100, 50_000, 1_000, (0.30, 1.20), bills=True) == pytest.approx((0.015 + 0.0012) / 100 * 1000)
     assert cost_per_1k(100, None, None, None, bills=False) == 0.0
     assert cost_per_1k(100, 5.0, 5.0, None, bills=True) is None
+
+
+def test_candidate_reuse_ignores_lifecycle_and_promotion_edits():
+    from finetune_mlflow.migration import reuse_key
+
+    config = load_config(None, {}).to_dict()
+    edited = {**config, "lifecycle": {"warn_days": 10, "models": {"m": GOOD}},
+              "promotion": {**config["promotion"], "min_days_to_shutdown": 90}}
+    assert reuse_key(edited) == reuse_key(config)
+    assert reuse_key({**config, "tune": {**config["tune"], "epochs": 9}}) != reuse_key(config)
+    assert reuse_key({**config, "local": {**config["local"], "max_span_tokens": 4}}) != reuse_key(config)
