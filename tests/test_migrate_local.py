@@ -95,7 +95,7 @@ def test_local_migration_with_captured_prompts(small_squad, tmp_path, capsys, ca
     launched = local_jobs()
     edited = yaml.safe_load(Path(config).read_text())  # a new notice and a stricter gate retrain nothing
     edited["lifecycle"]["models"][f"models:/{NAME}/1"]["as_of"] = "2026-12-03"
-    edited["promotion"]["min_days_to_shutdown"] = 60
+    edited.setdefault("promotion", {})["min_days_to_shutdown"] = 60
     Path(config).write_text(yaml.safe_dump(edited))
     out = cli_ok(capsys, "migrate", "--config", config)
     assert "v2 is already champion" in out and local_jobs() == launched == 3
