@@ -27,8 +27,9 @@ def _config(args: argparse.Namespace) -> Config:
         key, _, value = item.partition("=")
         overrides[key] = value
     config = load_config(args.config or None, overrides)
-    from finetune_mlflow.tracking import use_experiment
+    from finetune_mlflow.tracking import prepare_store, use_experiment
 
+    prepare_store()
     use_experiment(config.experiment)
     return config
 

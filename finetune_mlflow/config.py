@@ -163,6 +163,11 @@ class VertexConfig:
                              choices=(0, 1, 2, 4, 8, 16, 32))
     tensorboard: str = knob("", "TensorBoard to read curves from; empty: the job experiment's backing one")
     request_timeout_seconds: float = knob(60.0, "per-request timeout", low=1, high=3600)
+    thinking_budget: int = knob(0, "thinking tokens a 2.5 model may spend per answer: 0 turns thinking off, as Vertex "
+                                "recommends for tuned models (2.5 Pro cannot: it gets its lowest, 128); -1: the "
+                                "model decides", low=-1, high=32768)
+    quota_backoff_seconds: float = knob(1.0, "first wait after a 429 RESOURCE_EXHAUSTED that names no wait (Vertex "
+                                        "sends no Retry-After); doubles, jittered, capped at 32 s", low=0, high=300)
     training_price_per_million_tokens: dict[str, float] = knob(None, "USD per 1M training tokens by base model "
                                                                "(dated in the YAML)", factory=dict)
     inference_price_per_million_tokens: dict[str, dict[str, float]] = knob(
@@ -170,6 +175,28 @@ class VertexConfig:
         "model's rate (dated in the YAML)", factory=dict)
     max_example_tokens: int = knob(131072, "longest example the base model accepts", low=1, high=10_000_000)
     max_validation_examples: int = knob(5000, "Vertex's limit on validation examples", low=1, high=1_000_000)
+
+
+@dataclass(frozen=True)
+class TogetherConfig:
+    """LoRA fine-tuning on Together AI (tune.base_model: a Together model string that supports fine-tuning)."""
+
+    base_url: str = knob("", "API base URL; empty: TOGETHER_BASE_URL, else api.together.ai")
+    max_retries: int = knob(4, "retries of a failed management call (429/5xx/reset)", low=0, high=20)
+    request_timeout_seconds: float = knob(60.0, "per-request timeout", low=1, high=3600)
+    lora_r: int = knob(8, "LoRA rank; checked against the model's max_rank before launch", low=1, high=1024)
+    lora_alpha: int = knob(16, "LoRA alpha (scale = alpha / r)", low=1, high=4096)
+    lora_dropout: float = knob(0.0, "dropout on the LoRA path", low=0, high=0.99)
+    lora_trainable_modules: str = knob("all-linear", "comma-separated modules LoRA adapts, or all-linear; "
+                                       "checked against the model's target_modules")
+    n_evals: int = knob(4, "validation-loss evaluations over the job (0: none)", low=0, high=1000)
+    n_checkpoints: int = knob(3, "checkpoints the job keeps (each a candidate model)", low=1, high=1000)
+    max_seq_length: int = knob(0, "training sequence length; 0: the model's SFT maximum", low=0, high=10_000_000)
+    training_price_per_million_tokens: dict[str, float] = knob(None, "USD per 1M training tokens by base model "
+                                                               "(dated in the YAML)", factory=dict)
+    inference_price_per_million_tokens: dict[str, dict[str, float]] = knob(
+        None, "USD per 1M tokens by model, {input: x, output: y}; a serverless LoRA model bills under its base "
+        "model's name (dated in the YAML)", factory=dict)
 
 
 @dataclass(frozen=True)
@@ -214,6 +241,7 @@ class Config:
     openai: OpenAIConfig = provider_section(OpenAIConfig)
     vertex: VertexConfig = provider_section(VertexConfig)
     transformers: TransformersConfig = provider_section(TransformersConfig)
+    together: TogetherConfig = provider_section(TogetherConfig)
     # Where this config was loaded from (not a YAML key): logged as the `config_file` param.
     config_file: str = field(default="", metadata={"internal": True})
 
@@ -412,14 +440,15 @@ def _validate(config: Config, origin: Origin) -> None:
         problem = lifecycle_entry_problem(entry)
         if problem:
             raise ConfigError(f"{origin(f'lifecycle.models.{model}')}: lifecycle.models.{model}: {problem}")
-    for key, url in (("openai.base_url", config.openai.base_url), ("vertex.api_endpoint", config.vertex.api_endpoint),
+    for key, url in (("openai.base_url", config.openai.base_url), ("together.base_url", config.together.base_url),
+                     ("vertex.api_endpoint", config.vertex.api_endpoint),
                      ("vertex.storage_endpoint", config.vertex.storage_endpoint)):
         parts = urllib.parse.urlsplit(url)
         if parts.username or parts.password or parts.query:
             # The value itself is not repeated: it holds the secret this check keeps out of params and artifacts.
             raise ConfigError(f"{origin(key)}: {key} carries credentials or a query string; config is logged as run "
                               "params and stored with registered models, so give the bare endpoint and put keys in "
-                              "the environment (OPENAI_API_KEY, Application Default Credentials)")
+                              "the environment (OPENAI_API_KEY, TOGETHER_API_KEY, Application Default Credentials)")
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -514,6 +543,23 @@ def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
     built = dataclasses.replace(_build(Config, merged, "", origin), config_file=config.config_file)
     _validate(built, origin)
     return built
+
+
+def knob_value(key: str, value: Any, source: str) -> Any:
+    """One knob's value coerced to its declared type and checked against its bounds, as `-P`/`--set` would be
+    (a sweep grid compares and passes on these, so `1e-2` and `0.01` are one value). ConfigError names `source`."""
+    fields = dict(_knobs())
+    if key not in fields:
+        raise ConfigError(f"{source}: unknown key {key!r}; expected a knob such as tune.epochs (see `finetune-mlflow "
+                          "knobs`)")
+    section = key.rpartition(".")[0]
+    hints = typing.get_type_hints(next(f.default_factory for f in dataclasses.fields(Config) if f.name == section)
+                                  if section else Config)
+    coerced = _coerce(value, hints[key.rpartition(".")[2]], key, lambda _: source)
+    expected = _out_of_bounds(coerced, fields[key].metadata)
+    if expected:
+        raise ConfigError(f"{source}: {key} is {coerced!r}; expected {expected}")
+    return coerced
 
 
 def read_raw_section(path: str | Path, section: str) -> Any:

@@ -25,16 +25,13 @@ def billed_tokens(train_tokens: int, epochs: int) -> int:
 
 
 def matching_key(model: str, table: Mapping[str, object]) -> str | None:
-    """The table key naming `model` exactly or by the longest `key-` prefix (a dated snapshot such as
-    gemini-2.0-flash-001 takes its family's entry); None if none does."""
-    if model in table:
-        return model
-    prefixes = [key for key in table if model.startswith(f"{key}-")]
-    return max(prefixes, key=len) if prefixes else None
+    """`model` when the table names it exactly, else None. Never a prefix: `gemini-2.5-flash-lite` is not priced as
+    `gemini-2.5-flash`, nor a new snapshot as its family; an unpriced model is refused by the cost guard instead."""
+    return model if model in table else None
 
 
 def price_per_million(model: str, tables: Sequence[Mapping[str, float]]) -> float | None:
-    """USD per 1M training tokens: the first table (in priority order) with a `matching_key`; None if none."""
+    """USD per 1M training tokens: the first table (in priority order) naming `model`; None if none does."""
     for table in tables:
         key = matching_key(model, table)
         if key is not None:
@@ -48,15 +45,16 @@ def estimate_cost_usd(billed: int, price: float | None) -> float | None:
 
 def check_cost_limit(cost: float | None, limit: float, *, what: str, price_key: str,
                      priced: str = "training tokens", setting: str = "max_cost_usd",
-                     remedy: str = "lower data.max_examples or tune.epochs") -> None:
+                     remedy: str = "lower data.max_examples or tune.epochs", unpriced: str = "") -> None:
     """The one cost guard, run before anything is launched or requested: refuse above `limit` (0: no guard), and
-    refuse when a limit is set but the cost cannot be estimated (no price for the model under `price_key`)."""
+    refuse when a limit is set but the cost cannot be estimated (no price for `unpriced` under `price_key`)."""
     if limit <= 0:
         return
     if cost is None:
-        raise ConfigError(f"{setting} is {limit:g} but the cost of {what} cannot be estimated: add the model's USD "
-                          f"price per 1M {priced} under {price_key}, or set {setting} to 0 to go on "
-                          "without the guard")
+        missing = f"no price for {unpriced}" if unpriced else "a model has no price"
+        raise ConfigError(f"{setting} is {limit:g} but the cost of {what} cannot be estimated: {missing} under "
+                          f"{price_key} (prices match model names exactly); add its USD price per 1M {priced} "
+                          f"there, dated, or set {setting} to 0 to go on without the guard")
     if cost > limit:
         raise ConfigError(f"estimated cost ${cost:.2f} of {what} exceeds {setting}=${limit:g}; {remedy}, or raise "
                           f"{setting}")
@@ -66,7 +64,7 @@ def token_price(model: str, base_model: str, table: Mapping[str, Mapping[str, fl
     """USD per 1M (input, output) tokens of `model`, from a config table of {model: {input, output}}: an OpenAI
     fine-tuned model or checkpoint (`ft:<base>:org:suffix:id[:ckpt-step-N]`) under `ft:<base>`; another tuned
     model (a Vertex endpoint) at its base model's rate, which is how Vertex bills tuned Gemini models; any other
-    model under its own name. Keys match exactly or as the longest `key-` prefix. None when no entry fits."""
+    model under its own name. Keys match exactly (`matching_key`). None when no entry fits."""
     if model.startswith("ft:"):
         name = "ft:" + model.split(":")[1]
     elif "/endpoints/" in model:

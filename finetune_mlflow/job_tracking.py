@@ -75,7 +75,8 @@ def launch(provider: Provider, request: TuningRequest, config: Config, client: M
             "estimated_billed_tokens": report.estimated_billed_tokens,
             "estimated_cost_usd": round(report.estimated_cost_usd, 4)})
     check_cost_limit(report.estimated_cost_usd, config.tune.max_cost_usd, price_key=f"{provider.name}."
-                     "training_price_per_million_tokens", what=f"tuning {request.base_model} for {request.epochs} epochs")
+                     "training_price_per_million_tokens", what=f"tuning {request.base_model} for {request.epochs} epochs",
+                     unpriced=request.base_model)
     check_accepts_jobs(provider, request.base_model, config)  # before any upload
     job = provider.start_job(request)
     # First write after creation: everything after this point can crash and a rerun will reattach.
@@ -268,8 +269,9 @@ def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, 
     lifecycle = lifecycle_tags(provider, selection.model, config.tune.base_model, config)
     log_values(client, run_id, tags=lifecycle)
     version = _register(provider, job, run_id, config, prepared, base, selection, lifecycle)
-    log_values(client, run_id, tags={"finetune.registered_version": f"{version.name}/{version.version}",
-                                     "mlflow.note.content": describe_tune(metrics, job.job_id)
+    # A sweep child logs its model but registers no version (its sweep registers the winner only).
+    registered = {"finetune.registered_version": f"{version.name}/{version.version}"} if version.version else {}
+    log_values(client, run_id, tags={**registered, "mlflow.note.content": describe_tune(metrics, job.job_id)
                                      + checkpoints.describe(selection)})
     logger.info("tuned %s: F1 %.2f (base %.2f), registered %s (%s)", job.tuned_model, metrics["eval_f1"],
                 base.metrics.get("eval_f1", float("nan")), version.model_uri, selection.model)

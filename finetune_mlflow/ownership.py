@@ -14,6 +14,10 @@ Every step run records its owner as tags when it starts: `finetune.owner` (`host
 The loser raises RunHeld (exit 2) naming the holder, having changed nothing on the run. The winner then ends the
 run's children that are still RUNNING with no live owner (a kill -9 during prepare or the base evaluation), KILLED
 with a `finetune.end_reason`, and says so.
+
+`mlflow run` opens a launcher run in `Default` before the step starts (see `tracking.use_experiment`); the step
+owns it too. A kill -9 of the whole `mlflow run` leaves it RUNNING, so every step run that starts ends the stale
+launchers it finds with the status of the step run they launched (KILLED when that one never started).
 """
 
 from __future__ import annotations
@@ -131,6 +135,47 @@ def _beat(run_id: str, tracking_uri: str) -> None:
             missed += 1
             logger.debug("heartbeat of run %s failed: %s", run_id, e)
     _BEATING.discard(run_id)
+
+
+LAUNCHED_INTO_TAG = "finetune.launched_into_experiment"
+STEP_RUN_TAG = "finetune.run_id"
+MAX_LAUNCHERS_SCANNED = 200
+
+
+def launcher_end_status(step_status: str | None) -> str:
+    """The status a stale launcher ends with: its step run's, once that one has ended; KILLED otherwise (the
+    step never started, or it is itself stale and its rerun will end it)."""
+    return step_status if step_status in {"FINISHED", "FAILED", "KILLED"} else "KILLED"
+
+
+def end_stale_launchers(experiment_id: str) -> list[str]:
+    """End every launcher run of `mlflow run` in the experiment that is still RUNNING with no live owner; returns
+    their ids. Best effort: a launcher is a pointer, and a failure here never stops the step."""
+    client = MlflowClient()
+    launchers = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.`{LAUNCHED_INTO_TAG}` "
+                                   "LIKE '%'", max_results=MAX_LAUNCHERS_SCANNED)
+    ended = []
+    for launcher in launchers:
+        if owner_alive(launcher.data.tags):
+            continue
+        step_run_id = launcher.data.tags.get(STEP_RUN_TAG)
+        step_status = None
+        if step_run_id:
+            try:
+                step_status = client.get_run(step_run_id).info.status
+            except Exception:  # noqa: BLE001 - a deleted step run: the launcher still ends
+                step_status = None
+        status = launcher_end_status(step_status)
+        owner = launcher.data.tags.get(OWNER_TAG, "an unknown process")
+        step_run = step_run_id or "(never started)"
+        client.set_tag(launcher.info.run_id, "finetune.end_reason",
+                       f"stale launcher: left RUNNING by {owner}, which is gone; step run {step_run} is "
+                       f"{step_status or 'absent'}; ended by {me()}")
+        client.set_terminated(launcher.info.run_id, status)
+        logger.info("ended stale launcher run %s %s (its step run %s is %s)", launcher.info.run_id, status,
+                    step_run_id or "-", step_status or "absent")
+        ended.append(launcher.info.run_id)
+    return ended
 
 
 def end_stale_children(parent_run_id: str) -> list[str]:

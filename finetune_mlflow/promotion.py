@@ -1,4 +1,8 @@
-"""Pure promotion gates: given the evidence, decide whether a candidate replaces the champion, and say why."""
+"""Pure promotion gates: given the evidence, decide whether a candidate replaces the champion, and say why.
+
+The same gates hold whatever the reference is: the champion, or the base model when there is no champion yet (a
+first promotion is not a free pass). Against the base model the point gain must also be positive, so nothing
+worse than the base model is promoted whatever `min_f1_gain` allows."""
 
 from __future__ import annotations
 
@@ -46,30 +50,31 @@ def decide(evidence: Evidence, gates: PromotionConfig) -> Decision:
         latency = evidence.candidate_latency_ms_p95
         checks["latency"] = latency is not None and latency <= gates.max_latency_ms_p95
         if not checks["latency"]:
-            reasons.append(f"latency p95 {latency} ms is over max_latency_ms_p95 {gates.max_latency_ms_p95} ms")
+            shown = "unknown" if latency is None else f"{latency:.0f}"
+            reasons.append(f"latency p95 {shown} ms is over max_latency_ms_p95 {gates.max_latency_ms_p95:g} ms")
     if evidence.reference is None:
         checks["f1_gain"] = False
         reasons.append("no champion and no base-model results on the same questions to compare with")
-    elif evidence.reference == BASE_REFERENCE:
-        # The first champion must beat the base model on the same questions: nothing worse than base is promoted.
-        checks["f1_gain"] = evidence.f1_delta is not None and evidence.f1_delta > 0
-        if not checks["f1_gain"]:
+    else:
+        above_base = evidence.reference != BASE_REFERENCE or (evidence.f1_delta is not None and evidence.f1_delta > 0)
+        if not above_base:
             reasons.append(f"F1 {evidence.candidate_f1:.2f} is not above the base model's {evidence.reference_f1:.2f} "
                            f"on the same questions (gain {evidence.f1_delta:+.2f}, 95% CI "
                            f"{evidence.f1_delta_ci_low:+.2f} to {evidence.f1_delta_ci_high:+.2f})")
-    else:
         low = evidence.f1_delta_ci_low
-        checks["f1_gain"] = low is not None and low > gates.min_f1_gain
-        if not checks["f1_gain"]:
+        clears = low is not None and low > gates.min_f1_gain
+        if above_base and not clears:
             reasons.append(f"F1 gain over the {evidence.reference} {evidence.f1_delta:+.2f} (95% CI {low:+.2f} to "
                            f"{evidence.f1_delta_ci_high:+.2f}) does not clear min_f1_gain {gates.min_f1_gain:+.2f} "
                            "at the lower bound")
+        checks["f1_gain"] = above_base and clears
     if reasons:
         return Decision(False, "; ".join(reasons), checks)
     if evidence.reference == BASE_REFERENCE:
         return Decision(True, f"no champion yet; F1 {evidence.candidate_f1:.2f} beats the base model's "
                               f"{evidence.reference_f1:.2f} on the same questions (gain {evidence.f1_delta:+.2f}, "
-                              f"95% CI {evidence.f1_delta_ci_low:+.2f} to {evidence.f1_delta_ci_high:+.2f})", checks)
+                              f"95% CI {evidence.f1_delta_ci_low:+.2f} to {evidence.f1_delta_ci_high:+.2f}) and "
+                              f"clears min_f1_gain {gates.min_f1_gain:+.2f}", checks)
     return Decision(True, f"F1 gain over the {evidence.reference} {evidence.f1_delta:+.2f} (95% CI "
                           f"{evidence.f1_delta_ci_low:+.2f} to {evidence.f1_delta_ci_high:+.2f}) clears min_f1_gain "
                           f"{gates.min_f1_gain:+.2f}", checks)

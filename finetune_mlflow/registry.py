@@ -1,8 +1,11 @@
-"""Log the tuned model as a servable pyfunc and register it, at most once per run (safe to call again)."""
+"""Log the tuned model as a servable pyfunc and register it, at most once per run (safe to call again) and once
+per distinct model (its content fingerprint, `model_sha256`); a sweep child only logs it, its sweep registers the
+winner."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -33,6 +36,14 @@ BASE_REQUIREMENTS = ("mlflow", "pandas", "pyyaml", "numpy")
 TUNED_MODEL_DIR = "tuned_model"
 # Settings that name this machine's folders: a served model gets its files from the model itself.
 MACHINE_LOCAL_SETTINGS = {"jobs_dir"}
+# A sweep child's run carries this tag (its grid point): it logs its model but registers no version; the sweep
+# parent registers only the winner, from the tags and description the child left on its LoggedModel.
+SWEEP_POINT_TAG = "finetune.sweep_point"
+PENDING_TAGS = "finetune.version_tags"
+PENDING_DESCRIPTION = "finetune.version_description"
+# The content of what a version serves: the same model (same weights and serving settings, or the same hosted
+# model id) is registered once, however many runs produced it.
+FINGERPRINT_TAG = "model_sha256"
 EXAMPLE_INPUT = pd.DataFrame({
     "question": ["Which city is the capital of Poland?"],
     "context": ["Warsaw is the capital and largest city of Poland."],
@@ -130,6 +141,31 @@ def finished_logged_model(client: MlflowClient, run_id: str, keep: str | None) -
     return ready
 
 
+def fingerprint(provider: str, model_id: str, artifacts: dict[str, str], settings: dict) -> str:
+    """sha256 of what a version serves: the provider, its serving settings and the shipped files' contents (a
+    model that ships no files is its provider's model id; a shipped model's id is a path on this machine)."""
+    digest = hashlib.sha256(json.dumps({"provider": provider, "settings": settings,
+                                        "model_id": "" if artifacts else model_id}, sort_keys=True,
+                                       default=str).encode())
+    for name in sorted(artifacts):
+        root = Path(artifacts[name])
+        for path in sorted([root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())):
+            digest.update(f"\0{name}/{path.relative_to(root) if path != root else ''}\0".encode())
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def same_model_version(client: MlflowClient, name: str, model_sha256: str) -> RegisteredVersion | None:
+    """The oldest version of `name` that serves exactly this model, if any."""
+    versions = client.search_model_versions(f"name = '{name}' and tags.{FINGERPRINT_TAG} = '{model_sha256}'")
+    if not versions:
+        return None
+    first = min(versions, key=lambda v: int(v.version))
+    return RegisteredVersion(name, first.version, f"models:/{name}/{first.version}")
+
+
 def existing_version(client: MlflowClient, name: str, run_id: str) -> RegisteredVersion | None:
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if not versions:
@@ -184,16 +220,52 @@ def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id
                          artifacts: dict[str, str], packages: tuple[str, ...], tags: dict[str, str],
                          description: str) -> RegisteredVersion:
     """Log the pyfunc into the run's LoggedModel `logged_model_id` (created before evaluation, so its metrics are
-    linked) and register it as a version of `tune.registered_model_name`; once per run."""
+    linked) and register it as a version of `tune.registered_model_name`: once per run, and once per model (a run
+    that produced a model some version already serves points at that version). A sweep child's run only logs
+    it (the version number is then empty and the URI is the LoggedModel's)."""
     client = MlflowClient()
     name = config.tune.registered_model_name
     found = existing_version(client, name, run_id)
     if found is not None:
         logger.info("run %s already registered as %s version %s", run_id, name, found.version)
         return found
+    tags = {**tags, FINGERPRINT_TAG: fingerprint(provider, model_id, artifacts, provider_settings(config, provider))}
     logged = finished_logged_model(client, run_id, keep=logged_model_id) or _log_model(
         run_id, config, provider, model_id, logged_model_id, artifacts, packages,
         {k: v for k, v in tags.items() if k.startswith("finetune.")})
+    if SWEEP_POINT_TAG in client.get_run(run_id).data.tags:
+        client.set_logged_model_tags(logged.model_id, {PENDING_TAGS: json.dumps(tags),
+                                                       PENDING_DESCRIPTION: description})
+        logger.info("sweep child %s: model logged as %s, not registered (the sweep registers its winner)", run_id,
+                    logged.model_uri)
+        return RegisteredVersion(name, "", logged.model_uri)
+    return _create_version(client, name, logged.model_uri, logged.model_id, run_id, tags, description)
+
+
+def register_logged(run_id: str, name: str) -> RegisteredVersion:
+    """Register the model a sweep child logged (the sweep's winner) with the tags and description it left."""
+    client = MlflowClient()
+    found = existing_version(client, name, run_id)
+    if found is not None:
+        return found
+    experiment_id = client.get_run(run_id).info.experiment_id
+    models = [m for m in client.search_logged_models(experiment_ids=[experiment_id],
+                                                     filter_string=f"source_run_id = '{run_id}'")
+              if m.status == LoggedModelStatus.READY and PENDING_TAGS in m.tags]
+    if not models:
+        raise ValueError(f"run {run_id} logged no finished model to register")
+    model = models[0]
+    return _create_version(client, name, model.model_uri, model.model_id, run_id,
+                           json.loads(model.tags[PENDING_TAGS]), model.tags.get(PENDING_DESCRIPTION, ""))
+
+
+def _create_version(client: MlflowClient, name: str, model_uri: str, model_id: str, run_id: str,
+                    tags: dict[str, str], description: str) -> RegisteredVersion:
+    same = same_model_version(client, name, tags[FINGERPRINT_TAG])
+    if same is not None:
+        logger.info("run %s produced the model %s version %s already serves: not registered again", run_id, name,
+                    same.version)
+        return same
     try:
         client.create_registered_model(name, description=(
             "Extractive question answering: given a passage (`context`) and a `question`, returns the shortest "
@@ -201,7 +273,7 @@ def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id
     except mlflow.exceptions.MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    version = client.create_model_version(name, logged.model_uri, run_id=run_id, tags=tags, description=description,
-                                          model_id=logged.model_id)
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, description=description,
+                                          model_id=model_id)
     logger.info("registered %s version %s from run %s", name, version.version, run_id)
     return RegisteredVersion(name, version.version, f"models:/{name}/{version.version}")

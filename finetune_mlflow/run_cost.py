@@ -62,11 +62,14 @@ def estimate_eval_cost(examples: Sequence[dict], models: Sequence[str], config: 
 def check_eval_cost(examples: Sequence[dict], models: Sequence[str], config: Config, provider: str) -> float | None:
     """Refuse, before the first request, an evaluation estimated above `evaluate.max_cost_usd` (0: no limit)."""
     cost = estimate_eval_cost(examples, models, config, provider)
+    unpriced = [] if cost is not None else [
+        m for m in models if token_price(m, config.tune.base_model, _inference_prices(config, provider)) is None]
     check_cost_limit(cost, config.evaluate.max_cost_usd, what=f"evaluating {len(models)} model(s) on "
                      f"{len(examples)} questions (nothing was requested)",
                      price_key=f"{provider}.inference_price_per_million_tokens", priced="input/output tokens",
                      setting="evaluate.max_cost_usd", remedy="lower data.max_validation_examples or "
-                     "evaluate.max_output_tokens, or evaluate fewer checkpoints (evaluate.checkpoints: last)")
+                     "evaluate.max_output_tokens, or evaluate fewer checkpoints (evaluate.checkpoints: last)",
+                     unpriced=", ".join(unpriced))
     return cost
 
 

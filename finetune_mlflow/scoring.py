@@ -78,7 +78,8 @@ def evaluate_and_log(provider: Provider, model_id: str, examples: list[dict], co
     the model's page shows them), per-example table, traces, and the delta against a baseline if given."""
     run, metrics = score_model(provider, model_id, examples, config, baseline)
     active = mlflow.active_run()
-    log_values(MlflowClient(), active.info.run_id, metrics=metrics, model_id=linked_model_id)
+    log_values(MlflowClient(), active.info.run_id, metrics=metrics, tags=provider.request_tags(model_id),
+               model_id=linked_model_id)
     columns = result_rows(run.results)
     if columns:
         log_results_table(active.info.run_id, columns)

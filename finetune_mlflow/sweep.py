@@ -5,7 +5,8 @@ validated and the whole grid priced before any job starts (nothing launches abov
 run as `tune` processes, at most `max_parallel_jobs` at once; a failed child is reported and does not stop the
 others. Each child carries `finetune.sweep_point`, so rerunning with `--run-id <parent>` skips finished points,
 reattaches unfinished ones to their job (never a second job for a point) and launches only missing points. The
-parent picks the winner (the report's rule: highest F1, then lower p95 latency, then lower cost), attaches
+parent picks the winner (the report's rule: highest F1, then lower p95 latency, then lower cost) and registers it
+as the sweep's one model version (children log their models but register none), attaches
 the comparison report (`report/report.html`), logs the grid as a table (`sweep_grid.json`), the winner's headline
 metrics and a description, and with `-P promote=true` hands the winner to `promote`, gates and all.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,16 +31,19 @@ from finetune_mlflow.errors import ConfigError
 from finetune_mlflow.job_tracking import request_for
 from finetune_mlflow.preparation import Prepared, ensure_prepared
 from finetune_mlflow.providers import get_provider
+from finetune_mlflow.registry import SWEEP_POINT_TAG, RegisteredVersion, register_logged
 from finetune_mlflow.scoring import base_evaluation
 from finetune_mlflow.steps.promote import run_promote
 from finetune_mlflow.summary import HEADLINE_METRICS, describe_tune
 from finetune_mlflow.report import from_parent, log_report, pick_winner
-from finetune_mlflow.sweep_plan import SweepPlan, plan_sweep, point_key
+from finetune_mlflow.run_cost import bills
+from finetune_mlflow.sweep_children import Children, Stopped, end_if_running, exit_reason, wait_for_owner
+from finetune_mlflow.sweep_plan import SweepPlan, child_value, plan_sweep, point_key
 from finetune_mlflow.tracking import log_values, quote, step_run
 
 logger = logging.getLogger(__name__)
 
-POINT_TAG = "finetune.sweep_point"
+POINT_TAG = SWEEP_POINT_TAG  # a child run carries its grid point; it logs its model, registers none
 
 
 @dataclass(frozen=True)
@@ -59,15 +62,21 @@ class SweepResult:
     winner: Point | None
 
 
-def _price(points: list[Point], prepared: Prepared, parent_id: str, plan: SweepPlan) -> float:
-    """Sum of the points' preflight estimates; refuses the grid above `max_cost_usd` before anything launches."""
-    total = 0.0
+def _price(points: list[Point], prepared: Prepared, parent_id: str, plan: SweepPlan) -> float | None:
+    """Sum of the points' preflight estimates, None when any point's cost is unknown (an unpriced base model);
+    refuses the grid above `max_cost_usd`, or with an unknown cost under a limit, before anything launches."""
+    total: float | None = 0.0
+    unpriced = ""
     for point in points:
         provider = get_provider(point.config.tune.provider, point.config)
         report = provider.preflight(request_for(point.config, parent_id, prepared))
-        total += report.estimated_cost_usd or 0.0
+        if report.estimated_cost_usd is None and bills(point.config, point.config.tune.provider):
+            total, unpriced = None, unpriced or point.config.tune.base_model  # the grid's cost is then unknown
+        elif total is not None:
+            total += report.estimated_cost_usd or 0.0
     check_cost_limit(total, plan.max_cost_usd, what=f"the sweep's {len(points)} jobs (nothing was launched)",
-                     price_key=f"{points[0].config.tune.provider}.training_price_per_million_tokens")
+                     price_key=f"{points[0].config.tune.provider}.training_price_per_million_tokens",
+                     unpriced=unpriced)
     return total
 
 
@@ -83,7 +92,7 @@ def _child_command(point: Point) -> list[str]:
     if point.config.config_file:
         command += ["--config", point.config.config_file]
     for key, value in point.values.items():
-        command += ["--set", f"{key}={value}"]
+        command += ["--set", f"{key}={child_value(value)}"]
     return command
 
 
@@ -103,8 +112,14 @@ class _Tally:
 
 
 def _run_child(point: Point, parent: mlflow.entities.Run, existing: mlflow.entities.Run | None, logs: Path,
-               tally: _Tally) -> Point:
+               tally: _Tally, children: Children) -> Point:
     client = MlflowClient()
+    if existing is not None:  # an orphan of a parent killed -9 may still be at work: watch it, never launch twice
+        wait_for_owner(client, existing.info.run_id, point.config.tune.poll_interval,
+                       lambda what: tally.say(point, what), stopped=lambda: bool(children.stopping))
+        existing = client.get_run(existing.info.run_id)
+        if children.stopping:  # stopped while watching: the run stays with the process that owns it
+            return Point(point.values, point.config, existing.info.run_id, existing.info.status)
     if existing is not None and existing.info.status == "FINISHED":
         tally.say(point, "finished earlier, kept", finished=True)
         return Point(point.values, point.config, existing.info.run_id, "FINISHED", dict(existing.data.metrics))
@@ -114,14 +129,16 @@ def _run_child(point: Point, parent: mlflow.entities.Run, existing: mlflow.entit
     tally.say(point, f"{'reattaching' if existing else 'launching'} (run {run_id})")
     log_path = logs / f"{run_id}.log"
     env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_EXPERIMENT_ID": parent.info.experiment_id}
-    with open(log_path, "wb") as log:
-        code = subprocess.run(_child_command(point), env=env, stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL).returncode
+    try:
+        code = children.run(run_id, _child_command(point), env, log_path)
+    except Stopped as stop:
+        end_if_running(client, run_id, "KILLED", f"not launched: the sweep parent was stopping ({stop})")
+        tally.say(point, "not launched: the sweep is stopping", failed=True)
+        return Point(point.values, point.config, run_id, "KILLED")
     finished = client.get_run(run_id)
-    if code != 0:
-        reason = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or ["no output"]
-        tally.say(point, f"FAILED: {reason[0][:300]}", failed=True)
-        return Point(point.values, point.config, run_id, "FAILED", dict(finished.data.metrics))
+    if code != 0 or finished.info.status != "FINISHED":
+        tally.say(point, f"{finished.info.status}: {exit_reason(code, log_path)}", failed=True)
+        return Point(point.values, point.config, run_id, finished.info.status, dict(finished.data.metrics))
     tally.say(point, f"F1 {finished.data.metrics.get('eval_f1', float('nan')):.1f}", finished=True)
     return Point(point.values, point.config, run_id, "FINISHED", dict(finished.data.metrics))
 
@@ -145,11 +162,19 @@ def _record(parent_id: str, points: list[Point], best: Point | None) -> None:
     log_values(client, parent_id, metrics=metrics, tags=tags)
 
 
+def _point_config(config: Config, values: dict) -> Config:
+    """A point's config, validated from the very strings its child will get (`--set key=value`)."""
+    try:
+        return with_overrides(config, {k: child_value(v) for k, v in values.items()})
+    except ConfigError as e:
+        raise ConfigError(f"{config.config_file}: sweep.grid point {point_key(values)}: {e}") from e
+
+
 def run_sweep(config: Config, *, promote: bool = False) -> SweepResult:
     if not config.config_file:
         raise ConfigError("sweep needs an experiment file with a sweep: block: -P config=experiments/<file>.yaml")
     plan = plan_sweep(read_raw_section(config.config_file, "sweep"), config.config_file)
-    points = [Point(values, with_overrides(config, values)) for values in plan.points]  # all valid, or nothing runs
+    points = [Point(values, _point_config(config, values)) for values in plan.points]  # all valid, or nothing runs
     provider = get_provider(config.tune.provider, config)
     parallel = plan.max_parallel_jobs or provider.max_parallel_jobs
     name = f"sweep {config.tune.provider}/{config.tune.base_model} {len(points)} points"
@@ -160,29 +185,51 @@ def run_sweep(config: Config, *, promote: bool = False) -> SweepResult:
             "max_parallel_jobs": parallel, "grid": ",".join(sorted({k for p in plan.points for k in p}))})
         prepared = ensure_prepared(config)
         cost = _price(points, prepared, run.info.run_id, plan)
-        log_values(MlflowClient(), run.info.run_id, metrics={"sweep_estimated_cost_usd": round(cost, 4)})
+        if cost is not None:
+            log_values(MlflowClient(), run.info.run_id, metrics={"sweep_estimated_cost_usd": round(cost, 4)})
         for base_model in dict.fromkeys(p.config.tune.base_model for p in points):
             base_config = next(p.config for p in points if p.config.tune.base_model == base_model)
             base_evaluation(base_config, prepared, get_provider(base_config.tune.provider, base_config))
         existing = _children(parent)
         tally = _Tally(len(points))
-        with tempfile.TemporaryDirectory(prefix="sweep-logs-") as logs, \
-                concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-            done = list(pool.map(lambda p: _run_child(p, parent, existing.get(point_key(p.values)), Path(logs), tally),
-                                 points))
+        with tempfile.TemporaryDirectory(prefix="sweep-logs-") as logs:
+            done = _run_children(points, parent, existing, Path(logs), tally, parallel)
         collected = from_parent(run.info.run_id)
         best_record = pick_winner(collected.records)  # the report's rule: F1, then p95 latency, then cost
         best = next((p for p in done if best_record and p.run_id == best_record.run_id), None)
+        version = _register_winner(best, run.info.run_id) if best is not None else None
         _record(run.info.run_id, done, best)
         log_report(run.info.run_id, collected.records, skipped=collected.skipped, source=f"sweep {name}")
-        if promote and best is not None:
-            _promote(best)
+        if promote and version is not None:
+            run_promote(best.config, model_name=version.name, version=version.version)
         return SweepResult(run.info.run_id, done, best)
 
 
-def _promote(best: Point) -> None:
-    tags = MlflowClient().get_run(best.run_id).data.tags
-    name, _, version = tags.get("finetune.registered_version", "").partition("/")
-    if not version:
-        raise ConfigError(f"the winner {best.run_id} registered no model version; nothing to promote")
-    run_promote(best.config, model_name=name, version=version)
+def _register_winner(best: Point, parent_id: str) -> RegisteredVersion:
+    """The winner is the sweep's one registered version (its children only logged their models)."""
+    version = register_logged(best.run_id, best.config.tune.registered_model_name)
+    tag = {"finetune.registered_version": f"{version.name}/{version.version}"}
+    log_values(MlflowClient(), best.run_id, tags=tag)
+    log_values(MlflowClient(), parent_id, tags=tag)
+    print(f"sweep winner {best.config.run_name('tune')} (run {best.run_id}): registered {version.model_uri}")
+    return version
+
+
+def _run_children(points: list[Point], parent: mlflow.entities.Run, existing: dict[str, mlflow.entities.Run],
+                  logs: Path, tally: _Tally, parallel: int) -> list[Point]:
+    """Every point's child, `parallel` at a time; a stop (SIGTERM, Ctrl-C, an error) stops the children first and
+    ends their runs, so the parent never ends before them and never waits for their jobs."""
+    children = Children()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
+    try:
+        futures = [pool.submit(_run_child, p, parent, existing.get(point_key(p.values)), logs, tally, children)
+                   for p in points]
+        return [future.result() for future in futures]
+    except BaseException as e:
+        stopped = children.stop(f"{type(e).__name__}: {e}", parent.info.run_id)
+        logger.warning("sweep stopped (%s): ended %d running child run(s) KILLED; their jobs keep running",
+                       type(e).__name__, len(stopped))
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+

@@ -4,6 +4,7 @@ RUNNING. Works against any tracking store (file, SQLite, PostgreSQL behind `mlfl
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -127,7 +128,9 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
     if resumed:
         ownership.end_stale_children(run.info.run_id)
     if parent is None and _LAUNCHER:
-        MlflowClient().set_tag(_LAUNCHER[0], "finetune.run_id", run.info.run_id)
+        MlflowClient().set_tag(_LAUNCHER[0], ownership.STEP_RUN_TAG, run.info.run_id)
+    if parent is None:
+        _end_stale_launchers()
     try:
         yield run
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (process.Terminated): stopped, not broken
@@ -138,6 +141,14 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def _end_stale_launchers() -> None:
+    """Launcher runs a kill -9 of a whole `mlflow run` left RUNNING in Default end with their step's status."""
+    try:
+        ownership.end_stale_launchers(DEFAULT_EXPERIMENT_ID)
+    except Exception as e:  # noqa: BLE001 - a pointer record must never stop the step
+        logger.warning("could not end stale launcher runs: %s", (str(e) or repr(e)).splitlines()[0])
 
 
 def _end(run: mlflow.ActiveRun, status: str, reason: str) -> None:
@@ -169,6 +180,29 @@ def _quiet(logger_name: str) -> Iterator[None]:
         noisy.setLevel(level)
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (query string dropped), None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def prepare_store() -> None:
+    """Create a SQLite store's tables under a file lock beside the database: entry points starting together on a
+    fresh database (two sweeps, a sweep's children) would otherwise all run MLflow's schema creation at once, and
+    all but one fail. Once the tables exist this is one quick query. Other stores are left to their server."""
+    path = sqlite_path(mlflow.get_tracking_uri())
+    if path is None or not path.parent.is_dir():
+        return
+    with open(path.with_name(path.name + ".schema-lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient().search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def use_experiment(name: str) -> None:
     """Send this process's runs to the experiment its config names (created on first use). MLflow's own choice
     wins: `--experiment-name`/`--experiment-id`, `MLFLOW_EXPERIMENT_NAME`/`_ID`, or a run given with `--run-id`.
@@ -184,7 +218,8 @@ def use_experiment(name: str) -> None:
         experiment_id = mlflow.set_experiment(name).experiment_id
         del os.environ["MLFLOW_RUN_ID"]
         _LAUNCHER.append(launcher)
-        MlflowClient().set_tag(launcher, "finetune.launched_into_experiment", name)
+        MlflowClient().set_tag(launcher, ownership.LAUNCHED_INTO_TAG, name)
+        ownership.mark_owner(launcher)
         MlflowClient().set_tag(launcher, "mlflow.note.content",
                                f"`mlflow run` opened this run here; the step ran in experiment {name!r} "
                                f"(id {experiment_id}). Pass --experiment-name to choose another.")

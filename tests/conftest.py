@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -15,9 +18,31 @@ SQUAD_TRAIN = ROOT / "data" / "squad" / "train.json"
 SQUAD_VALIDATION = ROOT / "data" / "squad" / "validation.json"
 
 
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty SQLite tracking store, migrated once per test process: MLflow's schema migrations cost seconds per
+    new database (in every process that opens it first), a file copy costs a millisecond."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def fresh_store(template: Path, folder: Path) -> Path:
+    """A copy of the migrated template in `folder`, its Default experiment's artifacts under `folder/mlruns`."""
+    path = folder / "mlflow.db"
+    shutil.copyfile(template, path)
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                           (str(folder / "mlruns" / "0"),))
+    return path
+
+
 @pytest.fixture(autouse=True)
-def isolated_tracking(tmp_path, monkeypatch):
-    """A per-test SQLite store (created lazily, on first MLflow call) and jobs directory."""
+def isolated_tracking(tmp_path, monkeypatch, store_template):
+    """A per-test SQLite store (a copy of the migrated template) and jobs directory."""
+    fresh_store(store_template, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("FINETUNE_MLFLOW_HOME", str(tmp_path / "home"))
     # `mlflow run` executes `python -m finetune_mlflow ...`: make that the interpreter running the tests.

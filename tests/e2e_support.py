@@ -73,8 +73,10 @@ class Answerer:
     WRONG = "no idea at all"
 
     def __init__(self, golds: dict[str, list[str]],
-                 checkpoint_step: Callable[[str], int | None] = lambda model: None):
+                 checkpoint_step: Callable[[str], int | None] = lambda model: None,
+                 tuned: Callable[[str], bool] = is_tuned):
         self.golds = golds
+        self.tuned = tuned
         self.asked: list[tuple[str, str]] = []  # (model, question)
         self.checkpoint_step = checkpoint_step
         self.checkpoint_quality: dict[int, str] = {}
@@ -84,7 +86,7 @@ class Answerer:
         step = self.checkpoint_step(model)
         if step is not None:
             return self.checkpoint_quality.get(step, "midway")
-        return "tuned" if is_tuned(model) else "base"
+        return "tuned" if self.tuned(model) else "base"
 
     def answer_text(self, model: str, question: str) -> str:
         gold = self.golds.get(question)

@@ -17,8 +17,9 @@ LAYERS = {
     2: {"evaluation", "tracking", "progress", "summary", "scorefile", "registry", "qa_model", "served", "serving",
         "preparation", "scoring", "job_tracking", "promotion", "sweep_plan", "traces", "report", "checkpoints",
         "run_cost", "model_code", "scratch", "ownership",
-        "process", "lifecycle_facts", "lifecycle_record", "lifecycle_table", "promotion_lifecycle",
-        "migration_plan", "migration_rule", "migration_report", "agreement"},
+        "process", "promotion_lock", "promotion_notes", "sweep_children",
+        "lifecycle_facts", "lifecycle_record", "lifecycle_table", "promotion_lifecycle", "migration_plan",
+        "migration_rule", "migration_report", "agreement"},
     3: {"steps"},
     4: {"pipeline", "sweep", "migration", "cli", "__main__", "__init__"},
 }

@@ -28,10 +28,13 @@ EVAL_KEYS = {"eval_exact_match", "eval_f1", "eval_f1_ci_low", "eval_f1_ci_high",
 
 
 def small_config(small_squad, **overrides):
+    """Test-sized data: ~120 validation questions give a tuned model a few F1 points over base with an interval
+    about 7 points wide, so the gates here accept a lower bound down to -10 (a model below base is still never
+    promoted); test_promote_race holds the gates at their defaults."""
     train, validation = small_squad
     return load_config(ROOT / "experiments" / "squad_local.yaml",
                        {"train_data": str(train), "validation_data": str(validation), "poll_interval": "0.05",
-                        "evaluate.bootstrap_samples": "200", **overrides})
+                        "evaluate.bootstrap_samples": "200", "promotion.min_f1_gain": "-10", **overrides})
 
 
 def job_dirs() -> list[Path]:
@@ -109,7 +112,8 @@ def test_promotion_follows_the_evidence_and_rolls_back(small_squad):
     better = run_main(small_config(small_squad, epochs="2"))
     assert better.decision.promote and "beats the base model" in better.decision.reason
     assert alias("champion") == "2"
-    worse = run_main(small_config(small_squad, **weak))
+    # Another poor model (the same settings again would train the same model, registered once: version 1).
+    worse = run_main(small_config(small_squad, **{**weak, "learning_rate": "0.9"}))
     assert not worse.decision.promote and worse.champion_after == "2"
     assert alias("challenger") == "3"
     assert client.get_model_version("squad-qa-local", "3").tags["promotion.decision"] == "rejected"

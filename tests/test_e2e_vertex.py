@@ -81,6 +81,9 @@ def assert_evaluated_and_registered(run_id: str, fake: FakeVertexServer, job_nam
     assert tags["finetune.job_id"] == job_name and tags["finetune.tuned_model"] == endpoint
     assert tags["vertex.endpoint"] == endpoint and tags["finetune.job_state"] == "succeeded"
     assert tags["finetune.provider_status"] == "JOB_STATE_SUCCEEDED"
+    # Thinking off, as Vertex recommends for tuned models, asked of every request and recorded on the run.
+    assert tags["vertex.thinking_budget"] == "0"
+    assert {r["generationConfig"]["thinkingConfig"]["thinking_budget"] for _, r in fake.generate_requests} == {0}
 
     em, f1, n = e2e.expected_scores(fake.answerer, lambda model: model.endswith(endpoint))
     base_em, base_f1, base_n = e2e.expected_scores(fake.answerer, lambda model: model.endswith("/" + BASE_MODEL))

@@ -90,12 +90,14 @@ def test_validation_set_size_limit(tmp_path):
 
 def test_billable_tokens_and_cost():
     assert billed_tokens(1000, 3) == 3000
-    # The experiment YAML's dated table, longest prefix: "gemini-2.0-flash-lite-001" is the lite price.
+    # The experiment YAML's dated table, exact names only: a tunable sibling or a snapshot is not priced as its
+    # family (gemini-2.5-flash-lite is several times cheaper than gemini-2.5-flash).
     prices = load_config("experiments/squad_gemini_flash.yaml").vertex.training_price_per_million_tokens
-    assert gemini_data.price_per_million("gemini-2.0-flash-lite-001", prices) == 1.0
-    assert gemini_data.price_per_million("publishers/google/models/gemini-2.0-flash-001", prices) == 3.0
-    assert estimate_cost_usd(2_000_000, gemini_data.price_per_million("gemini-2.0-flash-001", prices)) == \
-        pytest.approx(6.0)
-    assert gemini_data.price_per_million("gemini-2.0-flash-001", {"gemini-2.0": 7.5}) == 7.5
+    assert gemini_data.price_per_million("gemini-2.5-flash", prices) == prices["gemini-2.5-flash"]
+    assert gemini_data.price_per_million("publishers/google/models/gemini-2.5-flash", prices) == \
+        prices["gemini-2.5-flash"]
+    assert gemini_data.price_per_million("gemini-2.5-flash-lite", {"gemini-2.5-flash": 5.0}) is None
+    assert gemini_data.price_per_million("gemini-2.5-flash-001", {"gemini-2.5-flash": 5.0}) is None
+    assert gemini_data.price_per_million("gemini-2.5-flash-001", {"gemini-2.5-flash-001": 7.5}) == 7.5
     assert gemini_data.price_per_million("unknown-model", prices) is None
-    assert gemini_data.price_per_million("gemini-2.0-flash-001") is None  # no table, no price: none in code
+    assert gemini_data.price_per_million("gemini-2.5-flash") is None  # no table, no price: none in code

@@ -121,14 +121,14 @@ def test_price_lookup():
     # The prices live in the experiment YAML (dated there), not in code.
     prices = load_config("experiments/squad_openai.yaml").openai.training_price_per_million_tokens
     assert openai_data.training_price("gpt-4o-mini-2024-07-18", prices) == 3.0
-    # A newer snapshot of a known alias falls back to the alias' price; longest prefix wins.
-    assert openai_data.training_price("gpt-4.1-mini-2099-01-01", prices) == 5.0
+    # A newer snapshot is not priced as its alias (nor gpt-4o-mini as gpt-4o): exact names only.
+    assert openai_data.training_price("gpt-4.1-mini-2099-01-01", prices) is None
+    assert openai_data.training_price("gpt-4o-mini-2099-01-01", {"gpt-4o": 25.0, "gpt-4o-mini": 3.0}) is None
     assert openai_data.training_price("ft:gpt-4o-mini-2024-07-18:org:squad:abc123", prices) == 3.0
     assert openai_data.training_price("my-model", prices) is None
     assert openai_data.training_price("gpt-4o-mini-2024-07-18") is None  # no table, no price
     assert openai_data.training_price("my-model", {"my-model": 1.25}) == 1.25
-    # "gpt-4o" must not match "gpt-4o-mini-..." models' keys the wrong way round.
-    assert openai_data.training_price("gpt-4o-2024-11-20", prices) == 25.0
+    assert openai_data.training_price("gpt-4o-2024-08-06", prices) == 25.0
 
 
 CSV = (

@@ -154,19 +154,21 @@ def test_preflight_warns_over_context_limit_and_unknown_price(tmp_path, make_pro
     report = make_provider(context_limit=20).preflight(make_request(prepared, base_model="my-custom-base"))
     assert report.n_validation == 0 and report.estimated_cost_usd is None
     assert any("20 training examples exceed openai.context_limit_tokens=20" in w for w in report.warnings)
-    assert any("no training price known for 'my-custom-base'" in w for w in report.warnings)
+    assert any("no price for my-custom-base" in w for w in report.warnings)
 
 
-def guard(report, limit: float) -> None:
-    check_cost_limit(report.estimated_cost_usd, limit, what="the job", price_key="openai.training_price_per_million_tokens")
+def guard(report, limit: float, model: str = "") -> None:
+    check_cost_limit(report.estimated_cost_usd, limit, what="the job", price_key="openai.training_price_per_million_tokens",
+                     unpriced=model)
 
 
 def test_preflight_cost_guard(tmp_path, make_provider, server):
     prepared = write_prepared(tmp_path)
     with pytest.raises(ConfigError, match=r"estimated cost \$.* exceeds max_cost_usd=\$1e-06"):
         guard(make_provider().preflight(make_request(prepared)), 0.000001)
-    with pytest.raises(ConfigError, match="cannot be estimated: add .*openai.training_price_per_million_tokens"):
-        guard(make_provider().preflight(make_request(prepared, base_model="my-base")), 5)
+    with pytest.raises(ConfigError, match="cannot be estimated: no price for my-base under "
+                                          "openai.training_price_per_million_tokens"):
+        guard(make_provider().preflight(make_request(prepared, base_model="my-base")), 5, "my-base")
     ok = make_provider(prices={"my-base": 1.0}).preflight(make_request(prepared, base_model="my-base"))
     guard(ok, 5)
     assert ok.estimated_cost_usd is not None and ok.estimated_cost_usd < 5
@@ -387,7 +389,7 @@ def test_predict_sends_shared_prompt_and_reads_usage(make_provider, server):
     assert sent["model"] == "ft:gpt-4o-mini-2024-07-18:org:squad:abc"
     assert sent["messages"] == [{"role": "system", "content": SYSTEM_INSTRUCTION},
                                 {"role": "user", "content": user_prompt("Who wrote it?", "Ann wrote it.")}]
-    assert sent["temperature"] == 0 and sent["max_tokens"] == 16
+    assert sent["temperature"] == 0 and sent["max_completion_tokens"] == 16 and "max_tokens" not in sent
 
 
 def test_predict_honours_retry_after_and_excludes_wait_from_latency(make_provider, server, sleeps):

@@ -121,8 +121,9 @@ def test_provider_formats_share_one_prompt():
     # Each provider with a record format of its own writes it to prepared/<provider name>/.
     records = training_records()
     assert records["openai"] is to_openai_chat and records["vertex"] is to_gemini and set(records) == {
-        "openai", "vertex", "transformers"}
+        "openai", "vertex", "transformers", "together"}
     assert records["transformers"](row) == to_openai_chat(row)  # the same conversation, in its own folder
+    assert records["together"](row) == to_openai_chat(row)
     assert set(training_records()) <= set(PROVIDERS)
     json.dumps([to_openai_chat(row), gemini])
 

@@ -1,7 +1,8 @@
 """One contract, every provider: the normalized behaviour tune and evaluate rely on.
 
 Each provider runs through its real client: the local trainer process, the `openai` SDK against the fake OpenAI
-server, google-genai and google-cloud-storage against the fake Vertex server.
+server, google-genai and google-cloud-storage against the fake Vertex server, the `together` SDK against the fake
+Together server.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from finetune_mlflow.providers.base import TERMINAL_STATES, JobState, Prediction
 from finetune_mlflow.preparation import write_splits
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.openai_server import JobScript as OpenAIScript
+from tests.fakes.together_server import FakeTogether
+from tests.fakes.together_server import JobScript as TogetherScript
 from tests.fakes.vertex_server import FakeVertexServer
 from tests.fakes.vertex_server import JobScript as VertexScript
 
@@ -87,6 +90,21 @@ def _vertex(stack: ExitStack, monkeypatch, prepared: Path) -> Harness:
     return Harness(provider, "gemini-2.5-flash", failure, 0.0)
 
 
+def _together(stack: ExitStack, monkeypatch, prepared: Path) -> Harness:
+    server = stack.enter_context(FakeTogether())
+    monkeypatch.setenv("TOGETHER_API_KEY", "tgp-contract-0123456789abcdef")
+    monkeypatch.delenv("TOGETHER_BASE_URL", raising=False)
+    config = load_config(None, {"provider": "together", "together.base_url": server.base_url,
+                                "learning_rate": "0.0001"})
+    server.chat_responder = lambda body: "Denver Broncos"
+
+    def failure() -> None:
+        server.script_next_job(TogetherScript(statuses=["pending", "running", "error"],
+                                              error_message="invalid dataset row 3"))
+
+    return Harness(get_provider("together", config), "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference", failure, 0.0)
+
+
 def _transformers(stack: ExitStack, monkeypatch, prepared: Path) -> Harness:
     pytest.importorskip("trl", reason="the transformers provider needs the extra: pip install -e '.[transformers]'")
     from finetune_mlflow.records import read_jsonl
@@ -104,16 +122,16 @@ def _transformers(stack: ExitStack, monkeypatch, prepared: Path) -> Harness:
     return Harness(get_provider("transformers", config), str(model), failure, 0.2)
 
 
-@pytest.fixture(params=["local", "openai", "vertex", "transformers"])
+@pytest.fixture(params=["local", "openai", "vertex", "transformers", "together"])
 def harness(request, monkeypatch, prepared) -> Harness:
     with ExitStack() as stack:
         yield {"local": _local, "openai": _openai, "vertex": _vertex,
-               "transformers": _transformers}[request.param](stack, monkeypatch, prepared)
+               "transformers": _transformers, "together": _together}[request.param](stack, monkeypatch, prepared)
 
 
 def tuning_request(harness: Harness, prepared: Path, run_id: str = "contract-run") -> TuningRequest:
     return TuningRequest(run_id=run_id, base_model=harness.base_model, prepared_dir=prepared, epochs=1,
-                         learning_rate={"local": 0.01, "transformers": 0.001}.get(harness.provider.name, 1.0), batch_size=0, seed=0,
+                         learning_rate={"local": 0.01, "transformers": 0.001, "together": 0.0001}.get(harness.provider.name, 1.0), batch_size=0, seed=0,
                          suffix="contract")
 
 

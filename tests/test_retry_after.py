@@ -6,7 +6,7 @@ import email.utils
 
 import pytest
 
-from finetune_mlflow.providers.retry import retry_after_seconds
+from finetune_mlflow.providers.retry import retry_after_seconds, retry_info_seconds
 
 NOW = 1_700_000_000.0
 
@@ -27,3 +27,18 @@ NOW = 1_700_000_000.0
 ])
 def test_retry_after_header_forms(headers, expected):
     assert retry_after_seconds(headers, now=lambda: NOW) == (pytest.approx(expected) if expected is not None else None)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}]}}, 7.0),
+    ({"error": {"details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "RATE_LIMIT_EXCEEDED"},
+                            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0.250s"}]}}, 0.25),
+    ({"error": {"code": 429, "message": "Resource exhausted.", "status": "RESOURCE_EXHAUSTED"}}, None),  # usual
+    ({"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "soon"}]}}, None),
+    ({"error": {"details": "not a list"}}, None),
+    ([{"error": {}}], None),
+    (None, None),
+])
+def test_retry_info_in_google_error_bodies(body, expected):
+    assert retry_info_seconds(body) == expected

@@ -110,6 +110,26 @@ sweep:
     assert {r.info.status for r in runs} <= {"FINISHED", "FAILED"}
 
 
+def test_a_grid_over_an_unpriced_model_launches_nothing(tmp_path, small_squad, capsys, monkeypatch):
+    """A snapshot without its own price is not priced as its alias, nor counted as free: the guard refuses."""
+    monkeypatch.chdir(ROOT)
+    train, validation = small_squad
+    path = tmp_path / "openai_sweep.yaml"
+    path.write_text(f"""
+data: {{train_data: {train}, validation_data: {validation}, max_examples: 100}}
+tune: {{provider: openai, base_model: gpt-4o-mini-2099-01-01}}
+openai: {{base_url: "http://127.0.0.1:9/v1", training_price_per_million_tokens: {{gpt-4o-mini: 3.0}}}}
+sweep:
+  grid: {{epochs: [1, 2]}}
+  max_cost_usd: 100
+""", encoding="utf-8")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-sweep0123456789abcdef")
+    assert cli_main(["sweep", "--config", str(path)]) == 2
+    assert "no price for gpt-4o-mini-2099-01-01" in capsys.readouterr().err
+    runs = MlflowClient().search_runs(["0"])
+    assert not [r for r in runs if r.data.tags.get("finetune.step") == "tune"]  # nothing launched
+
+
 def test_a_sweep_against_the_openai_fake_runs_children_in_parallel_within_its_limit(tmp_path, small_squad,
                                                                                     openai_fake, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -131,6 +151,9 @@ sweep:
                 if r.data.tags["finetune.step"] == "tune"]
     assert len(children) == 3 and len(openai_fake.created_jobs) == 3
     assert all(c.info.status == "FINISHED" for c in children)
+    # Three models logged, one registered: the winner.
+    versions = client.search_model_versions("name = 'squad-qa-openai-sweep'")
+    assert [v.run_id for v in versions] == [parent.data.tags["finetune.winner_run_id"]]
     # Children ran side by side, never more than max_parallel_jobs at once.
     edges = sorted([(c.info.start_time, 1) for c in children] + [(c.info.end_time, -1) for c in children])
     running, most = 0, 0

@@ -2,7 +2,7 @@
 S3-compatible bucket (moto's server on loopback), clients holding only the tracking URI.
 
 `main` once, then two `tune` processes at the same time: every run finishes and the registry numbers the versions
-1..3 without gaps or clashes. Then the local jobs folder is deleted and the champion is still loaded and served
+without gaps or clashes, one per distinct model (the same settings train the same model, registered once). Then the local jobs folder is deleted and the champion is still loaded and served
 from what the server holds; the bucket listing shows the artifacts went there, the tags and model metadata name
 no folder of the machine that trained, each model ships only the code serving needs, and the clients left no
 temp folders behind. Skipped (with the reason) only when no PostgreSQL is reachable on 127.0.0.1:5432.
@@ -53,7 +53,7 @@ def command(step: str, small_squad) -> list[str]:
     return [sys.executable, "-m", "finetune_mlflow", step, "--config", str(ROOT / "experiments" / "squad_local.yaml"),
             "--train_data", str(train), "--validation_data", str(validation), "--max_examples", "0",
             "--epochs", "2", "--poll_interval", "0.2",
-            "--set", "evaluate.bootstrap_samples=200"]
+            "--set", "evaluate.bootstrap_samples=200", "--set", "promotion.min_f1_gain=-10"]
 
 
 def run_clients(small_squad, env: dict[str, str], folder: Path) -> None:
@@ -77,10 +77,12 @@ def check_registry(client: MlflowClient) -> list:
     tune_runs = {r.info.run_id for r in runs if r.data.tags.get("finetune.step") == "tune"}
     assert len(tune_runs) == 3  # main's child + the two parallel ones
     versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
-    assert sorted(int(v.version) for v in versions) == [1, 2, 3]  # no gap, no clash
-    assert sorted(v.run_id for v in versions) == sorted(tune_runs)  # one version per tune run
+    assert sorted(int(v.version) for v in versions) == list(range(1, len(versions) + 1))  # no gap, no clash
+    assert len({v.tags["model_sha256"] for v in versions}) == len(versions)  # one version per distinct model
+    assert {v.run_id for v in versions} <= tune_runs
+    numbers = {f"{MODEL_NAME}/{v.version}" for v in versions}
+    assert {client.get_run(r).data.tags["finetune.registered_version"] for r in tune_runs} == numbers
     for v in versions:
-        assert client.get_run(v.run_id).data.tags["finetune.registered_version"] == f"{MODEL_NAME}/{v.version}"
         assert v.tags["tuned_model"] == f"{v.tags['job_id']}/weights.npz"
     return runs
 

@@ -43,12 +43,12 @@ def token_env(monkeypatch):
 
 def make_config(fake: FakeVertexServer, *, tune: dict | None = None, vertex: dict | None = None) -> Config:
     return Config(
-        tune=TuneConfig(provider="vertex", base_model="gemini-2.0-flash-001", epochs=2, learning_rate=1.0, **(tune or {})),
+        tune=TuneConfig(provider="vertex", base_model="gemini-2.5-flash", epochs=2, learning_rate=1.0, **(tune or {})),
         evaluate=EvaluateConfig(max_concurrency=3, request_retries=3, max_output_tokens=16),
         vertex=dataclasses.replace(
             VertexConfig(project=PROJECT, location="us-central1", staging_bucket=BUCKET,
                          api_endpoint=fake.url, storage_endpoint=fake.url,
-                         training_price_per_million_tokens={"gemini-2.0-flash": 3.0}),
+                         training_price_per_million_tokens={"gemini-2.5-flash": 5.0}),
             **(vertex or {}),
         ),
     )
@@ -88,7 +88,7 @@ def prepared(tmp_path) -> Path:
 
 
 def request_for(prepared: Path, run_id: str = RUN_ID, **overrides) -> TuningRequest:
-    values = dict(run_id=run_id, base_model="gemini-2.0-flash-001", prepared_dir=prepared, epochs=2,
+    values = dict(run_id=run_id, base_model="gemini-2.5-flash", prepared_dir=prepared, epochs=2,
                   learning_rate=1.0, batch_size=0, seed=0, suffix="squad")
     values.update(overrides)
     return TuningRequest(**values)
@@ -133,7 +133,7 @@ def test_happy_path_one_job_uploads_and_curves(fake, prepared):
     report = provider.preflight(request_for(prepared))
     assert (report.n_train, report.n_validation) == (4, 2)
     assert report.estimated_billed_tokens == 2 * report.estimated_train_tokens > 0
-    assert report.estimated_cost_usd == pytest.approx(report.estimated_billed_tokens / 1e6 * 3.0)
+    assert report.estimated_cost_usd == pytest.approx(report.estimated_billed_tokens / 1e6 * 5.0)
     assert fake.requests == []  # preflight is local
 
     started = provider.start_job(request_for(prepared))
@@ -151,7 +151,7 @@ def test_happy_path_one_job_uploads_and_curves(fake, prepared):
 
     # The create request the real SDK sent.
     body = fake.created_jobs[0]
-    assert body["baseModel"] == "gemini-2.0-flash-001"
+    assert body["baseModel"] == "gemini-2.5-flash"
     spec = body["supervisedTuningSpec"]
     assert spec["trainingDatasetUri"] == f"gs://{BUCKET}/{prefix}/train.jsonl"
     assert spec["validationDatasetUri"] == f"gs://{BUCKET}/{prefix}/validation.jsonl"
@@ -173,7 +173,8 @@ def test_happy_path_one_job_uploads_and_curves(fake, prepared):
     assert job.metrics["tuning_dataset_example_count"] == 4
     assert job.metrics["total_billable_token_count"] == 4 * 100  # tokens in the dataset
     assert job.metrics["billed_training_tokens"] == 4 * 100 * 2  # billed per epoch
-    assert job.metrics["completed_step_count"] == 8
+    # Supervised jobs report no completedStepCount (multi-step RL only): the total comes from tuningDataStats.
+    assert "completed_step_count" not in job.metrics and job.total_steps == 8
     assert job.error_code is None
     # One checkpoint per epoch, each on its own endpoint; the last one is the tuned model's endpoint.
     checkpoints = provider.checkpoints(started.job_id)
@@ -303,11 +304,15 @@ def test_validation_limit_and_cost_guard(fake, prepared):
     with pytest.raises(ConfigError, match="exceeds max_cost_usd"):
         check_cost_limit(make_provider(fake).preflight(request_for(prepared)).estimated_cost_usd, 1e-9, what="x",
                          price_key=price_key)
-    with pytest.raises(ConfigError, match="training_price_per_million_tokens"):
-        check_cost_limit(make_provider(fake).preflight(request_for(prepared, base_model="gemini-x")).estimated_cost_usd,
-                         5.0, what="x", price_key=price_key)
-    report = make_provider(fake, vertex={"training_price_per_million_tokens": {"gemini-x": 2.0}}).preflight(
-        request_for(prepared, base_model="gemini-x"))
+    # Flash-Lite is not priced as Flash (its longest-prefix entry): no exact entry, no estimate, the guard refuses.
+    lite = make_provider(fake).preflight(request_for(prepared, base_model="gemini-2.5-flash-lite"))
+    assert lite.estimated_cost_usd is None
+    assert any("no price for gemini-2.5-flash-lite" in w for w in lite.warnings)
+    with pytest.raises(ConfigError, match="no price for gemini-2.5-flash-lite under "
+                                          "vertex.training_price_per_million_tokens"):
+        check_cost_limit(lite.estimated_cost_usd, 5.0, what="x", price_key=price_key, unpriced="gemini-2.5-flash-lite")
+    report = make_provider(fake, vertex={"training_price_per_million_tokens": {"gemini-2.5-flash-lite": 2.0}}).preflight(
+        request_for(prepared, base_model="gemini-2.5-flash-lite"))
     check_cost_limit(report.estimated_cost_usd, 5.0, what="x", price_key=price_key)
     assert report.estimated_cost_usd == pytest.approx(report.estimated_billed_tokens * 2.0 / 1e6)
     assert fake.requests == []
@@ -328,8 +333,8 @@ def test_predict_on_tuned_endpoint_and_base_model(fake):
     assert body["generationConfig"]["temperature"] == 0
     assert body["generationConfig"]["maxOutputTokens"] == 16
 
-    provider.predict("gemini-2.0-flash-001", "Who won?", "The Broncos won.")
-    assert fake.generate_requests[1][0] == f"projects/{PROJECT}/locations/us-central1/publishers/google/models/gemini-2.0-flash-001"
+    provider.predict("gemini-2.5-flash", "Who won?", "The Broncos won.")
+    assert fake.generate_requests[1][0] == f"projects/{PROJECT}/locations/us-central1/publishers/google/models/gemini-2.5-flash"
 
 
 def test_predict_429_with_retry_after_then_success_latency_excludes_wait(fake):
@@ -359,7 +364,7 @@ def test_500_then_success(fake, prepared):
     assert job.state == JobState.SUCCEEDED
     assert histories(points) == expected_histories(fake, job_id)
     assert sleeps.calls == [0.5] * 4  # initial backoff each time, no server hint
-    predicted = provider.predict("gemini-2.0-flash-001", "q", "c")
+    predicted = provider.predict("gemini-2.5-flash", "q", "c")
     assert predicted.attempts == 1
 
 
@@ -374,7 +379,7 @@ def test_retry_budget_exhausted(fake):
     sleeps = Sleeps()
     provider = make_provider(fake, sleeps)
     with pytest.raises(ProviderError) as info:
-        provider.predict("gemini-2.0-flash-001", "q", "c")
+        provider.predict("gemini-2.5-flash", "q", "c")
     error = info.value
     assert error.status == 503 and error.retryable and error.provider == "vertex"
     assert "after 4 attempts" in str(error) and "currently unavailable" in str(error)
@@ -394,14 +399,14 @@ def test_client_error_is_not_retried(fake):
 def test_wrong_token_is_an_auth_error_without_the_token(fake, monkeypatch):
     monkeypatch.setenv("FINETUNE_VERTEX_ACCESS_TOKEN", "ya29.some-other-token")
     with pytest.raises(ProviderError) as info:
-        make_provider(fake).predict("gemini-2.0-flash-001", "q", "c")
+        make_provider(fake).predict("gemini-2.5-flash", "q", "c")
     assert info.value.status == 401
     assert "ya29" not in str(info.value)
 
 
 def test_slow_response_is_latency_not_wait(fake):
     fake.slow("generate", 0.2)
-    prediction = make_provider(fake).predict("gemini-2.0-flash-001", "q", "c")
+    prediction = make_provider(fake).predict("gemini-2.5-flash", "q", "c")
     assert prediction.latency_ms >= 200 and prediction.retry_wait_ms == 0
 
 

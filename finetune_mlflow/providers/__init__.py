@@ -19,6 +19,7 @@ PROVIDERS: dict[str, str] = {
     "openai": "finetune_mlflow.providers.openai",
     "vertex": "finetune_mlflow.providers.vertex",
     "transformers": "finetune_mlflow.providers.transformers",
+    "together": "finetune_mlflow.providers.together",
 }
 
 

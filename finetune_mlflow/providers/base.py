@@ -219,6 +219,11 @@ class ProviderBase:
         (local and open-weights models) or nothing is known."""
         return None
 
+    def request_tags(self, model: str) -> dict[str, str]:
+        """Request settings chosen per model that change answers, latency or cost (Vertex: the thinking budget), as
+        tags for the run that evaluates `model`; none by default."""
+        return {}
+
     def model_artifacts(self, model: str) -> dict[str, str]:
         """Local files a registered version must carry to serve `model` (name -> path); none for hosted models."""
         return {}

@@ -2,16 +2,21 @@
 
 Parameters in: `config`, `model_name` (default `tune.registered_model_name`), `version` (default: the newest),
 `force` + `reason` (override the gates, reason required), `rollback` (champion <- previous_champion).
-Compares the candidate with the current champion on the same validation questions, from the per-example tables
-their runs already logged (re-evaluating only a side whose table is missing or on other data). Gates from the
-`promotion:` config block. On success `champion` -> candidate and `previous_champion` -> old champion; otherwise
-the candidate becomes `challenger`. Logged on the promote run: params (gates, candidate, champion), metrics
+Compares the candidate with the current champion (or, with none, the base model: the same gates either way) on the
+same validation questions, from the per-example tables their runs already logged (re-evaluating only a side whose
+table is missing or on other data). Gates from the `promotion:` config block. A candidate whose files do not load
+is refused before any alias moves. Aliases move under the model's promotion lock (`promotion_lock`), after the
+champion is read again: a promote whose champion changed meanwhile moved nothing, says so and exits 2. On success
+`champion` -> candidate and `previous_champion` -> old champion; a rejected candidate becomes `challenger` when it
+is the newest rejected version. Logged on the promote run: params (gates, candidate, champion), metrics
 (`f1_delta`, `f1_delta_ci_low/high`, candidate and champion F1), tags `promotion.decision`/`promotion.reason`,
-and `promotion_report.md`. The candidate version gets a `promotion.decision` tag.
+and `promotion_report.md`. The candidate version gets the decision as `promotion.*` tags and a description
+section (the gain with its interval, the gates, a link to the promote run).
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 from dataclasses import dataclass
 
@@ -25,10 +30,12 @@ from finetune_mlflow.errors import ConfigError, FinetuneError
 from finetune_mlflow.evaluation import ExampleResult, delta_against, error_rate
 from finetune_mlflow.promotion import BASE_REFERENCE, Decision, Evidence, decide
 from finetune_mlflow.promotion_lifecycle import lifecycle_gate
+from finetune_mlflow.promotion_lock import PromotionLost, promotion_lock
+from finetune_mlflow.promotion_notes import version_description, version_tags
 from finetune_mlflow.records import read_jsonl
 from finetune_mlflow.preparation import PREPARED
 from finetune_mlflow.scoring import RESULTS_TABLE, load_rows, resolve_model, score_model
-from finetune_mlflow.scratch import download_artifacts
+from finetune_mlflow.scratch import download_artifacts, scratch_dir
 from finetune_mlflow.tracking import log_values, step_run
 
 logger = logging.getLogger(__name__)
@@ -118,7 +125,7 @@ def _report(name: str, candidate: str, champion: str | None, evidence: Evidence,
              f"- decision: **{'promote' if decision.promote else 'keep champion'}**",
              f"- reason: {decision.reason}", f"- champion before: {champion or 'none'}",
              f"- candidate F1: {evidence.candidate_f1:.2f}, error rate {evidence.candidate_error_rate:.2%}, "
-             f"latency p95 {evidence.candidate_latency_ms_p95} ms"]
+             f"latency p95 {_ms(evidence.candidate_latency_ms_p95)}"]
     if evidence.reference_f1 is not None:
         lines.append(f"- {evidence.reference} F1: {evidence.reference_f1:.2f}; delta {evidence.f1_delta:+.2f} "
                      f"(95% paired bootstrap CI {evidence.f1_delta_ci_low:+.2f} to {evidence.f1_delta_ci_high:+.2f})")
@@ -129,12 +136,19 @@ def _report(name: str, candidate: str, champion: str | None, evidence: Evidence,
     return "\n".join(lines) + "\n"
 
 
+def _ms(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.1f} ms"
+
+
 def _move_aliases(client: MlflowClient, name: str, alias: str, candidate: str, expected_champion: str | None) -> None:
-    """Re-check the champion just before moving it, so two concurrent promotions cannot interleave silently."""
+    """Re-check the champion just before moving it (under the promotion lock): a promotion that decided against
+    another champion than the one now there lost the race, and moves nothing."""
     current = _alias_version(client, name, alias)
     if (str(current.version) if current else None) != expected_champion:
-        raise FinetuneError(f"{name}@{alias} changed to {current.version if current else None} during this "
-                            f"promotion (expected {expected_champion}); rerun promote to decide again")
+        raise PromotionLost(f"lost the race: {name}@{alias} changed to version {current.version if current else None}"
+                            f" during this promotion, which compared version {candidate} with "
+                            f"{'version ' + expected_champion if expected_champion else 'the base model'}; nothing "
+                            "was changed: rerun promote to decide against the new champion")
     if expected_champion:
         client.set_registered_model_alias(name, PREVIOUS, expected_champion)
     client.set_registered_model_alias(name, alias, candidate)
@@ -149,14 +163,20 @@ def run_rollback(config: Config, model_name: str) -> PromoteResult:
     client = MlflowClient()
     with step_run("promote", run_name="rollback", tags={"promotion.model": name}) as run:
         previous = _alias_version(client, name, PREVIOUS)
-        current = _alias_version(client, name, alias)
         if previous is None:
             raise FinetuneError(f"{name} has no {PREVIOUS} alias: nothing to roll back to")
-        before, after = (str(current.version) if current else None), str(previous.version)
-        client.set_registered_model_alias(name, alias, after)
-        if before is not None:
-            client.set_registered_model_alias(name, PREVIOUS, before)
-        reason = f"rollback: {alias} {before} -> {after}"
+        _check_loads(name, str(previous.version))
+        with promotion_lock(client, name, run.info.run_id):
+            previous, current = _alias_version(client, name, PREVIOUS), _alias_version(client, name, alias)
+            if previous is None:
+                raise PromotionLost(f"{name}@{PREVIOUS} was removed by another promotion meanwhile; nothing changed")
+            before, after = (str(current.version) if current else None), str(previous.version)
+            client.set_registered_model_alias(name, alias, after)
+            if before is not None:
+                client.set_registered_model_alias(name, PREVIOUS, before)
+            reason = f"rollback: {alias} {before} -> {after}"
+            client.set_model_version_tag(name, after, "promotion.decision", "restored by rollback")
+            client.set_model_version_tag(name, after, "promotion.run_id", run.info.run_id)
         log_values(client, run.info.run_id, tags={"promotion.decision": "rollback", "promotion.reason": reason})
         print(f"{name}: {reason}")
         return PromoteResult(run.info.run_id, Decision(True, reason), after, before, after)
@@ -185,13 +205,62 @@ def _log_evidence(run_id: str, evidence: Evidence, config: Config, candidate: st
         "champion_version": champion or "none", "reference": evidence.reference or "none", "forced": forced})
 
 
-def _apply(client: MlflowClient, name: str, alias: str, candidate: str, champion: str | None,
-           decision: Decision) -> None:
+def _check_loads(name: str, version: str) -> None:
+    """The version's MLmodel reads and every file its pyfunc names is in the store: a version whose artifacts were
+    deleted would take the alias and then fail every load. Listed, not downloaded (a merged model is gigabytes);
+    credentials are not needed (no provider is built)."""
+    uri = f"models:/{name}/{version}"
+    try:
+        flavor = mlflow.models.Model.load(str(download_artifacts(artifact_uri=f"{uri}/MLmodel"))).flavors.get(
+            "python_function", {})
+        named = [entry["path"] for entry in (flavor.get("artifacts") or {}).values()]
+        named += [flavor["code"]] if flavor.get("code") else []
+        missing = [path for path in named if not _listed(uri, path)]
+    except Exception as e:  # noqa: BLE001 - whatever stops the download or the read stops the promotion
+        raise FinetuneError(f"{uri} does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            "no alias was moved") from e
+    if missing or not flavor:
+        raise FinetuneError(f"{uri} does not load: {'missing ' + ', '.join(missing) if missing else 'no pyfunc'}; "
+                            "no alias was moved")
+
+
+def _listed(uri: str, path: str) -> bool:
+    parent, _, leaf = path.rstrip("/").rpartition("/")
+    entries = mlflow.artifacts.list_artifacts(artifact_uri=f"{uri}/{parent}" if parent else uri)
+    return leaf in {entry.path.rstrip("/").rpartition("/")[2] for entry in entries}
+
+
+def _newest_rejected(client: MlflowClient, name: str, candidate: str) -> bool:
+    """Whether the candidate is at least as new as the current challenger (an older version re-examined and
+    rejected does not take the alias from a newer one)."""
+    challenger = _alias_version(client, name, CHALLENGER)
+    return challenger is None or int(challenger.version) <= int(candidate)
+
+
+def _apply(client: MlflowClient, name: str, alias: str, candidate: str, champion: str | None, decision: Decision,
+           notes: tuple[dict[str, str], str], run_id: str) -> None:
+    """Move the aliases and write the decision on the version, under the model's promotion lock."""
     if decision.promote:
-        _move_aliases(client, name, alias, candidate, champion)
-    else:
-        client.set_registered_model_alias(name, CHALLENGER, candidate)
-    client.set_model_version_tag(name, candidate, "promotion.decision", "promoted" if decision.promote else "rejected")
+        _check_loads(name, candidate)
+    with promotion_lock(client, name, run_id):
+        if decision.promote:
+            _move_aliases(client, name, alias, candidate, champion)
+        elif _newest_rejected(client, name, candidate):
+            client.set_registered_model_alias(name, CHALLENGER, candidate)
+        tags, description = notes
+        for key, value in tags.items():
+            client.set_model_version_tag(name, candidate, key, value)
+        client.update_model_version(name, candidate, description=description)
+
+
+def _notes(candidate: ModelVersion, evidence: Evidence, decision: Decision, config: Config, forced: bool,
+           run: mlflow.ActiveRun) -> tuple[dict[str, str], str]:
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    link = f"[promote run {run.info.run_id}](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})"
+    common = dict(forced=forced, alias=config.promotion.alias, when=when)
+    return (version_tags(decision, evidence, config.promotion, run_id=run.info.run_id, **common),
+            version_description(candidate.description, decision, evidence, config.promotion, run_link=link,
+                                **common))
 
 
 def run_promote(config: Config, *, model_name: str = "", version: str = "", force: bool = False,
@@ -213,12 +282,14 @@ def run_promote(config: Config, *, model_name: str = "", version: str = "", forc
             evidence = _gather_evidence(candidate, champion, name, config)
             decision = lifecycle_gate(decide(evidence, config.promotion), candidate_version, candidate.tags,
                                       champion_version, champion.tags if champion else None, config)
-            if force and not decision.promote:
+            overridden = force and not decision.promote
+            if overridden:
                 decision = Decision(True, f"forced ({reason}); gates said: {decision.reason}", decision.checks)
             _log_evidence(run.info.run_id, evidence, config, candidate_version, champion_version, force)
             mlflow.log_text(_report(name, candidate_version, champion_version, evidence,
                                     decision, config, reason if force else ""), "promotion_report.md")
-            _apply(client, name, alias, candidate_version, champion_version, decision)
+            _apply(client, name, alias, candidate_version, champion_version, decision,
+                   _notes(candidate, evidence, decision, config, overridden, run), run.info.run_id)
         log_values(client, run.info.run_id, tags={"promotion.decision": "promote" if decision.promote else "keep",
                                                   "promotion.reason": decision.reason[:5000],
                                                   "mlflow.note.content": decision.reason[:5000]})

@@ -6,7 +6,8 @@ Params logged: `provider`, `base_model`, `epochs`, `learning_rate`, `batch_size`
 `config.yaml` artifact; metrics `n_train`, `n_val`; tag `finetune.config_sha256`. Step metrics `train_loss`, `val_loss` (and provider extras such as token accuracy), step =
 training step. Summary metrics: the evaluate set for the tuned model, `base_eval_*` for the base model on the same
 split, `eval_f1_delta` with its paired-bootstrap interval, preflight estimates. Tags: see `job_tracking`.
-The tuned model is registered as a pyfunc version of `registered_model_name`.
+The tuned model is registered as a pyfunc version of `registered_model_name` (unless a version already serves the
+same model; a sweep child only logs it, and its sweep registers the winner).
 """
 
 from __future__ import annotations

@@ -13,6 +13,12 @@ runs (spread over the running polls unless `metrics_visible` says otherwise); me
 change. Events are listed newest-first and `after` is an event-id cursor meaning "older than this event", as the
 real API does; job and checkpoint lists are newest-first with the same kind of cursor.
 
+Pausing: `POST .../jobs/{id}/pause` holds a running job at status "paused" (its timeline stops; a script may also
+list "paused" polls, as a pause from the dashboard shows) until `POST .../resume` sets it running again.
+
+Chat completions refuse the deprecated `max_tokens` for reasoning models (o-series, gpt-5*), as the API does: clients
+send `max_completion_tokens`.
+
 Faults: `inject(path, ...)` queues a rule matched against each request (first active rule wins) that answers
 with an error status (optionally with `retry-after`), delays the response, or both; `times` limits how often it
 fires, `fraction` makes it fire at random (seeded), `after_handling` processes the request first and then
@@ -140,6 +146,7 @@ class _Job:
     metrics_emitted: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)  # chronological
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # chronological
+    paused: bool = False  # held by the pause endpoint until resumed
 
 
 class FakeOpenAI(LoopbackServer):
@@ -367,6 +374,8 @@ class FakeOpenAI(LoopbackServer):
         elif new == "cancelled":
             obj["finished_at"] = self._now()
             self._add_event(job, "Fine-tuning job cancelled")
+        elif new == "paused":
+            self._add_event(job, "Fine-tuning job paused")
 
     def _finish_success(self, job: _Job) -> None:
         obj, script = job.obj, job.script
@@ -402,7 +411,7 @@ class FakeOpenAI(LoopbackServer):
         self._add_event(job, "The job has successfully completed")
 
     def _advance(self, job: _Job) -> None:
-        if job.obj["status"] in TERMINAL:
+        if job.obj["status"] in TERMINAL or job.paused:
             return
         old = job.obj["status"]
         job.poll = min(job.poll + 1, len(job.script.statuses) - 1)
@@ -478,6 +487,8 @@ class FakeOpenAI(LoopbackServer):
             ("GET", r"/v1/fine_tuning/jobs$", self._list_jobs),
             ("GET", r"/v1/fine_tuning/jobs/(?P<job_id>[^/]+)$", self._get_job),
             ("POST", r"/v1/fine_tuning/jobs/(?P<job_id>[^/]+)/cancel$", self._cancel_job),
+            ("POST", r"/v1/fine_tuning/jobs/(?P<job_id>[^/]+)/pause$", self._pause_job),
+            ("POST", r"/v1/fine_tuning/jobs/(?P<job_id>[^/]+)/resume$", self._resume_job),
             ("GET", r"/v1/fine_tuning/jobs/(?P<job_id>[^/]+)/events$", self._list_events),
             ("GET", r"/v1/fine_tuning/jobs/(?P<job_id>[^/]+)/checkpoints$", self._list_checkpoints),
             ("POST", r"/v1/chat/completions$", self._chat),
@@ -600,6 +611,26 @@ class FakeOpenAI(LoopbackServer):
         self._enter_status(job, job.obj["status"], "cancelled")
         return 200, dict(job.obj), {}
 
+    def _pause_job(self, query, headers, body, job_id):
+        job, error = self._job_or_404(job_id)
+        if error:
+            return error
+        if job.obj["status"] != "running":
+            return self._error(400, f"Job {job_id} is {job.obj['status']}; only a running job can be paused")
+        job.paused = True
+        self._enter_status(job, "running", "paused")
+        return 200, dict(job.obj), {}
+
+    def _resume_job(self, query, headers, body, job_id):
+        job, error = self._job_or_404(job_id)
+        if error:
+            return error
+        if job.obj["status"] != "paused":
+            return self._error(400, f"Job {job_id} is {job.obj['status']}; only a paused job can be resumed")
+        job.paused = False
+        self._enter_status(job, "paused", "running")
+        return 200, dict(job.obj), {}
+
     def _list_events(self, query, headers, body, job_id):
         job, error = self._job_or_404(job_id)
         if error:
@@ -626,6 +657,9 @@ class FakeOpenAI(LoopbackServer):
         if payload["model"] in self.retired_models:
             return self._error(404, f"The model `{payload['model']}` does not exist or you do not have access to it.",
                                code="model_not_found")
+        if "max_tokens" in payload and re.match(r"(o\d|gpt-5)", payload["model"]):
+            return self._error(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                                    "'max_completion_tokens' instead.", param="max_tokens")
         self.chat_requests.append(payload)
         text = self.chat_responder(payload)
         prompt_chars = sum(len(m.get("content") or "") for m in payload["messages"])

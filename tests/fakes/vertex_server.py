@@ -16,9 +16,19 @@ advances by one on every GET of the job (`auto_advance=True`) or on `advance(job
 shows `states[min(k, len-1)]`, gets its `experiment` once `k >= experiment_from_poll`, and every series shows its
 first `k * points_per_poll` points (all of them once the state is terminal).
 
-Faults: `fail(route, status, times=1, retry_after=None, delay=0.0, message="", after_effect=False)` queues failures
-for a route (`ROUTES`); `after_effect=True` carries the request out before failing it (a lost response);
+Faults: `fail(route, status, times=1, retry_after=None, retry_info=None, delay=0.0, message="", after_effect=False)`
+queues failures for a route (`ROUTES`); like real Vertex quota errors, a 429 carries no Retry-After header and no
+RetryInfo unless the test asks for one (`retry_after` seconds in the header, `retry_info` a Duration such as "7s" in
+the body's `error.details`); `after_effect=True` carries the request out before failing it (a lost response);
 `slow(route, seconds, times=1)` delays responses without failing them.
+
+Thinking (2.5 models): `thinking_tokens` are spent before an answer unless the request's
+`generationConfig.thinkingConfig.thinkingBudget` caps them (0 turns thinking off, refused with 400 by 2.5 Pro);
+they are reported as `usageMetadata.thoughtsTokenCount` and count against `maxOutputTokens`: an answer that does not
+fit is cut, with `finishReason: MAX_TOKENS` (empty when thinking used up the whole limit).
+
+Progress: like supervised jobs, tuning jobs report `tuningDataStats.supervisedTuningDataStats.tuningStepCount`, never
+`tuningJobMetadata.completedStepCount` (documented for multi-step RL only).
 
 Records: `requests` [(method, path)], `created_jobs` [request JSON], `objects` {(bucket, name): bytes},
 `uploads` [(bucket, name, uploadType)], `generate_requests` [(model, request JSON)], `auth_headers` [str].
@@ -90,6 +100,8 @@ class JobScript:
     # from 10 epochs on), the last ending training and served by the tuned model's endpoint; only that one when
     # the job was created with exportLastCheckpointOnly.
     checkpoint_epochs: list[int] | None = None
+    # `TuningJob.gcsMetricsUri` (output only), shown from the first poll when set.
+    gcs_metrics_uri: str | None = None
 
 
 @dataclass
@@ -104,6 +116,8 @@ class _Fault:
     after_effect: bool = False
     # Fire on this share of matching requests (seeded), else always.
     fraction: float | None = None
+    # A google.rpc.RetryInfo retryDelay (e.g. "7s") in the error body's details.
+    retry_info: str | None = None
 
 
 @dataclass
@@ -131,6 +145,8 @@ class FakeVertexServer(LoopbackServer):
         self.list_page_size = 2  # small, so clients must follow nextPageToken
         self.tensorboard = f"projects/{project}/locations/{location}/tensorboards/7001"
         self.answer: Callable[[str, dict[str, Any]], str] = lambda model, body: "Denver Broncos"
+        # Thinking tokens a 2.5 model spends per answer when no thinking budget caps it: they think by default.
+        self.thinking_tokens = 700
         self.lock = threading.RLock()
         self._rng = random.Random(0)
         self.requests: list[tuple[str, str]] = []
@@ -156,7 +172,7 @@ class FakeVertexServer(LoopbackServer):
 
     def fail(self, route: str, status: int, *, times: int = 1, retry_after: float | None = None,
              delay: float = 0.0, message: str = "", after_effect: bool = False,
-             fraction: float | None = None) -> None:
+             fraction: float | None = None, retry_info: str | None = None) -> None:
         """The next `times` requests on `route` get `status` (with a Retry-After header when given).
 
         `after_effect=True`: the request is carried out first and the error is returned instead of its answer,
@@ -165,7 +181,8 @@ class FakeVertexServer(LoopbackServer):
         """
         assert route in ROUTES, route
         with self.lock:
-            self._faults.append(_Fault(route, status, times, retry_after, delay, message, after_effect, fraction))
+            self._faults.append(_Fault(route, status, times, retry_after, delay, message, after_effect, fraction,
+                                       retry_info))
 
     def slow(self, route: str, seconds: float, *, times: int = 1) -> None:
         assert route in ROUTES, route
@@ -218,6 +235,8 @@ class FakeVertexServer(LoopbackServer):
             "supervisedTuningSpec": spec,
             "labels": job.request.get("labels", {}),
         }
+        if job.script.gcs_metrics_uri:
+            out["gcsMetricsUri"] = job.script.gcs_metrics_uri
         if job.request.get("tunedModelDisplayName"):
             out["tunedModelDisplayName"] = job.request["tunedModelDisplayName"]
         if state != "JOB_STATE_PENDING":
@@ -240,8 +259,6 @@ class FakeVertexServer(LoopbackServer):
             }
             stats.update(job.script.stats)
             out["tuningDataStats"] = {"supervisedTuningDataStats": stats}
-            done = len(self._visible_points(job, "/train_total_loss"))
-            out["tuningJobMetadata"] = {"completedStepCount": str(done)}
         if state in TERMINAL:
             out["endTime"] = _now_rfc3339()
         if state == "JOB_STATE_SUCCEEDED":
@@ -334,7 +351,9 @@ class FakeVertexServer(LoopbackServer):
                 if fault.retry_after is not None:
                     value = fault.retry_after
                     extra["Retry-After"] = str(int(value)) if float(value).is_integer() else str(value)
-                return _error(fault.status, fault.message or f"fake {route} fault", extra)
+                details = ([{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": fault.retry_info}]
+                           if fault.retry_info is not None else None)
+                return _error(fault.status, fault.message or f"fake {route} fault", extra, details)
         return getattr(self, f"_do_{route}")(params, query, headers, body)
 
     _VERSION = r"/(?:v1|v1beta1)"
@@ -415,6 +434,12 @@ class FakeVertexServer(LoopbackServer):
     def _do_generate(self, params, query, headers, body):
         request = json.loads(body or b"{}")
         model = params["model"]
+        generation = request.get("generationConfig") or {}
+        # Proto JSON accepts a field's lowerCamel or original name; google-genai sends `thinking_budget`.
+        thinking = generation.get("thinkingConfig") or generation.get("thinking_config") or {}
+        budget = thinking.get("thinkingBudget", thinking.get("thinking_budget"))
+        if budget == 0 and "gemini-2.5-pro" in model:
+            return _error(400, "Budget 0 is invalid. This model only works in thinking mode.")
         with self.lock:
             self.generate_requests.append((model, request))
         text = self.answer(model, request)
@@ -423,13 +448,21 @@ class FakeVertexServer(LoopbackServer):
             for content in request.get("contents", []) + [request.get("systemInstruction") or {"parts": []}]
             for part in content.get("parts", [])
         )
-        usage = {
-            "promptTokenCount": max(1, prompt_chars // 4),
-            "candidatesTokenCount": max(1, len(text) // 4),
-        }
-        usage["totalTokenCount"] = usage["promptTokenCount"] + usage["candidatesTokenCount"]
+        thoughts = self.thinking_tokens if budget is None or budget < 0 else min(self.thinking_tokens, budget)
+        answer_tokens = max(1, len(text) // 4)
+        limit = generation.get("maxOutputTokens")
+        finish = "STOP"
+        if limit is not None and thoughts + answer_tokens > limit:
+            thoughts = min(thoughts, limit)
+            answer_tokens = limit - thoughts
+            text, finish = text[: answer_tokens * 4], "MAX_TOKENS"
+        usage = {"promptTokenCount": max(1, prompt_chars // 4), "candidatesTokenCount": answer_tokens}
+        if thoughts:
+            usage["thoughtsTokenCount"] = thoughts
+        usage["totalTokenCount"] = usage["promptTokenCount"] + answer_tokens + thoughts
+        content: dict[str, Any] = {"role": "model", "parts": [{"text": text}] if text else []}
         return _json(200, {
-            "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}],
+            "candidates": [{"content": content, "finishReason": finish}],
             "usageMetadata": usage,
             "modelVersion": model,
         })
@@ -595,6 +628,9 @@ def _json(status: int, payload: Any, extra: dict[str, str] | None = None) -> tup
     return status, headers, json.dumps(payload).encode()
 
 
-def _error(status: int, message: str, extra: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    return _json(status, {"error": {"code": status, "message": message, "status": _STATUS_WORDS.get(status, "UNKNOWN")}},
-                 extra)
+def _error(status: int, message: str, extra: dict[str, str] | None = None,
+           details: list[dict[str, Any]] | None = None) -> tuple[int, dict[str, str], bytes]:
+    error: dict[str, Any] = {"code": status, "message": message, "status": _STATUS_WORDS.get(status, "UNKNOWN")}
+    if details:
+        error["details"] = details
+    return _json(status, {"error": error}, extra)

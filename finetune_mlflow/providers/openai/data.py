@@ -271,3 +271,13 @@ def parse_result_file(content: bytes | str, *, timestamp_ms: int = 0, source: st
         points.extend(metrics_from_data(row, timestamp_ms, step=int(step)))
     points.sort(key=lambda p: (p.step, p.key))
     return points
+
+
+def total_steps(events: Iterable[Any]) -> int | None:
+    """The job's total steps from the newest `metrics` event that reports `data.total_steps` (events newest first);
+    None when none does."""
+    for event in events:
+        data = event.data if isinstance(event.data, dict) else None
+        if event.type == "metrics" and data and _as_float(data.get("total_steps")):
+            return int(float(data["total_steps"]))
+    return None

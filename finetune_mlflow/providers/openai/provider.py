@@ -55,10 +55,14 @@ STATE_MAP = {
     "validating_files": JobState.PENDING,
     "queued": JobState.PENDING,
     "running": JobState.RUNNING,
+    # `jobs.pause` (or the dashboard) holds a job: alive, not progressing, until `jobs.resume`.
+    "paused": JobState.RUNNING,
     "succeeded": JobState.SUCCEEDED,
     "failed": JobState.FAILED,
     "cancelled": JobState.CANCELLED,
 }
+# A status this code does not know yet is not terminal: the job is watched until it reaches one it knows.
+UNKNOWN_STATUS_STATE = JobState.RUNNING
 # OpenAI hyperparameter -> the shared knob name.
 HYPERPARAMETER_NAMES = {"n_epochs": "epochs", "learning_rate_multiplier": "learning_rate", "batch_size": "batch_size"}
 EVENTS_PAGE_SIZE = 100
@@ -250,6 +254,9 @@ class OpenAIProvider(ProviderBase):
                                                         initial_backoff_s=backoff)
         self._predict_policy = retry_policy or RetryPolicy(max_attempts=max(1, config.evaluate.request_retries + 1),
                                                            initial_backoff_s=backoff)
+        # job id -> `total_steps` of its latest metrics event, and statuses already explained in the log.
+        self._total_steps: dict[str, int] = {}
+        self._said: set[tuple[str, str]] = set()
 
     def close(self) -> None:
         self._client.close()
@@ -322,8 +329,8 @@ class OpenAIProvider(ProviderBase):
             )
         if price is None:
             warnings.append(
-                f"no training price known for {request.base_model!r}; set openai.training_price_per_million_tokens "
-                f"to get a cost estimate"
+                f"no price for {request.base_model} under openai.training_price_per_million_tokens (exact names "
+                "only): no cost estimate, and a max_cost_usd guard refuses the job"
             )
         return PreflightReport(
             n_train=len(train),
@@ -410,10 +417,20 @@ class OpenAIProvider(ProviderBase):
         job = self._value(f"fine_tuning.jobs.retrieve({job_id})", lambda: self._client.fine_tuning.jobs.retrieve(job_id))
         return self._to_tuning_job(job, final_details=True)
 
+    def _say_once(self, job_id: str, status: str, message: str) -> None:
+        if (job_id, status) not in self._said:
+            self._said.add((job_id, status))
+            log.warning(message)
+
     def _to_tuning_job(self, job: Any, *, final_details: bool) -> TuningJob:
         state = STATE_MAP.get(job.status)
         if state is None:
-            raise ProviderError(PROVIDER, f"job {job.id} has unknown status {job.status!r}")
+            state = UNKNOWN_STATUS_STATE
+            self._say_once(job.id, job.status, f"job {job.id} has status {job.status!r}, which this version does not "
+                           "know; treating it as not finished and watching on")
+        elif job.status == "paused":
+            self._say_once(job.id, job.status, f"job {job.id} is paused: alive but not training until it is "
+                           "resumed (dashboard, or fine_tuning.jobs.resume); the tune step keeps watching")
         hp = _job_hyperparameters(job)
         tags = _job_tags(job, hp)
         metrics: dict[str, float] = {}
@@ -434,6 +451,7 @@ class OpenAIProvider(ProviderBase):
             metrics=metrics,
             base_model=job.model,
             hyperparameters=shared_hyperparameters(hp.model_dump() if hp is not None else {}, HYPERPARAMETER_NAMES),
+            total_steps=self._total_steps.get(job.id),
         )
 
     def _add_success_details(self, job: Any, tags: dict[str, str], metrics: dict[str, float]) -> None:
@@ -518,6 +536,9 @@ class OpenAIProvider(ProviderBase):
                 cursor_id, job_id, cursor_step,
             )
         points = _event_points(new_events, None if found else cursor_step)
+        total = openai_data.total_steps(new_events)
+        if total is not None:
+            self._total_steps[job_id] = total
         if not new_events:
             return MetricsPage(points=[], next_cursor=cursor)
         max_step = max([p.step for p in points] + ([cursor_step] if cursor_step is not None else []), default=None)
@@ -588,7 +609,8 @@ class OpenAIProvider(ProviderBase):
                 model=model,
                 messages=messages,
                 temperature=0,
-                max_tokens=self.config.evaluate.max_output_tokens,
+                # `max_tokens` is deprecated and refused by reasoning models; this one counts reasoning tokens too.
+                max_completion_tokens=self.config.evaluate.max_output_tokens,
             ),
             policy=self._predict_policy,
         )

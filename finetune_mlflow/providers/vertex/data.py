@@ -157,3 +157,21 @@ def price_per_million(base_model: str, prices: Mapping[str, float] | None = None
     (`vertex.training_price_per_million_tokens`, dated in the experiment YAML; none live in code)."""
     model = base_model.rsplit("/", 1)[-1]  # "publishers/google/models/gemini-..." -> "gemini-..."
     return costing.price_per_million(model, [prices or {}])
+
+
+def answer_text(response: Any) -> tuple[str, str | None]:
+    """A generateContent response's answer (its first candidate's non-thought parts) and finish reason name."""
+    candidate = response.candidates[0] if response.candidates else None
+    if candidate is None:
+        return "", None
+    finish = getattr(candidate.finish_reason, "value", candidate.finish_reason)
+    parts = candidate.content.parts if candidate.content is not None else None
+    text = "".join(part.text or "" for part in parts or [] if not part.thought)
+    return text, str(finish) if finish is not None else None
+
+
+def output_tokens(usage: Any) -> int | None:
+    """Billed output tokens: the answer's plus the thinking tokens, which Gemini bills as output; None if unreported."""
+    if usage is None or (usage.candidates_token_count is None and usage.thoughts_token_count is None):
+        return None
+    return (usage.candidates_token_count or 0) + (usage.thoughts_token_count or 0)

@@ -10,8 +10,16 @@ Resolution (config first, then environment):
   CI with a short-lived `gcloud auth print-access-token`, or a token broker); otherwise Application Default
   Credentials (`google.auth.default()`, e.g. `gcloud auth application-default login` or a service account).
   The token is never logged nor put into an exception message.
-- endpoints: `vertex.api_endpoint` (default `https://{location}-aiplatform.googleapis.com`) serves tuning jobs,
-  prediction and the Experiment/TensorBoard reads; `vertex.storage_endpoint` redirects Cloud Storage.
+- endpoints: `vertex.api_endpoint` (default `https://{location}-aiplatform.googleapis.com`, or
+  `https://aiplatform.{us|eu}.rep.googleapis.com` for the `us`/`eu` multi-region locations, as google-genai builds them)
+  serves tuning jobs, prediction and the Experiment/TensorBoard reads; `vertex.storage_endpoint` redirects Cloud Storage.
+- base models: only those Vertex documents as tunable (`TUNABLE_MODELS`); another is refused before anything is
+  uploaded. A model whose tuned endpoints are served only from a multi-region needs `vertex.location: us` or `eu`.
+- thinking: predictions ask a 2.5 model for its lowest thinking budget (`vertex.thinking_budget`, 0 = off, which
+  Vertex recommends for tuned models; 2.5 Pro cannot turn thinking off and gets its minimum); thinking tokens count as
+  output tokens (they bill as output), and an empty answer cut by MAX_TOKENS is an error, not a wrong answer.
+- quota errors: Vertex answers 429 RESOURCE_EXHAUSTED without Retry-After and mostly without RetryInfo; we wait the
+  RetryInfo delay when present, else back off from `vertex.quota_backoff_seconds`, doubling, jittered, capped.
 
 Training curves. A Gemini tuning job reports an `experiment`: the resource name of a Vertex AI Experiment, i.e. a
 Vertex ML Metadata context `projects/P/locations/L/metadataStores/default/contexts/EXPERIMENT`. What we rely on,
@@ -57,7 +65,13 @@ from finetune_mlflow.providers.base import (
     TuningJob,
     TuningRequest,
 )
-from finetune_mlflow.providers.retry import RetryPolicy, call_with_retries, error_headers, retry_after_seconds
+from finetune_mlflow.providers.retry import (
+    RetryPolicy,
+    call_with_retries,
+    error_headers,
+    retry_after_seconds,
+    retry_info_seconds,
+)
 
 T = TypeVar("T")
 
@@ -75,6 +89,26 @@ SERIES_KEYS: dict[str, str] = {
 }
 
 _ADAPTER_SIZES = {1: "ONE", 2: "TWO", 4: "FOUR", 8: "EIGHT", 16: "SIXTEEN", 32: "THIRTY_TWO"}
+# google-genai's AdapterSize enum value -> the adapter size as the tune step logs it (`ADAPTER_SIZE_FOUR` -> 4).
+_ADAPTER_SIZE_NUMBERS = {f"ADAPTER_SIZE_{word}": size for size, word in _ADAPTER_SIZES.items()}
+# Base models Vertex documents for supervised tuning ("About supervised fine-tuning for Gemini models",
+# cloud.google.com/vertex-ai/generative-ai/docs/models/gemini-supervised-tuning, page updated 2026-09-25, consulted
+# 2026-12-03; 2.0 Flash and Flash-Lite are no longer listed), with where their tuned models are served: "regional"
+# (any tuning region) or "multi-region" (only from the `us`/`eu` multi-region endpoints, as the page says of the 3.x
+# Flash / Flash-Lite models; their exact ids were not confirmed, so they are not listed yet: add them here, with
+# "multi-region" and the page date).
+TUNABLE_MODELS: dict[str, str] = {
+    "gemini-2.5-flash": "regional",
+    "gemini-2.5-flash-lite": "regional",
+    "gemini-2.5-pro": "regional",
+}
+MULTI_REGIONS = ("us", "eu")  # google-genai's _MULTI_REGIONAL_LOCATIONS
+# The lowest thinking budget each model accepts (Gemini "Thinking" docs: 2.5 Flash and Flash-Lite turn thinking off
+# with 0; 2.5 Pro cannot, its range starts at 128). A model not listed gets no thinking config (its own default).
+LOWEST_THINKING_BUDGET: dict[str, int] = {"gemini-2.5-flash": 0, "gemini-2.5-flash-lite": 0, "gemini-2.5-pro": 128}
+# Google's documented retry strategy for its APIs is truncated exponential backoff with random jitter; the cap.
+QUOTA_MAX_BACKOFF_S = 32.0
+QUOTA_JITTER = 0.5
 # Adapter sizes Vertex documents per base model ("About supervised fine-tuning for Gemini models", Limitations);
 # the API enum accepts more, and a job with an undocumented size fails after it is created (and billed).
 DOCUMENTED_ADAPTER_SIZES = {"gemini-2.5-flash": (1, 2, 4, 8, 16), "gemini-2.5-pro": (1, 2, 4, 8)}
@@ -91,6 +125,36 @@ def check_adapter_size(base_model: str, adapter_size: int) -> None:
     if adapter_size and documented and adapter_size not in documented:
         raise ConfigError(f"vertex.adapter_size is {adapter_size}, but {base_model} supports adapter sizes "
                           f"{', '.join(map(str, documented))} (or 0 for Vertex's default)")
+
+
+def check_tunable(base_model: str, location: str, models: dict[str, str] = TUNABLE_MODELS) -> None:
+    """Refuse a base model Vertex does not tune, or one whose tuned model a regional location cannot serve, naming
+    the supported models, before any upload or job."""
+    model = base_model.rsplit("/", 1)[-1]
+    serving = models.get(model)
+    if serving is None:
+        raise ConfigError(f"tune.base_model is {base_model!r}, which Vertex AI does not tune; supervised tuning "
+                          f"supports {', '.join(sorted(models))}")
+    if serving == "multi-region" and location not in MULTI_REGIONS:
+        raise ConfigError(f"tuned {model} models are served only from the {' / '.join(MULTI_REGIONS)} multi-region "
+                          f"endpoints, but vertex.location is {location!r}; set vertex.location: us (or eu) and "
+                          "leave vertex.api_endpoint empty")
+
+
+def default_api_endpoint(location: str) -> str:
+    """Where google-genai itself sends a location's calls: `us`/`eu` are multi-region endpoints, not regions."""
+    if location in MULTI_REGIONS:
+        return f"https://aiplatform.{location}.rep.googleapis.com"
+    return f"https://{location}-aiplatform.googleapis.com"
+
+
+def thinking_budget(base_model: str, wanted: int) -> int | None:
+    """The budget to ask `base_model` for: `wanted` raised to the model's lowest (-1: the model decides); None for a
+    model without a known budget range (it keeps its default)."""
+    lowest = LOWEST_THINKING_BUDGET.get(base_model.rsplit("/", 1)[-1])
+    if lowest is None:
+        return None
+    return wanted if wanted < 0 else max(wanted, lowest)
 
 
 def _check_tuning_settings(config: Config) -> None:
@@ -144,9 +208,10 @@ _MAX_DATA_POINTS = 10000
 class _HttpStatus(Exception):
     """A non-2xx answer from one of our own REST reads (Experiment/TensorBoard)."""
 
-    def __init__(self, status: int, message: str, headers: Any):
+    def __init__(self, status: int, message: str, headers: Any, body: Any = None):
         self.status = status
         self.headers = headers
+        self.details = body
         super().__init__(message)
 
 
@@ -215,6 +280,8 @@ def _model_tags(job: Any) -> dict[str, str]:
         tags["vertex.experiment"] = job.experiment
     if job.base_model:
         tags["vertex.base_model"] = job.base_model
+    if getattr(job, "gcs_metrics_uri", None):
+        tags["vertex.gcs_metrics_uri"] = job.gcs_metrics_uri
     return tags
 
 
@@ -254,14 +321,23 @@ def _data_stats_metrics(tuning_data_stats: Any) -> dict[str, float]:
 
 
 def _progress_metrics(meta: Any) -> dict[str, float]:
-    """How far a running job has got, in steps and epochs."""
-    metrics: dict[str, float] = {}
-    if meta is not None:
-        if meta.completed_step_count is not None:
-            metrics["completed_step_count"] = float(meta.completed_step_count)
-        if meta.completed_epoch_count is not None:
-            metrics["completed_epoch_count"] = float(meta.completed_epoch_count)
-    return metrics
+    """Epochs done, when reported. `completedStepCount` is documented for multi-step RL only: a supervised job's
+    steps come from its TensorBoard curves, and its total from `tuningDataStats` (see `_total_steps`)."""
+    if meta is not None and meta.completed_epoch_count is not None:
+        return {"completed_epoch_count": float(meta.completed_epoch_count)}
+    return {}
+
+
+def _total_steps(metrics: dict[str, float]) -> int | None:
+    """The steps a supervised job will take: `supervisedTuningDataStats.tuningStepCount`, once Vertex has read the data."""
+    steps = metrics.get("tuning_step_count")
+    return int(steps) if steps else None
+
+
+def _hyperparameters(hp: dict[str, Any]) -> dict[str, Any]:
+    """The job's hyperparameters with the adapter size as a number, as tune logs it (`ADAPTER_SIZE_FOUR` -> 4)."""
+    size = hp.get("adapter_size")
+    return {**hp, "adapter_size": _ADAPTER_SIZE_NUMBERS.get(str(size), size)} if size is not None else hp
 
 
 def _job_error(error: Any) -> tuple[str | None, str | None]:
@@ -274,7 +350,9 @@ def _job_error(error: Any) -> tuple[str | None, str | None]:
 
 class VertexProvider(ProviderBase):
     serving_packages = ("google-genai", "google-auth")
-    max_parallel_jobs = 4  # concurrent tuning jobs per project and region are quota-limited; 4 stays clear
+    # Vertex's documented quota on concurrent tuning jobs guarantees one; a project granted more (Quotas page in the
+    # console) runs more with the sweep's `max_parallel_jobs`.
+    max_parallel_jobs = 1
     """Gemini supervised tuning on Vertex AI (see the module docstring for configuration and assumptions)."""
 
     name = "vertex"
@@ -299,7 +377,9 @@ class VertexProvider(ProviderBase):
         self.max_concurrency = config.evaluate.max_concurrency
         self._sleep = sleep
         self._policy = retry_policy or RetryPolicy(max_attempts=max(1, config.evaluate.request_retries + 1),
-                                                   initial_backoff_s=config.evaluate.retry_backoff_seconds)
+                                                   initial_backoff_s=config.evaluate.retry_backoff_seconds,
+                                                   quota_backoff_s=vertex.quota_backoff_seconds,
+                                                   max_backoff_s=QUOTA_MAX_BACKOFF_S, jitter=QUOTA_JITTER)
         self._timeout_s = vertex.request_timeout_seconds
 
         self.credentials, adc_project = self._credentials()
@@ -307,7 +387,7 @@ class VertexProvider(ProviderBase):
         self.location = vertex.location or os.environ.get("GOOGLE_CLOUD_LOCATION", "") or DEFAULT_LOCATION
         bucket = vertex.staging_bucket or os.environ.get(BUCKET_ENV, "")
         self.bucket = bucket.removeprefix("gs://").strip("/")
-        self.api_endpoint = (vertex.api_endpoint or f"https://{self.location}-aiplatform.googleapis.com").rstrip("/")
+        self.api_endpoint = (vertex.api_endpoint or default_api_endpoint(self.location)).rstrip("/")
         self._types, self.client = self._genai_client()
         self._storage_client: Any = None
         self._session: Any = None
@@ -316,6 +396,7 @@ class VertexProvider(ProviderBase):
         # job name -> the Experiment and TensorBoard resources looked up for its curves (said when none is found).
         self._tried: dict[str, list[str]] = {}
         self._experiments: dict[str, str] = {}
+        self._gcs_metrics: dict[str, str] = {}
 
     def _genai_client(self) -> tuple[Any, Any]:
         """The google-genai types module and a client that makes one attempt per call: retries are ours."""
@@ -410,7 +491,9 @@ class VertexProvider(ProviderBase):
 
     @staticmethod
     def _retry_after(error: BaseException) -> float | None:
-        return retry_after_seconds(error_headers(error))
+        """A Retry-After header if any (Vertex sends none), else the body's google.rpc.RetryInfo delay."""
+        hinted = retry_after_seconds(error_headers(error))
+        return hinted if hinted is not None else retry_info_seconds(getattr(error, "details", None))
 
     def _call(self, call: Callable[[], T], what: str) -> Any:
         return call_with_retries(
@@ -435,11 +518,12 @@ class VertexProvider(ProviderBase):
                 return None
             if response.status_code >= 400:
                 try:
-                    detail = response.json().get("error", {}).get("message", "")
-                except ValueError:
-                    detail = ""
+                    error_body = response.json()
+                    detail = error_body.get("error", {}).get("message", "")
+                except (ValueError, AttributeError):
+                    error_body, detail = None, ""
                 raise _HttpStatus(response.status_code, f"{'POST' if body is not None else 'GET'} {resource}: "
-                                  f"{detail or response.reason}", response.headers)
+                                  f"{detail or response.reason}", response.headers, error_body)
             return response.json()
 
         return self._call(call, f"reading {resource}").value
@@ -464,6 +548,7 @@ class VertexProvider(ProviderBase):
 
     def preflight(self, request: TuningRequest) -> PreflightReport:
         vertex = self.config.vertex
+        check_tunable(request.base_model, self.location)
         train_path, validation_path = self._data_paths(request)
         train = vertex_data.read_dataset(train_path, max_example_tokens=vertex.max_example_tokens)
         warnings: list[str] = []
@@ -479,7 +564,8 @@ class VertexProvider(ProviderBase):
             billed, vertex_data.price_per_million(request.base_model, vertex.training_price_per_million_tokens))
         if cost is None:
             warnings.append(
-                f"no training price known for {request.base_model}; add it to vertex.training_price_per_million_tokens"
+                f"no price for {request.base_model} under vertex.training_price_per_million_tokens (exact names "
+                "only): no cost estimate, and a max_cost_usd guard refuses the job"
             )
         return PreflightReport(
             n_train=train.n_examples,
@@ -501,6 +587,7 @@ class VertexProvider(ProviderBase):
         return None
 
     def _check_can_start(self, request: TuningRequest) -> None:
+        check_tunable(request.base_model, self.location)
         if request.batch_size != 0:
             raise ConfigError("Vertex AI Gemini tuning has no batch size setting; set tune.batch_size: 0")
         if not self.bucket:
@@ -565,11 +652,14 @@ class VertexProvider(ProviderBase):
         tags = _model_tags(job)
         if job.experiment:
             self._experiments[job.name] = job.experiment
+        if tags.get("vertex.gcs_metrics_uri"):
+            self._gcs_metrics[job.name] = tags["vertex.gcs_metrics_uri"]
         spec_tags, hp = _spec_tags_and_hyperparameters(getattr(job, "supervised_tuning_spec", None))
         tags.update(spec_tags)
         metrics = _data_stats_metrics(job.tuning_data_stats)
         metrics.update(_billed_training_tokens(metrics, hp))
         metrics.update(_progress_metrics(getattr(job, "tuning_job_metadata", None)))
+        hp = _hyperparameters(hp)
         error_code, error_message = _job_error(job.error)
         return TuningJob(
             job_id=job.name,
@@ -582,6 +672,7 @@ class VertexProvider(ProviderBase):
             metrics=metrics,
             base_model=job.base_model.rsplit("/", 1)[-1] if job.base_model else None,
             hyperparameters=shared_hyperparameters(hp, HYPERPARAMETER_NAMES),
+            total_steps=_total_steps(metrics),
         )
 
     def get_job(self, job_id: str) -> TuningJob:
@@ -670,7 +761,10 @@ class VertexProvider(ProviderBase):
                 return values
 
     def curve_sources(self, job_id: str) -> list[str]:
-        return list(self._tried.get(job_id, []))
+        """Where curves were looked for, and the job's gcsMetricsUri when it has one: named, not read (its file
+        format is not documented), so a run without curves says where to look."""
+        uri = self._gcs_metrics.get(job_id)
+        return list(self._tried.get(job_id, [])) + ([f"{uri} (gcsMetricsUri, not read)"] if uri else [])
 
     def read_metrics(self, job_id: str, cursor: str | None) -> MetricsPage:
         last: dict[str, int] = {}
@@ -704,12 +798,25 @@ class VertexProvider(ProviderBase):
         return MetricsPage(points, next_cursor)
 
     # ------------------------------------------------------------------ prediction
+    def thinking_budget_for(self, model: str) -> int | None:
+        """The thinking budget `predict` asks `model` for (a tuned endpoint thinks like its base model); None: the
+        model's own default."""
+        base = self.config.tune.base_model if "/endpoints/" in model else model
+        return thinking_budget(base, self.config.vertex.thinking_budget)
+
+    def request_tags(self, model: str) -> dict[str, str]:
+        """What was asked of the model's thinking, on the run that evaluates it."""
+        budget = self.thinking_budget_for(model)
+        return {"vertex.thinking_budget": "model default" if budget is None else str(budget)}
+
     def predict(self, model: str, question: str, context: str) -> Prediction:
         types = self._types
+        budget = self.thinking_budget_for(model)
         config = types.GenerateContentConfig(
             system_instruction=SYSTEM_INSTRUCTION,
             temperature=0.0,
             max_output_tokens=self.config.evaluate.max_output_tokens,
+            thinking_config=types.ThinkingConfig(thinking_budget=budget) if budget is not None else None,
         )
         prompt = user_prompt(question, context)
         attempted = self._call(
@@ -717,17 +824,19 @@ class VertexProvider(ProviderBase):
             f"generateContent on {model}",
         )
         response = attempted.value
-        text = ""
-        if response.candidates:
-            content = response.candidates[0].content
-            if content is not None and content.parts:
-                text = "".join(part.text or "" for part in content.parts if not getattr(part, "thought", False))
+        text, finish = vertex_data.answer_text(response)
         usage = response.usage_metadata
+        output_tokens = vertex_data.output_tokens(usage)
+        if not text.strip() and finish == "MAX_TOKENS":
+            raise ProviderError(self.name, f"generateContent on {model} stopped at MAX_TOKENS before any answer "
+                                f"({output_tokens} output tokens, thinking included; thinking budget "
+                                f"{'model default' if budget is None else budget}): raise evaluate.max_output_tokens "
+                                "or lower vertex.thinking_budget")
         return Prediction(
             text=clean_completion(text),
             latency_ms=attempted.latency_ms,
             input_tokens=getattr(usage, "prompt_token_count", None) if usage else None,
-            output_tokens=getattr(usage, "candidates_token_count", None) if usage else None,
+            output_tokens=output_tokens,
             retry_wait_ms=attempted.retry_wait_ms,
             attempts=attempted.attempts,
         )
