@@ -5,7 +5,7 @@ answers 404, promote, report and a migrate rerun still work and launch nothing; 
 error line and creates nothing.
 
 Real SDK clients against the loopback fakes. Marked `migrate_e2e` and left out of the default run (it tunes four
-models and runs one `mlflow run`: 6.5 min on 2 cores at load 13, too long for the suite's budget):
+models and runs one `mlflow run`: 83 s on 2 cores at load 4-6, 6 min at load 13; too long for the suite's budget):
 `pytest -m migrate_e2e -n 0 tests/test_migrate_e2e.py`, or `scripts/migrate_e2e.sh`."""
 
 from __future__ import annotations
