@@ -139,6 +139,26 @@ def _cancel(args: argparse.Namespace) -> None:
     print(f"{job.job_id}: {job.provider_status}")
 
 
+def _capture(args: argparse.Namespace) -> None:
+    from finetune_mlflow.steps.capture import run_capture
+
+    result = run_capture(_config(args), args.model, args.prompts)
+    print(f"run {result.run_id}: {len(result.answers)} answers of {args.model} recorded"
+          + (" (reused an earlier capture)" if result.reused else ""))
+
+
+def _migrate(args: argparse.Namespace) -> None:
+    from finetune_mlflow.migration import run_migrate
+
+    run_migrate(_config(args))
+
+
+def _lifecycle(args: argparse.Namespace) -> None:
+    from finetune_mlflow.steps.lifecycle import run_lifecycle
+
+    run_lifecycle(_config(args))
+
+
 def _flag(value: str) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
 
@@ -175,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = command("cancel", _cancel, "stop a tuning job (local trainer or the provider's cancel call)")
     cancel.add_argument("--run_id", default="", help="the run that launched the job")
     cancel.add_argument("--job_id", default="", help="or the job id itself")
+    command("lifecycle", _lifecycle, "refresh and list every registered version's shutdown date, soonest first")
+    capture = command("capture", _capture, "record a model's answers on unlabelled prompts (question + context)")
+    capture.add_argument("--model", default="", help="models:/<name>@<alias|version>, runs:/<id> or a model id")
+    capture.add_argument("--prompts", default="", help="JSONL or CSV with question and context (optional id)")
+    command("migrate", _migrate, "replace a retiring champion: tune the config's migration.candidates, keep the "
+            "cheapest that is not worse")
     command("main", _main, "prepare -> evaluate base -> tune -> promote as child runs")
     sweep = command("sweep", _sweep, "one tune run per point of the config's sweep.grid, under a sweep parent")
     sweep.add_argument("--promote", default="false", help="hand the winner to promote (gates apply)")

@@ -7,6 +7,7 @@ spent. Secrets never live here: API keys and tokens come from the environment in
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -22,6 +23,7 @@ import yaml
 
 from finetune_mlflow import run_names
 from finetune_mlflow.errors import ConfigError
+from finetune_mlflow.lifecycle_entries import lifecycle_entry_problem
 
 OnInvalid = Literal["fail", "drop"]
 CheckpointChoice = Literal["auto", "all", "last", "best_val_loss"]
@@ -113,6 +115,20 @@ class PromotionConfig:
                               low=-100, high=100)
     max_latency_ms_p95: float = knob(0.0, "latency gate in ms (0: off)", low=0, high=3.6e6)
     max_error_rate: float = knob(0.05, "error-rate gate", low=0, high=1)
+    min_days_to_shutdown: int = knob(30, "refuse a candidate whose model shuts down within this many days "
+                                     "(force=true with a reason overrides)", low=0, high=36500)
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """When models stop answering, where the provider does not say: dated entries, never dates in code."""
+
+    warn_days: int = knob(45, "evaluate, promote, loading and serving a version log a warning when its model "
+                          "shuts down within this many days", low=0, high=36500)
+    models: dict[str, dict[str, str]] = knob(
+        None, "model id -> {shutdown_date: YYYY-MM-DD, source: where it was published, as_of: YYYY-MM-DD the "
+        "source was read, stage (optional), new_jobs: open|closed (optional)}; used when the provider reports "
+        "nothing for that model", factory=dict)
 
 
 @dataclass(frozen=True)
@@ -225,6 +241,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     local: LocalConfig = provider_section(LocalConfig)
     openai: OpenAIConfig = provider_section(OpenAIConfig)
     vertex: VertexConfig = provider_section(VertexConfig)
@@ -360,6 +377,8 @@ def _coerce(value: Any, annotation: Any, key: str, origin: Origin) -> Any:
             raise ConfigError(f"{where}: expected {annotation.__name__}, got {_shown(value)}")
         return annotation(number)
     if annotation is str:
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2027-01-14 as a date
+            return value.isoformat()
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {_shown(value)}")
         return str(value)
@@ -428,6 +447,10 @@ def _validate(config: Config, origin: Origin) -> None:
         raise ConfigError(f"{origin('tune.registered_model_name')}: tune.registered_model_name "
                           f"{config.tune.registered_model_name!r} must be 1-100 letters, digits, '.', '_' or '-' "
                           "(no slashes or spaces)")
+    for model, entry in config.lifecycle.models.items():
+        problem = lifecycle_entry_problem(entry)
+        if problem:
+            raise ConfigError(f"{origin(f'lifecycle.models.{model}')}: lifecycle.models.{model}: {problem}")
     for key, url in (("openai.base_url", config.openai.base_url), ("together.base_url", config.together.base_url),
                      ("vertex.api_endpoint", config.vertex.api_endpoint),
                      ("vertex.storage_endpoint", config.vertex.storage_endpoint)):
@@ -529,6 +552,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     raw, lines = _read_yaml(Path(path), source) if path else ({}, {})
     merged = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
     merged.pop("sweep", None)  # the sweep block is read by the sweep entry point (`sweep.py`)
+    merged.pop("migration", None)  # read by the migrate entry point (`migration_plan.py`)
     parameters = _apply_overrides(merged, overrides or {}, source)
     origin = _origin(source, lines, parameters)
     config = _build(Config, merged, "", origin)

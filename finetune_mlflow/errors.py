@@ -75,3 +75,18 @@ class TuningJobFailed(FinetuneError):
 
 class TuningTimeout(FinetuneError):
     """The job did not finish before the configured deadline; it keeps running and a rerun reattaches to it."""
+
+
+MIGRATE_HINT = "mlflow run . -e migrate -P config=experiments/<migration>.yaml"
+
+
+class TrainingClosed(ProviderError):
+    """The provider no longer accepts new tuning jobs on this model (OpenAI's 403 `training_not_available` and its
+    kin, or a dated `new_jobs: closed` entry); nothing was created, and the way forward is another provider."""
+
+    def __init__(self, provider: str, base_model: str, said: str, *, status: int | None = None,
+                 request_id: str | None = None):
+        super().__init__(provider, f"{provider} does not accept new fine-tuning jobs on {base_model} ({said}); "
+                         f"nothing was created. Move to a model on another provider: {MIGRATE_HINT}",
+                         status=status, request_id=request_id)
+        self.base_model = base_model

@@ -3,7 +3,10 @@ into the run until it ends, then evaluate and register the tuned model. Shared b
 
 Tags: `finetune.job_id` (written as soon as the job exists: a rerun with `--run-id` reattaches instead of paying
 for a second job), `finetune.job_state`, `finetune.provider_status`, `finetune.status.<status>` (UTC time each
-provider status was first seen), `finetune.metrics_cursor`, `finetune.tuned_model`, `finetune.registered_version`.
+provider status was first seen), `finetune.metrics_cursor`, `finetune.tuned_model`, `finetune.registered_version`,
+and the registered model's lifecycle (`finetune.shutdown_date`, `finetune.lifecycle_stage`,
+`finetune.lifecycle_checked_at`, ...; see `lifecycle_record`), also on the registered version. A launch is refused
+before any upload when the provider or a dated entry says the base model takes no new jobs.
 Step metrics (`train_loss`, `val_loss`, ...) are written with `log_batch` and never twice.
 """
 
@@ -24,6 +27,7 @@ from finetune_mlflow import checkpoints
 from finetune_mlflow.config import Config
 from finetune_mlflow.costing import check_cost_limit
 from finetune_mlflow.errors import FinetuneError, TuningJobFailed, TuningTimeout
+from finetune_mlflow.lifecycle_record import check_accepts_jobs, lifecycle_tags
 from finetune_mlflow.providers.base import (
     TERMINAL_STATES,
     Checkpoint,
@@ -80,6 +84,7 @@ def launch(provider: Provider, request: TuningRequest, config: Config, client: M
     check_cost_limit(report.estimated_cost_usd, config.tune.max_cost_usd, price_key=f"{provider.name}."
                      "training_price_per_million_tokens", what=f"tuning {request.base_model} for {request.epochs} epochs",
                      unpriced=request.base_model)
+    check_accepts_jobs(provider, request.base_model, config)  # before any upload
     job = provider.start_job(request)
     # First write after creation: everything after this point can crash and a rerun will reattach.
     client.set_tag(request.run_id, JOB_ID_TAG, job.job_id)
@@ -289,7 +294,9 @@ def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, 
     final = _evaluate_final(provider, job, run_id, config, examples, base, candidates)
     selection = _select_model(provider, job, run_id, config, examples, base, final, candidates)
     metrics = {**final[0], **{f"selected_{k}": v for k, v in selection.metrics.items()}}
-    version = _register(provider, job, run_id, config, prepared, base, selection)
+    lifecycle = lifecycle_tags(provider, selection.model, config.tune.base_model, config)
+    log_values(client, run_id, tags=lifecycle)
+    version = _register(provider, job, run_id, config, prepared, base, selection, lifecycle)
     # A sweep child logs its model but registers no version (its sweep registers the winner only).
     registered = {"finetune.registered_version": f"{version.name}/{version.version}"} if version.version else {}
     log_values(client, run_id, tags={**registered, "mlflow.note.content": describe_tune(metrics, job.job_id)
@@ -300,7 +307,7 @@ def finish_job(provider: Provider, job: TuningJob, run_id: str, config: Config, 
 
 
 def _register(provider: Provider, job: TuningJob, run_id: str, config: Config, prepared: Prepared,
-              base: Evaluation, selection: checkpoints.Selection) -> RegisteredVersion:
+              base: Evaluation, selection: checkpoints.Selection, lifecycle: dict[str, str]) -> RegisteredVersion:
     chosen, name = selection.metrics, provider.name
     what = (f"checkpoint {selection.checkpoint.checkpoint_id} (step {selection.checkpoint.step}) of "
             if selection.checkpoint else "")
@@ -317,7 +324,7 @@ def _register(provider: Provider, job: TuningJob, run_id: str, config: Config, p
               # Read on the version page: rounded as a person reads them (the run keeps full precision).
               "eval_f1": f"{chosen['eval_f1']:.2f}", "eval_exact_match": f"{chosen['eval_exact_match']:.2f}",
               "latency_ms_p95": f"{chosen.get('latency_ms_p95', float('nan')):.2f}",
-              **checkpoints.selection_tags(selection)},
+              **checkpoints.selection_tags(selection), **lifecycle},
         description=(f"{what}{name} tuning job {job.job_id} of {config.tune.base_model}: validation F1 "
                      f"{chosen['eval_f1']:.2f}, EM {chosen['eval_exact_match']:.2f} (base F1 "
                      f"{base.metrics.get('eval_f1', float('nan')):.2f}); source run {run_id}"),

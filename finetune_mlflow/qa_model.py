@@ -14,6 +14,8 @@ from typing import Any
 import mlflow
 import pandas as pd
 
+from finetune_mlflow.config import LifecycleConfig
+from finetune_mlflow.lifecycle_record import warn_if_retiring
 from finetune_mlflow.providers.base import MODEL_ARTIFACT
 from finetune_mlflow.request_limits import FIELDS, RequestRefused, question_pairs
 from finetune_mlflow.served import SERVING_ARTIFACT, served_model
@@ -27,6 +29,10 @@ class QAModel(mlflow.pyfunc.PythonModel):
                     else dict(context.model_config or {}))
         self.provider_name: str = settings["provider"]
         self.model_id, self.provider = served_model(settings, context.artifacts.get(MODEL_ARTIFACT))
+        lifecycle = settings.get("lifecycle") or {}
+        # A log line, never a failure: the model answers until the provider turns it off.
+        warn_if_retiring(f"serving {self.provider_name} model {self.model_id}", lifecycle,
+                         int(lifecycle.get("warn_days", LifecycleConfig().warn_days)))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         columns = list(model_input.columns)

@@ -190,7 +190,7 @@ def _upload(run_id: str, artifacts: dict[str, str]) -> dict[str, str]:
 
 
 def _log_model(run_id: str, config: Config, provider: str, model_id: str, logged_model_id: str | None,
-               artifacts: dict[str, str], packages: tuple[str, ...]) -> ModelInfo:
+               artifacts: dict[str, str], packages: tuple[str, ...], lifecycle: dict[str, str]) -> ModelInfo:
     """Log the pyfunc into `logged_model_id` (or a new LoggedModel). Model.log with validate_serving_input=False:
     the signature and the example are saved, but MLflow does not load the model and predict the example at log
     time (for a hosted model two paid requests per registration, and a registration that fails whenever the
@@ -201,7 +201,11 @@ def _log_model(run_id: str, config: Config, provider: str, model_id: str, logged
         # An artifact, not `model_config`: MLflow logs a model_config as run params, one per setting.
         serving = Path(folder) / "serving.json"
         serving.write_text(json.dumps({"provider": provider, "model_id": model_id,
-                                       "provider_settings": provider_settings(config, provider)}), encoding="utf-8")
+                                       "provider_settings": provider_settings(config, provider),
+                                       # The recorded shutdown date and the warning threshold: loading and
+                                       # serving warn without a network call.
+                                       "lifecycle": {**lifecycle, "warn_days": config.lifecycle.warn_days}}),
+                           encoding="utf-8")
         return mlflow.models.Model.log(
             artifact_path=None, flavor=_PyfuncFlavor, flavor_name="mlflow.pyfunc", validate_serving_input=False,
             name=MODEL_NAME_IN_RUN, model_id=logged_model_id, python_model=str(PACKAGE_DIR / "serving.py"),
@@ -227,7 +231,8 @@ def register_tuned_model(*, run_id: str, config: Config, provider: str, model_id
         return found
     tags = {**tags, FINGERPRINT_TAG: fingerprint(provider, model_id, artifacts, provider_settings(config, provider))}
     logged = finished_logged_model(client, run_id, keep=logged_model_id) or _log_model(
-        run_id, config, provider, model_id, logged_model_id, artifacts, packages)
+        run_id, config, provider, model_id, logged_model_id, artifacts, packages,
+        {k: v for k, v in tags.items() if k.startswith("finetune.")})
     if SWEEP_POINT_TAG in client.get_run(run_id).data.tags:
         client.set_logged_model_tags(logged.model_id, {PENDING_TAGS: json.dumps(tags),
                                                        PENDING_DESCRIPTION: description})

@@ -36,6 +36,7 @@ from finetune_mlflow.evaluation import (
     run_predictions,
     summarize,
 )
+from finetune_mlflow.lifecycle_record import warn_if_retiring
 from finetune_mlflow.providers import get_provider
 from finetune_mlflow.providers.base import Provider
 from finetune_mlflow.preparation import Prepared
@@ -192,9 +193,12 @@ def _resolve_logged(reference: str, config: Config) -> ResolvedModel:
     else:
         version = _registered_version(reference[len("models:/"):])
         # Load that exact version: an alias moved between this lookup and the download must not mix two versions.
-        model_id, provider = _load_logged_model(f"models:/{version.name}/{version.version}", config)
+        exact = f"models:/{version.name}/{version.version}"
+        warn_if_retiring(exact, dict(version.tags), config.lifecycle.warn_days)
+        model_id, provider = _load_logged_model(exact, config)
         return ResolvedModel(provider, model_id, version.tags.get("base_model", ""),
                              f"{version.name}/{version.version}")
+    warn_if_retiring(reference, tags, config.lifecycle.warn_days)
     model_id, provider = _load_logged_model(reference, config)
     return ResolvedModel(provider, model_id, base_model)
 

@@ -12,14 +12,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "finetune_mlflow"
 # Lower number = lower floor. A module may import its own floor or below.
 LAYERS = {
     0: {"errors", "liveness", "prompt", "costing", "squad_metrics", "stats", "records", "cleaning", "config",
-        "run_names", "redaction", "request_limits", "store_outage"},
+        "run_names", "redaction", "request_limits", "store_outage", "lifecycle_entries"},
     1: {"providers"},
     2: {"evaluation", "tracking", "progress", "summary", "scorefile", "registry", "qa_model", "served", "serving",
         "preparation", "scoring", "job_tracking", "promotion", "sweep_plan", "traces", "report", "checkpoints",
         "run_cost", "model_code", "scratch", "ownership",
-        "process", "promotion_lock", "promotion_notes", "sweep_children", "store_check"},
+        "process", "promotion_lock", "promotion_notes", "sweep_children", "store_check",
+        "lifecycle_facts", "lifecycle_record", "lifecycle_table", "promotion_lifecycle", "migration_plan",
+        "migration_rule", "migration_report", "agreement"},
     3: {"steps", "search"},  # search: the tune step's pruning hook below, promote of the chosen trial above
-    4: {"pipeline", "sweep", "cli", "__main__", "__init__"},
+    4: {"pipeline", "sweep", "migration", "cli", "__main__", "__init__"},
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 from finetune_mlflow.providers.openai import data as openai_data
 from finetune_mlflow.config import Config, EvaluateConfig, OpenAIConfig, TuneConfig
 from finetune_mlflow.costing import check_cost_limit
-from finetune_mlflow.errors import ConfigError, DataError, ProviderError
+from finetune_mlflow.errors import ConfigError, DataError, ProviderError, TrainingClosed
 from finetune_mlflow.providers.openai.data import to_openai_chat
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, user_prompt
 from finetune_mlflow.providers.base import JobState, Provider, TuningRequest
@@ -291,11 +291,11 @@ def test_permission_denied_explains_phase_out(tmp_path, make_provider, server, s
         provider.start_job(make_request(write_prepared(tmp_path)))
     message = str(info.value)
     assert info.value.status == 403 and info.value.request_id and not info.value.retryable
-    assert "phasing out new self-serve fine-tuning jobs" in message
-    assert "mlflow run . -e sync -P provider=openai -P job_id=" in message
-    assert "-e evaluate -P model=ft:" in message
-    assert "You do not have access" in message
+    assert isinstance(info.value, TrainingClosed) and "\n" not in message
+    assert "does not accept new fine-tuning jobs on" in message and "-e migrate" in message
+    assert "403 permission_denied: You do not have access" in message
     assert server.created_jobs == [] and sleeps == []
+    assert server.uploads and not server.files and sorted(server.deleted_files) == sorted(u["id"] for u in server.uploads)
     assert sum(1 for m, p, _, _ in server.requests if m == "POST" and p == "/v1/fine_tuning/jobs") == 1
 
 

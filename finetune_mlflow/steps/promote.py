@@ -29,6 +29,7 @@ from finetune_mlflow.config import Config
 from finetune_mlflow.errors import ConfigError, FinetuneError
 from finetune_mlflow.evaluation import ExampleResult, delta_against, error_rate
 from finetune_mlflow.promotion import BASE_REFERENCE, Decision, Evidence, decide
+from finetune_mlflow.promotion_lifecycle import lifecycle_gate
 from finetune_mlflow.promotion_lock import PromotionLost, promotion_lock
 from finetune_mlflow.promotion_notes import version_description, version_tags
 from finetune_mlflow.records import read_jsonl
@@ -279,7 +280,8 @@ def run_promote(config: Config, *, model_name: str = "", version: str = "", forc
             decision = Decision(False, f"version {candidate_version} is already {alias}")
         else:
             evidence = _gather_evidence(candidate, champion, name, config)
-            decision = decide(evidence, config.promotion)
+            decision = lifecycle_gate(decide(evidence, config.promotion), candidate_version, candidate.tags,
+                                      champion_version, champion.tags if champion else None, config)
             overridden = force and not decision.promote
             if overridden:
                 decision = Decision(True, f"forced ({reason}); gates said: {decision.reason}", decision.checks)

@@ -41,7 +41,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from tests.fakes.loopback import RESET, LoopbackServer
 
@@ -175,6 +175,11 @@ class FakeOpenAI(LoopbackServer):
         self.jobs_page_limit: int | None = None
         # Reply text for chat completions; default echoes a fixed answer.
         self.chat_responder: Callable[[dict[str, Any]], str] = lambda body: "fake answer"
+        # Model id -> `shutdown_date` that `GET /v1/models/{id}` reports (ISO date); unlisted models report none.
+        self.shutdown_dates: dict[str, str] = {}
+        # Models that answer 404 `model_not_found` on chat completions and models.retrieve (shut down).
+        self.retired_models: set[str] = set()
+        self.deleted_files: list[str] = []
 
     @property
     def base_url(self) -> str:
@@ -212,6 +217,12 @@ class FakeOpenAI(LoopbackServer):
             body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
                               "code": "permission_denied"}}
         return self.inject(r"/v1/fine_tuning/jobs$", method="POST", status=403, times=None, body=body)
+
+    def close_fine_tuning(self) -> Fault:
+        """Job creation answers 403 `training_not_available`, as after OpenAI closes self-serve fine-tuning."""
+        return self.inject(r"/v1/fine_tuning/jobs$", method="POST", status=403, times=None, body={"error": {
+            "message": "Fine-tuning is not available for your organization.", "type": "invalid_request_error",
+            "param": None, "code": "training_not_available"}})
 
     def add_job(self, script: JobScript | None = None, *, model: str = "gpt-4o-mini-2024-07-18",
                 suffix: str = "squad", metadata: dict[str, str] | None = None) -> str:
@@ -481,6 +492,8 @@ class FakeOpenAI(LoopbackServer):
             ("GET", r"/v1/fine_tuning/jobs/(?P<job_id>[^/]+)/events$", self._list_events),
             ("GET", r"/v1/fine_tuning/jobs/(?P<job_id>[^/]+)/checkpoints$", self._list_checkpoints),
             ("POST", r"/v1/chat/completions$", self._chat),
+            ("GET", r"/v1/models/(?P<model_id>[^/]+)$", self._get_model),
+            ("DELETE", r"/v1/files/(?P<file_id>[^/]+)$", self._delete_file),
         ]
         for route_method, pattern, func in routes:
             m = re.match(pattern, path)
@@ -641,6 +654,9 @@ class FakeOpenAI(LoopbackServer):
             return self._error(400, "Invalid JSON body")
         if not payload.get("model") or not payload.get("messages"):
             return self._error(400, "model and messages are required")
+        if payload["model"] in self.retired_models:
+            return self._error(404, f"The model `{payload['model']}` does not exist or you do not have access to it.",
+                               code="model_not_found")
         if "max_tokens" in payload and re.match(r"(o\d|gpt-5)", payload["model"]):
             return self._error(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
                                     "'max_completion_tokens' instead.", param="max_tokens")
@@ -661,3 +677,19 @@ class FakeOpenAI(LoopbackServer):
                       "total_tokens": prompt_tokens + completion_tokens},
             "system_fingerprint": "fp_fake",
         }, {}
+
+    def _get_model(self, query, headers, body, model_id):
+        model_id = unquote(model_id)
+        if model_id in self.retired_models:
+            return self._error(404, f"The model `{model_id}` does not exist or you do not have access to it.",
+                               code="model_not_found")
+        owner = "user-fake" if model_id.startswith("ft:") else "system"
+        return 200, {"id": model_id, "object": "model", "created": self._now(), "owned_by": owner,
+                     "shutdown_date": self.shutdown_dates.get(model_id)}, {}
+
+    def _delete_file(self, query, headers, body, file_id):
+        if self.files.pop(file_id, None) is None:
+            return self._error(404, f"No such File object: {file_id}", param="id")
+        self.file_contents.pop(file_id, None)
+        self.deleted_files.append(file_id)
+        return 200, {"id": file_id, "object": "file", "deleted": True}, {}

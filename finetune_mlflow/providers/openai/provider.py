@@ -26,9 +26,11 @@ from openai import OpenAI
 
 from finetune_mlflow import costing
 from finetune_mlflow.providers.openai import data as openai_data
-from finetune_mlflow.errors import ConfigError, DataError, ProviderError
+from finetune_mlflow.providers.openai import lifecycle as model_lifecycle
+from finetune_mlflow.errors import ConfigError, DataError, ProviderError, TrainingClosed
 from finetune_mlflow.prompt import SYSTEM_INSTRUCTION, clean_completion, user_prompt
 from finetune_mlflow.providers.base import (
+    ModelLifecycle,
     Checkpoint,
     ProviderBase,
     shared_hyperparameters,
@@ -68,14 +70,6 @@ JOBS_PAGE_SIZE = 100
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 # Warn when the training set is smaller than OpenAI's recommended starting point.
 RECOMMENDED_MIN_EXAMPLES = 50
-
-PERMISSION_DENIED_HELP = (
-    "OpenAI refused to create the fine-tuning job (403 permission denied). OpenAI is phasing out new self-serve "
-    "fine-tuning jobs, so this organization/project (or this base model) may no longer be allowed to start one. "
-    "Existing jobs and tuned models still work: import a job that already ran with "
-    "`mlflow run . -e sync -P provider=openai -P job_id=<ftjob-...>` and evaluate an existing tuned model with "
-    "`mlflow run . -e evaluate -P model=ft:...`."
-)
 
 _KEY_PATTERN = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sess-[A-Za-z0-9_\-]{8,})")
 
@@ -407,19 +401,10 @@ class OpenAIProvider(ProviderBase):
         try:
             return self._value(f"fine_tuning.jobs.create(model={request.base_model})", create)
         except ProviderError as e:
-            if e.status == 403:
-                raise self._permission_denied(e) from None
+            closed = model_lifecycle.refused_creation(e, request.base_model)  # fine-tuning closed to this account
+            if closed is not None:
+                raise closed from None
             raise
-
-    def _permission_denied(self, error: ProviderError) -> ProviderError:
-        """A 403 on create most likely means self-serve fine-tuning is closed to this account: say what still works."""
-        cause = error.__cause__
-        body = getattr(cause, "body", None)
-        said = body.get("message") if isinstance(body, dict) else None
-        said = _redact(str(said or getattr(cause, "message", None) or error), self._secrets)
-        return ProviderError(
-            PROVIDER, f"{PERMISSION_DENIED_HELP} Server said: {said}", status=403, request_id=error.request_id
-        )
 
     def start_job(self, request: TuningRequest) -> TuningJob:
         train_path, validation_path = self._data_paths(request)
@@ -430,7 +415,12 @@ class OpenAIProvider(ProviderBase):
             return adopted
         training_file = self._upload(train_path)
         validation_file = self._upload(validation_path) if validation_path else None
-        job = self._create_job(request, _create_job_kwargs(request, training_file, validation_file))
+        try:
+            job = self._create_job(request, _create_job_kwargs(request, training_file, validation_file))
+        except TrainingClosed:
+            model_lifecycle.discard_uploads(self._client.files.delete, [f for f in (training_file, validation_file)
+                                                                        if f])
+            raise
         log.info("created fine-tuning job %s (model %s, training file %s)", job.id, job.model, training_file)
         return self._to_tuning_job(job, final_details=False)
 
@@ -612,6 +602,10 @@ class OpenAIProvider(ProviderBase):
         """Not part of the protocol; handy for cleaning up a job launched by mistake."""
         job = self._value(f"fine_tuning.jobs.cancel({job_id})", lambda: self._client.fine_tuning.jobs.cancel(job_id))
         return self._to_tuning_job(job, final_details=False)
+
+    def lifecycle(self, model: str) -> ModelLifecycle | None:
+        return model_lifecycle.retrieve(model, lambda: self._value(f"models.retrieve({model})",
+                                                                    lambda: self._client.models.retrieve(model)))
 
     # ------------------------------------------------------------------------------------------ predict
 
