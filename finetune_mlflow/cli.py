@@ -29,10 +29,10 @@ def _config(args: argparse.Namespace) -> Config:
         overrides[key] = value
     config = load_config(args.config or None, overrides)
     from finetune_mlflow.store_check import check_tracking_store
-    from finetune_mlflow.tracking import prepare_store, use_experiment
+    from finetune_mlflow.tracking import schema_lock, use_experiment
 
-    check_tracking_store()
-    prepare_store()
+    with schema_lock():  # the store check's first call creates a fresh SQLite store's tables, one process at a time
+        check_tracking_store()
     use_experiment(config.experiment)
     return config
 

@@ -215,17 +215,19 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-def prepare_store() -> None:
-    """Create a SQLite store's tables under a file lock beside the database: entry points starting together on a
-    fresh database (two sweeps, a sweep's children) would otherwise all run MLflow's schema creation at once, and
-    all but one fail. Once the tables exist this is one quick query. Other stores are left to their server."""
+@contextlib.contextmanager
+def schema_lock() -> Iterator[None]:
+    """Hold a file lock beside a SQLite store's database while the first call creates its tables: entry points
+    starting together on a fresh database (two sweeps, a sweep's children) would otherwise all run MLflow's schema
+    creation at once, and all but one fail. Other stores are left to their server (no lock)."""
     path = sqlite_path(mlflow.get_tracking_uri())
     if path is None or not path.parent.is_dir():
+        yield
         return
     with open(path.with_name(path.name + ".schema-lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            MlflowClient().search_experiments(max_results=1)
+            yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

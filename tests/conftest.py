@@ -33,10 +33,33 @@ def fresh_store(template: Path, folder: Path) -> Path:
     """A copy of the migrated template in `folder`, its Default experiment's artifacts under `folder/mlruns`."""
     path = folder / "mlflow.db"
     shutil.copyfile(template, path)
-    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+    default_artifacts_under(path, folder)
+    return path
+
+
+def default_artifacts_under(store: Path, folder: Path) -> None:
+    """Where the store's Default experiment keeps artifacts: `folder/mlruns/0`, as MLflow would have chosen had the
+    store been created with `folder` as the working directory."""
+    with contextlib.closing(sqlite3.connect(store)) as connection, connection:
         connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
                            (str(folder / "mlruns" / "0"),))
-    return path
+
+
+def stop_leftover_processes(folder: Path) -> list[int]:
+    """Kill what a test left running under its own folder (a detached trainer keeps going after its `tune` was
+    killed, as a cloud job would; on 2 shared cores five of them cost the rest of the suite a core and a half)."""
+    import psutil
+
+    mine, killed = str(folder) + os.sep, []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if process.pid != os.getpid() and any(mine in part for part in process.info["cmdline"] or ()):
+                process.kill()
+                killed.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    psutil.wait_procs(killed, timeout=10)
+    return [process.pid for process in killed]
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +77,7 @@ def isolated_tracking(tmp_path, monkeypatch, store_template):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "Default")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     yield
+    stop_leftover_processes(tmp_path)
     leaked = mlflow.active_run()
     while mlflow.active_run():
         mlflow.end_run()

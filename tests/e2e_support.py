@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Callable
@@ -156,10 +157,20 @@ def history(run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
 
 
-def wait_for(condition: Callable[[], Any], proc: subprocess.Popen, log_path: Path, *, interval: float = 0.1,
-             what: str = "condition"):
-    """Until `condition()` holds, while `proc` keeps moving (CPU or log output; see tests/waiting.py)."""
-    return until(condition, process_progress(proc, log_path), interval=interval, what=what)
+def wait_for(condition: Callable[[], Any], proc: subprocess.Popen | None = None, log_path: Path | None = None, *,
+             timeout: float | None = None, interval: float = 0.1, what: str = "condition"):
+    """Until `condition()` holds, while `proc` keeps moving (CPU or log output; see tests/waiting.py). Without a
+    process to watch (several at once), a hang guard of `timeout` seconds bounds the wait instead."""
+    if proc is not None:
+        return until(condition, process_progress(proc, log_path), interval=interval, what=what)
+    if timeout is None:
+        raise TypeError("wait_for needs a process to watch or a timeout")
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+    return value
 
 
 def start_cli(args: list[str], log_path: Path) -> subprocess.Popen:

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, default_artifacts_under
 from tests.test_bad_input import CONFIG, VALID, all_runs, cli, error_line
 
 BIG_INPUT = ROOT / "data" / "squad" / "validation.json"  # 600 KB: its prepared copies overflow 3 MB
@@ -34,8 +34,9 @@ def prepare_big(capsys) -> tuple[int, str]:
     return cli(capsys, "prepare", "--config", CONFIG, "--train_data", BIG_INPUT, "--validation_data", VALID)
 
 
-def test_artifacts_on_a_full_disk_one_line_and_the_run_failed(full_disk, capsys, monkeypatch):
+def test_artifacts_on_a_full_disk_one_line_and_the_run_failed(full_disk, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(full_disk)  # the SQLite store (on the big disk) puts artifacts under ./mlruns
+    default_artifacts_under(tmp_path / "mlflow.db", full_disk)
     code, stderr = prepare_big(capsys)
     assert code == 2
     message = error_line(stderr)

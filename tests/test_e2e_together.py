@@ -54,7 +54,8 @@ def assert_evaluated_and_registered(run_id: str, server: FakeTogether, job_id: s
     assert tags["finetune.job_id"] == job_id and tags["finetune.tuned_model"] == tuned
     em, f1, n = e2e.expected_scores(server.answerer, lambda model: model == tuned)
     assert metrics["eval_f1"] == pytest.approx(f1) and metrics["eval_exact_match"] == pytest.approx(em)
-    assert metrics["base_eval_f1"] < metrics["eval_f1"] and metrics["eval_n"] == n
+    base = client.get_run(tags["finetune.base_eval_run_id"]).data.metrics  # the base's scores live on its own run
+    assert base["eval_f1"] < metrics["eval_f1"] and metrics["eval_n"] == n
     assert [step for step, _ in e2e.history(run_id, "checkpoint_eval_f1")] == [7, 13]  # 3 kept, 20 is final
     assert metrics["billed_training_tokens"] == 23_456 * 2 and metrics["provider_total_price_usd"] == 1.25
     asked = {body["model"] for body in server.chat_requests}
@@ -122,7 +123,7 @@ def test_kill_minus_9_then_rerun_with_run_id_reattaches(together_fake, small_squ
     parameters = tune_parameters(small_squad)
     proc = e2e.start_cli(["tune"] + [f"--{k}={v}" for k, v in parameters.items()], tmp_path / "first.log")
     try:
-        run = e2e.wait_for(e2e.run_with_job_tag(proc, tmp_path / "first.log"), timeout=120,
+        run = e2e.wait_for(e2e.run_with_job_tag(proc, tmp_path / "first.log"), proc, tmp_path / "first.log",
                            what="a tune run with a job id and train_loss points")
     finally:
         e2e.kill_group(proc)

@@ -27,8 +27,8 @@ def mlflow_run(small_squad, *extra: str) -> list[str]:
             "-P", "batch_size=4", "-P", "poll_interval=0.2", *extra]
 
 
-def step_experiment_id() -> str:
-    return e2e.wait_for(lambda: MlflowClient().get_experiment_by_name("squad-local"), timeout=300,
+def step_experiment_id(proc: subprocess.Popen, log: Path) -> str:
+    return e2e.wait_for(lambda: MlflowClient().get_experiment_by_name("squad-local"), proc, log,
                         what="the step's experiment").experiment_id
 
 
@@ -41,7 +41,7 @@ def test_kill_9_of_mlflow_run_then_run_id_rerun_leaves_no_run_running(small_squa
         proc = subprocess.Popen(mlflow_run(small_squad), cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=dict(os.environ))
     try:
-        step = e2e.wait_for(e2e.run_with_job_tag(proc, log, step_experiment_id()), timeout=300,
+        step = e2e.wait_for(e2e.run_with_job_tag(proc, log, step_experiment_id(proc, log)), proc, log,
                             what="the tune run's job and first losses")
     finally:
         e2e.kill_group(proc)  # mlflow run and the step with it: nothing gets to end a run

@@ -123,7 +123,7 @@ sweep:
   n_trials: 2
   space:
     learning_rate: {{choices: [0.05, 0.0000001]}}
-    epochs: {{choices: [1, 3]}}
+    epochs: {{choices: {epochs}}}
   pruner: median
   pruner_startup_trials: 1
   max_parallel_jobs: 1
@@ -137,14 +137,16 @@ def test_a_losing_trial_is_pruned_with_its_trainer_stopped_and_a_rerun_trains_no
     monkeypatch.chdir(ROOT)
     storage = tmp_path / "study.journal"
     path = tmp_path / "search.yaml"
-    path.write_text(SEARCH.format(train=small_squad[0], validation=small_squad[1], storage=storage, study="s1"),
+    path.write_text(SEARCH.format(train=small_squad[0], validation=small_squad[1], storage=storage, study="s1",
+                                  epochs="[1, 40]"),
                     encoding="utf-8")
     # The order of the points is fixed (Optuna's own enqueue): a fast learner completes, then a learner with a
     # step too small to move the loss starts and is pruned at its first val_loss point past the median.
     study = optuna.create_study(study_name="s1", direction="maximize", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(storage))))
     study.enqueue_trial({"tune.learning_rate": 0.05, "tune.epochs": 1})
-    study.enqueue_trial({"tune.learning_rate": 0.0000001, "tune.epochs": 3})
+    # The loser trains long enough (40 epochs) that no poll, however late under load, finds it already ended.
+    study.enqueue_trial({"tune.learning_rate": 0.0000001, "tune.epochs": 40})
     assert cli_main(["sweep", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     client = MlflowClient()
@@ -207,7 +209,8 @@ def _until(what: str, check, process: subprocess.Popen, limit: float = 600):
 def test_two_workers_on_one_journal_survive_a_kill_9_and_train_no_trial_twice(tmp_path, small_squad, monkeypatch):
     storage = tmp_path / "study.journal"
     path = tmp_path / "search.yaml"
-    path.write_text(SEARCH.format(train=small_squad[0], validation=small_squad[1], storage=storage, study="w")
+    path.write_text(SEARCH.format(train=small_squad[0], validation=small_squad[1], storage=storage, study="w",
+                                  epochs="[1, 3]")
                     .replace("pruner: median", "pruner: none").replace("[1, 3]", "[1, 2]"), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "finetune_mlflow", "sweep", "--config", str(path)]

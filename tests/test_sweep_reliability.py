@@ -143,14 +143,14 @@ def test_sigterm_kill_9_and_reruns_leave_no_child_running_and_register_only_the_
             children = _children(parents[0].info.run_id) if parents else []
             ready = [c for c in children if c.data.tags.get("finetune.job_id") and c.data.tags.get("finetune.owner")]
             return ready if len(ready) == 2 and len(frozen) == 2 else None
-        children = wait_for(launched, timeout=600, interval=0.02, what="both children's jobs")
+        children = wait_for(launched, first, log, interval=0.02, what="both children's jobs")
         parent_id = children[0].data.tags["mlflow.parentRunId"]
 
         # 2. One child's tune process killed -9: the parent ends its run, with the reason, and goes on.
         killed, other = children
         os.kill(_pid(killed), signal.SIGKILL)
         wait_for(lambda: _alive(first, log) or client.get_run(killed.info.run_id).info.status != "RUNNING",
-                 timeout=300, what="the parent ending the killed child's run")
+                 first, log, what="the parent ending the killed child's run")
         ended = client.get_run(killed.info.run_id)
         assert ended.info.status == "KILLED" and "tune process killed by SIGKILL" in ended.data.tags[
             "finetune.end_reason"]
@@ -178,7 +178,7 @@ def test_sigterm_kill_9_and_reruns_leave_no_child_running_and_register_only_the_
             now = _children(parent_id)
             return now if all(c.info.status == "RUNNING" and c.data.tags.get("finetune.owner")
                               and _pid(c) not in old for c in now) else None
-        orphans = wait_for(reattached, timeout=600, what="the rerun reattaching both children")
+        orphans = wait_for(reattached, second, log2, what="the rerun reattaching both children")
         os.kill(second.pid, signal.SIGKILL)
         second.wait(timeout=60)
 
@@ -186,7 +186,7 @@ def test_sigterm_kill_9_and_reruns_leave_no_child_running_and_register_only_the_
         #    relaunches them; the jobs resume and the sweep finishes with every child FINISHED.
         third, log3 = sweep("sweep-3.log")
         wait_for(lambda: _alive(third, log3) or log3.read_text(errors="replace").count(": watching it") == 2,
-                 timeout=600, what="the rerun watching both orphans")
+                 third, log3, what="the rerun watching both orphans")
         for pid in frozen.values():
             os.kill(pid, signal.SIGCONT)
         frozen.clear()
