@@ -49,7 +49,7 @@ def _project_copy(folder: Path) -> Path:
         (shutil.copytree if source.is_dir() else shutil.copyfile)(source, folder / name)
     squad = folder / "data" / "squad"
     squad.mkdir(parents=True)
-    (squad / "train.json").write_text(json.dumps(squad_subset(SQUAD_TRAIN, 12, 50)), encoding="utf-8")
+    (squad / "train.json").write_text(json.dumps(squad_subset(SQUAD_TRAIN, 35, 80)), encoding="utf-8")
     validation = squad_subset(SQUAD_VALIDATION, 4, 30)
     (squad / "validation.json").write_text(json.dumps(validation), encoding="utf-8")
     # The user's own predictions file for `score`: the first gold answer of every other question.
