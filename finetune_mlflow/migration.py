@@ -31,6 +31,7 @@ from finetune_mlflow.agreement import agreement
 from finetune_mlflow.config import Config, read_raw_section, with_overrides
 from finetune_mlflow.costing import token_price
 from finetune_mlflow.errors import ConfigError, FinetuneError
+from finetune_mlflow.providers import PROVIDERS, provider_class
 from finetune_mlflow.evaluation import delta_against, error_rate
 from finetune_mlflow.lifecycle_facts import MODEL_TAG, SHUTDOWN_TAG, days_left, keeps_recorded, shutdown_from_tags
 from finetune_mlflow.lifecycle_record import lifecycle_tags, today
@@ -111,7 +112,10 @@ def _cost(tags: dict[str, str], metrics: dict[str, float], config: Config) -> fl
     provider = tags.get("provider", "")
     section = getattr(config, provider, None)
     table = getattr(section, "inference_price_per_million_tokens", {}) or {}
-    price = token_price(tags.get("tuned_model", ""), tags.get("base_model", ""), table)
+    price = None
+    if provider in PROVIDERS:  # the provider says what its tuned model bills as (its base's rate, `ft:<base>`, ...)
+        billed = provider_class(provider).billed_as(tags.get("tuned_model", ""), tags.get("base_model", ""))
+        price = token_price(billed, table)
     return cost_per_1k(metrics.get("eval_n", 0.0), metrics.get("eval_input_tokens"),
                        metrics.get("eval_output_tokens"), price, bills(config, provider))
 

@@ -139,6 +139,7 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
         _end(run, "KILLED", str(e))
         raise
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (process.Terminated): stopped, not broken
+        _reset_store_connections()
         _end(run, "KILLED", f"{type(e).__name__}: {e or 'interrupted'}")
         raise
     except BaseException as e:
@@ -146,6 +147,20 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def _reset_store_connections() -> None:
+    """Close the SQL store's pooled connections before ending runs after a signal: one the signal interrupted
+    mid-write can go back to the pool still holding SQLite's write lock, and every write of the cleanup would then
+    wait out the busy timeout and fail ("database is locked"). Closing it rolls its transaction back."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _get_store
+
+        engine = getattr(_get_store(), "engine", None)
+        if engine is not None:
+            engine.dispose()
+    except Exception as e:  # noqa: BLE001 - best effort: the cleanup goes on and reports what it could not end
+        logger.debug("could not reset the store's connections: %s", e)
 
 
 def _end_stale_launchers() -> None:
