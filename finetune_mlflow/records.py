@@ -450,3 +450,15 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     with open_jsonl(path) as handle:
         for row in rows:
             handle.write(jsonl_line(row))
+
+
+def jsonl_objects(text: str, path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(1-based line number, parsed value) of every line of a provider-format JSONL text; a blank line or one that
+    is not JSON is a DataError naming the file and line (what a tuning service would reject after the upload)."""
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            raise DataError(path, line_no, "blank line; every line must be one JSON object")
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, line_no, f"not valid JSON ({e.msg} at column {e.colno})") from None

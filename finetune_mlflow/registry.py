@@ -157,21 +157,22 @@ def fingerprint(provider: str, model_id: str, artifacts: dict[str, str], setting
     return digest.hexdigest()
 
 
-def same_model_version(client: MlflowClient, name: str, model_sha256: str) -> RegisteredVersion | None:
-    """The oldest version of `name` that serves exactly this model, if any."""
-    versions = client.search_model_versions(f"name = '{name}' and tags.{FINGERPRINT_TAG} = '{model_sha256}'")
+def _oldest_version(client: MlflowClient, name: str, clause: str) -> RegisteredVersion | None:
+    versions = client.search_model_versions(f"name = '{name}' and {clause}")
     if not versions:
         return None
     first = min(versions, key=lambda v: int(v.version))
     return RegisteredVersion(name, first.version, f"models:/{name}/{first.version}")
+
+
+def same_model_version(client: MlflowClient, name: str, model_sha256: str) -> RegisteredVersion | None:
+    """The oldest version of `name` that serves exactly this model, if any."""
+    return _oldest_version(client, name, f"tags.{FINGERPRINT_TAG} = '{model_sha256}'")
 
 
 def existing_version(client: MlflowClient, name: str, run_id: str) -> RegisteredVersion | None:
-    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if not versions:
-        return None
-    first = min(versions, key=lambda v: int(v.version))
-    return RegisteredVersion(name, first.version, f"models:/{name}/{first.version}")
+    """The oldest version of `name` registered from `run_id`, if any (a rerun registers nothing twice)."""
+    return _oldest_version(client, name, f"run_id = '{run_id}'")
 
 
 def _upload(run_id: str, artifacts: dict[str, str]) -> dict[str, str]:

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from finetune_mlflow import ownership
 from finetune_mlflow.errors import RunStopped
-from finetune_mlflow.process import UNENDED_RUNS, disk_full_path
+from finetune_mlflow.process import UNENDED_RUNS
 from finetune_mlflow.redaction import redact
 
 logger = logging.getLogger(__name__)

@@ -186,7 +186,9 @@ def views(client: MlflowClient, experiment_name: str, run_ids: list[str], model:
         pages["10-report-artifact"] = f"#/experiments/{eid}/runs/{report_run}/artifacts/report/report.html"
     if model:
         pages["08-registered-model"] = f"#/models/{urllib.parse.quote(model)}"
-        pages["09-model-version"] = f"#/models/{urllib.parse.quote(model)}/versions/1"
+        for version in client.search_model_versions(f"name = '{model}'"):  # each version page: why its alias
+            pages[f"09-model-version-{version.version}"] = (f"#/models/{urllib.parse.quote(model)}/versions/"
+                                                            f"{version.version}")
     return pages
 
 

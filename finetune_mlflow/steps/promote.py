@@ -35,7 +35,7 @@ from finetune_mlflow.promotion_notes import version_description, version_tags
 from finetune_mlflow.records import read_jsonl
 from finetune_mlflow.preparation import PREPARED
 from finetune_mlflow.scoring import RESULTS_TABLE, load_rows, resolve_model, score_model
-from finetune_mlflow.scratch import download_artifacts, scratch_dir
+from finetune_mlflow.scratch import download_artifacts
 from finetune_mlflow.tracking import log_values, step_run
 
 logger = logging.getLogger(__name__)

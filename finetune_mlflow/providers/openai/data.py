@@ -29,6 +29,7 @@ from finetune_mlflow import costing
 from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.errors import DataError
 from finetune_mlflow.prompt import chat_messages, training_answer
+from finetune_mlflow.records import jsonl_objects
 from finetune_mlflow.providers.base import MetricPoint
 
 MIN_TRAIN_EXAMPLES = 10
@@ -116,13 +117,7 @@ def validate_chat_example(example: Any, path: str | Path, line: int) -> None:
 def parse_chat_jsonl(text: str, path: str | Path, *, min_examples: int = MIN_TRAIN_EXAMPLES) -> list[dict[str, Any]]:
     """Validate JSONL text (one chat example per line, 1-based line numbers in errors) and return the examples."""
     examples: list[dict[str, Any]] = []
-    for line_no, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            raise DataError(path, line_no, "blank line; every line must be one JSON object")
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(path, line_no, f"not valid JSON ({e.msg} at column {e.colno})") from None
+    for line_no, record in jsonl_objects(text, path):
         validate_chat_example(record, path, line_no)
         examples.append(record)
     if len(examples) < min_examples:

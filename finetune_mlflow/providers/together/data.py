@@ -12,13 +12,13 @@ template's role markers, enough for a cost guard and the sequence-length check, 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from finetune_mlflow.costing import approx_tokens
 from finetune_mlflow.errors import DataError
+from finetune_mlflow.records import jsonl_objects
 from finetune_mlflow.prompt import chat_messages, training_answer
 
 ROLES = frozenset({"system", "user", "assistant"})
@@ -69,13 +69,7 @@ def load_records(path: str | Path, *, min_examples: int = 1) -> list[dict[str, A
     except UnicodeDecodeError as e:
         raise DataError(path, raw[: e.start].count(b"\n") + 1, "not valid UTF-8") from None
     records = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            raise DataError(path, line_no, "blank line; every line must be one JSON object")
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, line_no, f"not valid JSON ({e.msg} at column {e.colno})") from None
+    for line_no, record in jsonl_objects(text, path):
         check_record(record, path, line_no)
         records.append(record)
     if len(records) < min_examples:
