@@ -170,7 +170,7 @@ def stream_job(provider: Provider, job_id: str, run_id: str, config: Config, *,
         if changed or page.points:
             watch.update(page.points, clock())
             logger.info("job %s: %s", job_id, watch.line(job, clock()))
-        if on_points is not None and page.points and job.state not in TERMINAL_STATES:
+        if on_points is not None and page.points:  # a job that ended before this poll still reports its points
             on_points(job, page.points)
         if job.state in TERMINAL_STATES or not wait:
             return job

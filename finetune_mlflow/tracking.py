@@ -4,6 +4,7 @@ RUNNING. Works against any tracking store (file, SQLite, PostgreSQL behind `mlfl
 from __future__ import annotations
 
 import contextlib
+import gc
 import fcntl
 import functools
 import hashlib
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import time
+import traceback
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
@@ -139,7 +141,7 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
         _end(run, "KILLED", str(e))
         raise
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (process.Terminated): stopped, not broken
-        _reset_store_connections()
+        _reset_store_connections(e)
         _end(run, "KILLED", f"{type(e).__name__}: {e or 'interrupted'}")
         raise
     except BaseException as e:
@@ -149,10 +151,13 @@ def step_run(step: str, *, run_name: str | None = None, tags: dict[str, str] | N
         mlflow.end_run("FINISHED")
 
 
-def _reset_store_connections() -> None:
-    """Close the SQL store's pooled connections before ending runs after a signal: one the signal interrupted
-    mid-write can go back to the pool still holding SQLite's write lock, and every write of the cleanup would then
-    wait out the busy timeout and fail ("database is locked"). Closing it rolls its transaction back."""
+def _reset_store_connections(interrupt: BaseException) -> None:
+    """Release the SQL store's connections before ending runs after a signal: a session the signal interrupted
+    mid-write stays referenced by the traceback's frames, its connection checked out and holding SQLite's write
+    lock, and every write of the cleanup would then wait out the busy timeout and fail ("database is locked").
+    Clearing those frames lets the session go (its transaction rolls back); closing the pool closes the rest."""
+    traceback.clear_frames(interrupt.__traceback__)
+    gc.collect()
     try:
         from mlflow.tracking._tracking_service.utils import _get_store
 

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from finetune_mlflow.errors import RunStopped
 from finetune_mlflow.process import Terminated
-from finetune_mlflow.providers.base import MetricPoint, Provider, TuningJob
+from finetune_mlflow.providers.base import TERMINAL_STATES, MetricPoint, Provider, TuningJob
 from finetune_mlflow.tracking import log_values
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,9 @@ def trial_pruner(provider: Provider, run_id: str) -> Callable[[TuningJob, list[M
             if point.step not in reported:
                 trial.report(-point.value, point.step)
                 reported[point.step] = point.value
-        if not losses or not trial.should_prune():
+        # Every point is reported, those a finished job left for the last poll too (a fast trial that ended before
+        # its first poll would otherwise give the pruner no reference); only a running job can be pruned.
+        if not losses or job.state in TERMINAL_STATES or not trial.should_prune():
             return
         step = losses[-1].step
         best = min(reported.values())
