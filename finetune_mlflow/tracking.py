@@ -156,16 +156,18 @@ def _reset_store_connections(interrupt: BaseException) -> None:
     mid-write stays referenced by the traceback's frames, its connection checked out and holding SQLite's write
     lock, and every write of the cleanup would then wait out the busy timeout and fail ("database is locked").
     Clearing those frames lets the session go (its transaction rolls back); closing the pool closes the rest."""
-    traceback.clear_frames(interrupt.__traceback__)
-    gc.collect()
-    try:
-        from mlflow.tracking._tracking_service.utils import _get_store
+    # SQLAlchemy logs the interrupted cursor's failed close with a traceback: expected here, so kept quiet.
+    with _quiet("sqlalchemy.pool"):
+        traceback.clear_frames(interrupt.__traceback__)
+        gc.collect()
+        try:
+            from mlflow.tracking._tracking_service.utils import _get_store
 
-        engine = getattr(_get_store(), "engine", None)
-        if engine is not None:
-            engine.dispose()
-    except Exception as e:  # noqa: BLE001 - best effort: the cleanup goes on and reports what it could not end
-        logger.debug("could not reset the store's connections: %s", e)
+            engine = getattr(_get_store(), "engine", None)
+            if engine is not None:
+                engine.dispose()
+        except Exception as e:  # noqa: BLE001 - best effort: the cleanup goes on and reports what it could not end
+            logger.debug("could not reset the store's connections: %s", e)
 
 
 def _end_stale_launchers() -> None:
