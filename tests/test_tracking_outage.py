@@ -52,6 +52,14 @@ def wait_for(predicate, seconds: float, what: str):
         time.sleep(0.2)
 
 
+def streaming_tune_run(client: MlflowClient):
+    """The tune run once it has its job id and its first train_loss points (None before)."""
+    for run in client.search_runs(all_experiment_ids(), "tags.`finetune.step` = 'tune'"):
+        if run.data.tags.get("finetune.job_id") and client.get_metric_history(run.info.run_id, "train_loss"):
+            return run
+    return None
+
+
 def test_metric_points_survive_a_tracking_server_outage(small_squad, tmp_path, monkeypatch):
     train, validation = small_squad
     port = free_port()
@@ -66,14 +74,7 @@ def test_metric_points_survive_a_tracking_server_outage(small_squad, tmp_path, m
     tune = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = MlflowClient(tracking_uri=url)
-
-        def streaming_run():
-            for run in client.search_runs(all_experiment_ids(), "tags.`finetune.step` = 'tune'"):
-                if run.data.tags.get("finetune.job_id") and client.get_metric_history(run.info.run_id, "train_loss"):
-                    return run
-            return None
-
-        run = wait_for(streaming_run, 90, "train_loss points")
+        run = wait_for(lambda: streaming_tune_run(client), 90, "train_loss points")
         stop(server)
         time.sleep(3)  # the job keeps training; every write from tune fails meanwhile
         server = start_server(tmp_path, port)
@@ -112,14 +113,7 @@ def test_a_store_that_stays_down_stops_tune_in_bounded_time_and_says_which_runs_
     tune = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = MlflowClient(tracking_uri=url)
-
-        def streaming_run():
-            for run in client.search_runs(all_experiment_ids(), "tags.`finetune.step` = 'tune'"):
-                if run.data.tags.get("finetune.job_id") and client.get_metric_history(run.info.run_id, "train_loss"):
-                    return run
-            return None
-
-        run = wait_for(streaming_run, 90, "train_loss points")
+        run = wait_for(lambda: streaming_tune_run(client), 90, "train_loss points")
         stop(server)
         output, _ = tune.communicate(timeout=240)
     finally:
